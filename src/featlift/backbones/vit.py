@@ -1,0 +1,281 @@
+"""A timm Vision Transformer tapped at one block and one facet, returning a patch-token map.
+
+Facets of block `l` (0-based):
+- ``token``: the block's output tokens, passed through the model's final norm (as DINOv2's
+  ``get_intermediate_layers(norm=True)`` and timm's ``forward_features`` do for the last block);
+- ``query`` / ``key`` / ``value``: the block's attention projections of ``norm1(x)``, where ``x`` is
+  the block's input; query and key are taken after the model's ``q_norm`` / ``k_norm`` (identity for
+  most ViTs). The heads are concatenated head-major into ``num_heads * head_dim`` channels.
+
+Prefix tokens (CLS, registers) are dropped; the result is ``[B, C, H / patch, W / patch]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import BackboneError, InputSizeError
+
+logger = logging.getLogger(__name__)
+
+FACETS = ("token", "query", "key", "value")
+
+# Containers that training code wraps a backbone state dict in, and prefixes it adds to the keys.
+_STATE_DICT_CONTAINERS = ("state_dict", "model", "teacher", "model_ema", "state_dict_ema")
+_KEY_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+
+
+class _StopForward(Exception):
+    """Raised from a hook to stop the forward pass once the needed tensor is captured."""
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a backbone state dict from .safetensors or .pth/.pt/.bin, unwrapping training containers.
+
+    Accepts timm layout and the original DINO / DINOv2 layouts (timm converts those when loading),
+    bare or inside ``{"state_dict"|"model"|"teacher": ...}``, with ``module.``/``backbone.`` prefixes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for corrupt files
+        raise BackboneError(f"weights file {path}: cannot read it as safetensors or a torch checkpoint ({exc})") from exc
+    while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = next((state[k] for k in _STATE_DICT_CONTAINERS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            raise BackboneError(f"weights file {path}: holds no tensors (top-level keys: {sorted(state)[:10]})")
+        state = inner
+    if not isinstance(state, Mapping):
+        raise BackboneError(f"weights file {path}: expected a state dict, found {type(state).__name__}")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in _KEY_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        cleaned[key] = value
+    return cleaned
+
+
+def _build_timm_model(name: str, weights: str | os.PathLike | None, pretrained: bool) -> nn.Module:
+    if not timm.is_model(name.split(".")[0]):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
+        raise BackboneError(f"unknown timm model {name!r}; similar names: {', '.join(close) or 'none'}")
+    kwargs = dict(num_classes=0, dynamic_img_size=True)
+    try:
+        if weights is not None:
+            state = load_weights_file(weights)
+            overlay = dict(state_dict=state, source="", file=None)
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except BackboneError:
+        raise
+    except RuntimeError as exc:
+        if weights is not None:
+            raise BackboneError(f"weights file {weights} does not fit {name}: {str(exc)[:800]}") from exc
+        raise BackboneError(f"cannot build {name}: {exc}") from exc
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        raise BackboneError(
+            f"cannot download the pretrained weights of {name} ({type(exc).__name__}: {exc}). "
+            "Without internet, pass a local file with --weights PATH (weights=PATH in Python)."
+        ) from exc
+    except Exception as exc:  # hub clients raise their own error types for offline/missing files
+        if "hub" in type(exc).__module__ or "requests" in type(exc).__module__ or "urllib" in type(exc).__module__:
+            raise BackboneError(
+                f"cannot download the pretrained weights of {name} ({type(exc).__name__}). "
+                "Without internet, pass a local file with --weights PATH (weights=PATH in Python)."
+            ) from exc
+        raise
+
+
+@dataclass(frozen=True)
+class FeatureShape:
+    """What a backbone gives: channels, and the stride (patch size) of its grid in input pixels."""
+
+    channels: int
+    stride: int
+
+
+class ViTBackbone(nn.Module):
+    """A frozen timm ViT that maps normalised images ``[B, 3, H, W]`` to ``[B, C, H/p, W/p]`` features.
+
+    ``H`` and ``W`` must be multiples of the patch size ``p``; anything else raises `InputSizeError`
+    (resize images first, e.g. with ``featlift.images.image_to_tensor``). Use `normalize` to turn
+    ``[0, 1]`` images into the model's input normalisation.
+
+    Example:
+        >>> backbone = create_backbone("vit_small_patch14_dinov2.lvd142m", weights="dinov2_s14.safetensors")
+        >>> feats = backbone(backbone.normalize(images))  # images in [0, 1]
+    """
+
+    def __init__(self, model: nn.Module, name: str, layer: int | None = None, facet: str = "token"):
+        super().__init__()
+        for attribute in ("blocks", "patch_embed", "forward_intermediates", "num_prefix_tokens"):
+            if not hasattr(model, attribute):
+                raise BackboneError(
+                    f"{name}: is not a Vision Transformer featlift can tap (it has no `{attribute}`); "
+                    "use a timm ViT such as vit_small_patch14_dinov2.lvd142m or vit_base_patch16_224.dino"
+                )
+        if facet not in FACETS:
+            raise BackboneError(f"facet {facet!r}: expected one of {', '.join(FACETS)}")
+        depth = len(model.blocks)
+        if layer is None:
+            layer = depth - 1
+        if not -depth <= layer < depth:
+            raise BackboneError(f"layer {layer}: {name} has {depth} blocks, so layer must be in 0..{depth - 1} (or -1 for the last)")
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.layer = layer % depth
+        self.facet = facet
+        self.depth = depth
+        patch = model.patch_embed.patch_size
+        patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+        if patch[0] != patch[1]:
+            raise BackboneError(f"{name}: non-square patches {patch} are not supported")
+        self.patch_size = int(patch[0])
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        if facet == "token":
+            self.channels = int(model.embed_dim)
+        else:
+            attn = model.blocks[self.layer].attn
+            if not isinstance(getattr(attn, "qkv", None), nn.Linear):
+                raise BackboneError(
+                    f"{name}: block {self.layer} has no fused `attn.qkv` projection, so the {facet!r} facet "
+                    "is not available; use facet 'token'"
+                )
+            self.channels = int(attn.qkv.out_features // 3)
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+        self._fingerprint: str | None = None
+
+    def output_shape(self) -> FeatureShape:
+        return FeatureShape(channels=self.channels, stride=self.patch_size)
+
+    @property
+    def normalization(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    def fingerprint(self) -> str:
+        """SHA-256 (first 16 hex digits) of the backbone weights: names, dtypes, shapes and values."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for key, tensor in sorted(self.model.state_dict().items()):
+                tensor = tensor.detach().to("cpu").contiguous()
+                digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+                digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``[0, 1]`` RGB images -> the model's input normalisation."""
+        return (images - self._mean.to(images.dtype)) / self._std.to(images.dtype)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid for an input of ``height x width`` pixels; both must be multiples of the patch."""
+        if height % self.patch_size or width % self.patch_size:
+            p = self.patch_size
+            raise InputSizeError(
+                f"input size {height}x{width} is not a multiple of {self.name}'s patch size {p}; "
+                f"resize to e.g. {max(p, round(height / p) * p)}x{max(p, round(width / p) * p)}"
+            )
+        return height // self.patch_size, width // self.patch_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``[B, 3, H, W]`` -> features ``[B, C, H/p, W/p]``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputSizeError(f"expected images of shape [B, 3, H, W], got {list(images.shape)}")
+        grid_h, grid_w = self.grid_size(images.shape[-2], images.shape[-1])
+        if self.facet == "token":
+            (tokens,) = self.model.forward_intermediates(
+                images, indices=[self.layer], norm=True, stop_early=True, intermediates_only=True, output_fmt="NCHW"
+            )
+            return tokens
+        block_input = self._block_input(images)
+        facet = attention_facet(self.model.blocks[self.layer], block_input, self.facet)
+        facet = facet[:, self.num_prefix_tokens :]
+        return facet.transpose(1, 2).reshape(facet.shape[0], -1, grid_h, grid_w)
+
+    def _block_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The tokens ``[B, N, C]`` entering block `layer`, prefix tokens included; later blocks are not run."""
+        captured: list[torch.Tensor] = []
+
+        def capture(module: nn.Module, args: tuple) -> None:
+            captured.append(args[0])
+            raise _StopForward
+
+        handle = self.model.blocks[self.layer].register_forward_pre_hook(capture)
+        try:
+            self.model.forward_intermediates(images, indices=[self.layer], stop_early=True, intermediates_only=True)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+def attention_facet(block: nn.Module, tokens: torch.Tensor, facet: str) -> torch.Tensor:
+    """Query, key or value of a timm ViT block for its input ``tokens [B, N, C]`` -> ``[B, N, heads*head_dim]``."""
+    attn = block.attn
+    batch, count, _ = tokens.shape
+    qkv = attn.qkv(block.norm1(tokens)).reshape(batch, count, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    query, key, value = qkv.unbind(0)
+    if facet == "query":
+        out = attn.q_norm(query)
+    elif facet == "key":
+        out = attn.k_norm(key)
+    elif facet == "value":
+        out = value
+    else:
+        raise BackboneError(f"facet {facet!r} is not an attention facet (query, key, value)")
+    return out.transpose(1, 2).reshape(batch, count, -1)
+
+
+def _resolved_name(model: nn.Module, name: str) -> str:
+    """`vit_small_patch14_dinov2` -> `vit_small_patch14_dinov2.lvd142m`: the name with timm's default tag."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    arch, tag = cfg.get("architecture"), cfg.get("tag")
+    if arch and tag and name.split(".")[0] == arch:
+        return f"{arch}.{tag}"
+    return name
+
+
+def create_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    layer: int | None = None,
+    facet: str = "token",
+    pretrained: bool = True,
+) -> ViTBackbone:
+    """Build a frozen, eval-mode `ViTBackbone` from a timm model name.
+
+    Args:
+        name: any timm ViT, e.g. ``vit_small_patch14_dinov2.lvd142m``, ``vit_base_patch8_224.dino``,
+            ``vit_base_patch16_clip_224.openai``.
+        weights: a local .safetensors/.pth file (timm, DINO or DINOv2 layout). Without it, timm downloads
+            the pretrained weights (needs internet) unless ``pretrained=False`` (random weights).
+        layer: block index, 0-based; negative counts from the end; default the last block.
+        facet: ``token``, ``query``, ``key`` or ``value``.
+    """
+    if facet not in FACETS:
+        raise BackboneError(f"facet {facet!r}: expected one of {', '.join(FACETS)}")
+    model = _build_timm_model(name, weights, pretrained)
+    return ViTBackbone(model, _resolved_name(model, name), layer=layer, facet=facet)

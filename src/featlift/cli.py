@@ -1,0 +1,47 @@
+"""The ``featlift`` command: parses arguments and calls the library. ``main(argv) -> exit code``.
+
+Exit codes: 0 success; 1 finished, but some inputs failed (reported); 2 bad usage or input; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+from . import __version__, commands
+from .errors import FeatliftError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featlift", description="Denser dense features for pretrained ViTs.")
+    parser.add_argument("--version", action="version", version=f"featlift {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        command = importlib.import_module(f"{commands.__name__}.{module.name}")
+        if hasattr(command, "register"):
+            command.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        return int(args.run(args) or 0)
+    except FeatliftError as exc:
+        print(f"featlift {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"featlift {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Arguments and helpers shared by several sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from ..backbones import FACETS, ViTBackbone, create_backbone
+from ..errors import FeatliftError
+from ..images import parse_size
+
+DEFAULT_BACKBONE = "vit_small_patch14_dinov2.lvd142m"
+WEIGHTS_ENV = "FEATLIFT_WEIGHTS"
+
+
+def add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm ViT name (default {DEFAULT_BACKBONE})")
+    group.add_argument(
+        "--weights",
+        default=None,
+        help=f"local backbone weights (.safetensors/.pth; timm, DINO or DINOv2 layout) instead of timm's download; "
+        f"default ${WEIGHTS_ENV} if set",
+    )
+    group.add_argument("--layer", type=int, default=None, help="block index, 0-based, negative from the end (default: last)")
+    group.add_argument("--facet", choices=FACETS, default="token", help="token (block output), query, key or value")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FeatliftError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FeatliftError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def backbone_from_args(args: argparse.Namespace) -> ViTBackbone:
+    weights = args.weights or os.environ.get(WEIGHTS_ENV) or None
+    return create_backbone(args.backbone, weights=weights, layer=args.layer, facet=args.facet)
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except FeatliftError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value

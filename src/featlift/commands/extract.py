@@ -1,0 +1,76 @@
+"""``featlift extract INPUT...``: dense features for image files, folders and globs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from ..extract import extract_to_folder
+from ..images import collect_images
+from ..pipeline import FeaturePipeline, resolve_upsampler
+from ..upsamplers import available_upsamplers
+from .common import add_backbone_args, add_device_arg, backbone_from_args, positive_int, resolve_device, size_arg
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "extract",
+        help="extract (upsampled) ViT features for images, folders or globs",
+        description="Write OUT/<relative path>.safetensors with `features` [C, H, W] for every input image. "
+        "Existing outputs with the same settings are skipped; unreadable images are reported and skipped "
+        "(exit code 1).",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    add_backbone_args(parser)
+    parser.add_argument(
+        "--upsampler",
+        default="lift",
+        choices=["none", *available_upsamplers()],
+        help="lift (default; uses the shipped checkpoint for the default backbone), bilinear, or none",
+    )
+    parser.add_argument("--checkpoint", default=None, help="upsampler checkpoint folder (model.safetensors + config.json)")
+    parser.add_argument("--iters", type=positive_int, default=1, help="upsampling passes, each 2x (default 1)")
+    parser.add_argument("--size", type=size_arg, default=(224, 224), help="input size S or HxW, a multiple of the patch (default 224)")
+    parser.add_argument("--output-size", type=size_arg, default=None, help="resize the final feature map to S or HxW")
+    parser.add_argument("--out", default="features", help="output folder (default ./features)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored feature dtype")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: decode in the main process)")
+    parser.add_argument("--overwrite", action="store_true", help="re-extract outputs that already exist")
+    add_device_arg(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    items = collect_images(args.inputs)
+    device = resolve_device(args.device)
+    backbone = backbone_from_args(args)
+    backbone.grid_size(*args.size)
+    upsampler, checkpoint = resolve_upsampler(backbone, args.upsampler, args.checkpoint)
+    if checkpoint:
+        logger.info("upsampler checkpoint: %s", checkpoint)
+    pipeline = FeaturePipeline(backbone, upsampler, iters=args.iters if upsampler is not None else 0, output_size=args.output_size)
+    pipeline.checkpoint = checkpoint
+    grid = pipeline.output_grid(*args.size)
+    logger.info("%d images -> %s, features [%d, %d, %d]", len(items), args.out, backbone.channels, *grid)
+    report = extract_to_folder(
+        pipeline,
+        items,
+        args.out,
+        size=args.size,
+        dtype=DTYPES[args.dtype],
+        batch_size=args.batch_size,
+        device=device,
+        workers=max(0, args.workers),
+        overwrite=args.overwrite,
+    )
+    print(f"featlift extract: {report.summary()} -> {args.out}")
+    for path, message in report.failed:
+        print(f"  failed: {message}")
+    return 0 if report.ok else 1

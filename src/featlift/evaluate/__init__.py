@@ -1,0 +1,1 @@
+"""Dense-task evaluations. Each module that defines ``register(subparsers)`` becomes ``featlift eval <task>``."""

@@ -1,0 +1,174 @@
+"""Batch feature extraction from image files to one ``.safetensors`` file per image.
+
+Each output ``OUT/<relative path>.safetensors`` holds ``features`` ``[C, H, W]`` and string metadata
+(backbone, fingerprint, layer, facet, upsampler, checkpoint, iters, input size, source). Files are
+written atomically; outputs that already exist with the same settings are skipped, so a re-run
+resumes an interrupted one. Unreadable images are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import __version__
+from .errors import FeatliftError, ImageReadError
+from .fileio import check_writable_dir, save_safetensors_atomic
+from .images import ImageItem, image_to_tensor, load_image
+from .pipeline import FeaturePipeline
+
+logger = logging.getLogger(__name__)
+
+# Metadata keys that must match for an existing output to count as already done.
+SETTINGS_KEYS = ("backbone", "fingerprint", "layer", "facet", "upsampler", "checkpoint", "iters", "input_size", "dtype")
+
+
+@dataclass
+class ExtractionReport:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        return f"{len(self.written)} written, {len(self.skipped)} already done, {len(self.failed)} failed"
+
+
+def output_path(out_dir: Path, item: ImageItem) -> Path:
+    return out_dir / f"{item.relative}.safetensors"
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def load_features(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:
+    """Read one extracted file: ``features [C, H, W]`` and its metadata."""
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor("features"), dict(handle.metadata() or {})
+
+
+def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: torch.dtype) -> dict[str, str]:
+    backbone = pipeline.backbone
+    upsampler = pipeline.upsampler
+    return {
+        "backbone": backbone.name,
+        "fingerprint": backbone.fingerprint(),
+        "layer": str(backbone.layer),
+        "facet": backbone.facet,
+        "upsampler": upsampler.name if upsampler is not None else "none",
+        "checkpoint": str(getattr(pipeline, "checkpoint", None) or ""),
+        "iters": str(pipeline.iters if upsampler is not None else 0),
+        "input_size": f"{size[0]}x{size[1]}",
+        "dtype": str(dtype).replace("torch.", ""),
+        "featlift_version": __version__,
+    }
+
+
+class ImageFileDataset(Dataset):
+    """Decodes and resizes images in worker processes; a failure becomes an error string, not an exception."""
+
+    def __init__(self, items: list[ImageItem], size: tuple[int, int]):
+        self.items = items
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, image_to_tensor(load_image(self.items[index].path), self.size), None
+        except ImageReadError as exc:
+            return index, None, str(exc)
+        except Exception as exc:  # a decoder bug must not stop the whole run either
+            return index, None, f"{self.items[index].path}: {type(exc).__name__}: {exc}"
+
+
+def _collate(batch):
+    ok = [(i, img) for i, img, err in batch if err is None]
+    failed = [(i, err) for i, _, err in batch if err is not None]
+    indices = [i for i, _ in ok]
+    images = torch.stack([img for _, img in ok]) if ok else None
+    return indices, images, failed
+
+
+def _is_done(path: Path, settings: dict[str, str], overwrite: bool) -> bool:
+    if not path.exists() or overwrite:
+        return False
+    try:
+        existing = read_metadata(path)
+    except (SafetensorError, OSError):
+        return False  # unreadable leftover: extract again
+    different = {k: (existing.get(k), settings[k]) for k in SETTINGS_KEYS if existing.get(k) != settings[k]}
+    if different:
+        details = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in different.items())
+        raise FeatliftError(
+            f"{path} exists with other settings ({details}); use another --out folder or --overwrite"
+        )
+    return True
+
+
+def extract_to_folder(
+    pipeline: FeaturePipeline,
+    items: list[ImageItem],
+    out_dir: str | os.PathLike,
+    *,
+    size: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExtractionReport:
+    """Extract features for `items` into `out_dir`; see the module docstring for the file format."""
+    pipeline.backbone.grid_size(*size)  # fail before any work if the size does not fit the patch
+    out_dir = check_writable_dir(out_dir)
+    settings = pipeline_metadata(pipeline, size, dtype)
+    report = ExtractionReport()
+    todo = []
+    for item in items:
+        if _is_done(output_path(out_dir, item), settings, overwrite):
+            report.skipped.append(output_path(out_dir, item))
+        else:
+            todo.append(item)
+    if report.skipped:
+        logger.info("%d of %d outputs already exist with the same settings; skipping them", len(report.skipped), len(items))
+    if not todo:
+        return report
+    pipeline = pipeline.to(device).eval()
+    loader = DataLoader(
+        ImageFileDataset(todo, size),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=str(device).startswith("cuda"),
+    )
+    bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
+    try:
+        for indices, images, failed in loader:
+            for index, message in failed:
+                logger.warning("skipping unreadable image: %s", message)
+                report.failed.append((todo[index].path, message))
+            if images is not None:
+                features = pipeline(images.to(device, non_blocking=True)).to("cpu", dtype)
+                for index, feature in zip(indices, features, strict=True):
+                    item = todo[index]
+                    path = output_path(out_dir, item)
+                    save_safetensors_atomic({"features": feature}, path, metadata={**settings, "source": str(item.path)})
+                    report.written.append(path)
+            bar.update(len(indices) + len(failed))
+    finally:
+        bar.close()
+    return report

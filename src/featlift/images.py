@@ -1,0 +1,128 @@
+"""Reading image files, finding them in folders, and turning them into model-ready tensors."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import FeatliftError, ImageReadError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jfif"}
+)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image as RGB; raise `ImageReadError` naming the file otherwise."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
+    """`"224"` -> (224, 224); `"224x320"` (height x width) -> (224, 320)."""
+    if isinstance(text, int):
+        text = str(text)
+    if isinstance(text, tuple):
+        height, width = text
+    else:
+        parts = str(text).lower().replace(",", "x").split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise FeatliftError(f"size {text!r}: expected S or HxW in pixels, e.g. 224 or 224x336") from None
+        if len(values) == 1:
+            height = width = values[0]
+        elif len(values) == 2:
+            height, width = values
+        else:
+            raise FeatliftError(f"size {text!r}: expected S or HxW in pixels, e.g. 224 or 224x336")
+    if height <= 0 or width <= 0:
+        raise FeatliftError(f"size {text!r}: height and width must be positive")
+    return int(height), int(width)
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL RGB image -> float tensor [3, H, W] in [0, 1], resized to `size` (H, W) with bicubic filtering.
+
+    Resizing ignores aspect ratio, as the LiFT and DINO evaluation code do; pass a size with the
+    image's own aspect ratio to keep it.
+    """
+    if size is not None and (image.height, image.width) != tuple(size):
+        image = image.resize((size[1], size[0]), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """An input image and the path of its outputs relative to the output folder."""
+
+    path: Path
+    relative: Path
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob pattern before its first wildcard."""
+    parts = Path(pattern).parts
+    static = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        static.append(part)
+    return Path(*static) if static else Path(".")
+
+
+def collect_images(inputs: list[str | os.PathLike]) -> list[ImageItem]:
+    """Expand files, folders (recursive) and glob patterns into a sorted list of image files.
+
+    The relative path of each image is taken from the folder or the glob's fixed prefix it was
+    found under; a file named directly keeps only its file name. Two images that would map to
+    the same relative path are an error, since their outputs would overwrite each other.
+    """
+    items: dict[Path, ImageItem] = {}
+    for raw in inputs:
+        entry = Path(raw)
+        if entry.is_dir():
+            found = [(p, p.relative_to(entry)) for p in sorted(entry.rglob("*")) if p.is_file() and is_image_file(p)]
+            if not found:
+                raise FeatliftError(f"{entry}: folder contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        elif entry.is_file():
+            found = [(entry, Path(entry.name))]
+        elif glob.has_magic(str(raw)):
+            root = _glob_root(str(raw))
+            matches = sorted(Path(p) for p in glob.glob(str(raw), recursive=True))
+            found = [(p, p.relative_to(root)) for p in matches if p.is_file() and is_image_file(p)]
+            if not found:
+                raise FeatliftError(f"{raw}: pattern matches no image files")
+        else:
+            raise FeatliftError(f"{raw}: no such file, folder or glob pattern")
+        for path, relative in found:
+            key = path.resolve()
+            if key in items:
+                continue
+            items[key] = ImageItem(path=path, relative=relative)
+    by_relative: dict[Path, Path] = {}
+    for item in items.values():
+        other = by_relative.setdefault(item.relative, item.path)
+        if other != item.path:
+            raise FeatliftError(
+                f"{other} and {item.path} would both be written as {item.relative}; pass their common folder instead"
+            )
+    return sorted(items.values(), key=lambda item: str(item.relative))

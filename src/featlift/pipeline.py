@@ -1,0 +1,112 @@
+"""Backbone + optional upsampler as one module: ``[0, 1]`` images in, dense features out."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones import ViTBackbone
+from .upsamplers import Upsampler
+
+
+class FeaturePipeline(nn.Module):
+    """``[B, 3, H, W]`` images in ``[0, 1]`` -> ``[B, C, h', w']`` features.
+
+    Without an upsampler, ``h' = H / patch``. With one, ``h' = 2**iters * H / patch``, or ``output_size``
+    when given. The upsampler is guided by the same normalised image the backbone sees.
+
+    Example:
+        >>> pipe = FeaturePipeline(backbone, load_checkpoint("lift_ckpt", backbone)[0], iters=2)
+        >>> pipe(images).shape  # images: [4, 3, 224, 224] with patch 14 -> [4, 384, 64, 64]
+    """
+
+    def __init__(
+        self,
+        backbone: ViTBackbone,
+        upsampler: Upsampler | None = None,
+        iters: int = 1,
+        output_size: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        if iters < 0:
+            raise ValueError(f"iters must be >= 0, got {iters}")
+        self.backbone = backbone
+        self.upsampler = upsampler.eval() if upsampler is not None else None
+        self.iters = iters
+        self.output_size = tuple(output_size) if output_size is not None else None
+
+    def output_grid(self, height: int, width: int) -> tuple[int, int]:
+        grid = self.backbone.grid_size(height, width)
+        if self.output_size is not None:
+            return self.output_size
+        if self.upsampler is None:
+            return grid
+        return grid[0] * 2**self.iters, grid[1] * 2**self.iters
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        normalized = self.backbone.normalize(images)
+        features = self.backbone(normalized)
+        if self.upsampler is not None:
+            features = self.upsampler(features, normalized, iters=self.iters, output_size=self.output_size)
+        elif self.output_size is not None:
+            features = nn.functional.interpolate(features, size=self.output_size, mode="bilinear", align_corners=False)
+        return features
+
+
+def resolve_upsampler(
+    backbone: ViTBackbone, upsampler: str | None = "lift", checkpoint: str | None = None
+) -> tuple[Upsampler | None, str | None]:
+    """Build the upsampler named `upsampler` for `backbone`; return it and the checkpoint folder used.
+
+    ``None``/``"none"`` -> no upsampler. A trainable upsampler needs `checkpoint`, except when featlift
+    ships one for this backbone, layer and facet, which is then used.
+    """
+    from .checkpoint import load_checkpoint
+    from .errors import FeatliftError
+    from .pretrained import find_shipped_checkpoint
+    from .upsamplers import create_upsampler, get_upsampler_class
+
+    if upsampler in (None, "none"):
+        if checkpoint is not None:
+            raise FeatliftError("a checkpoint was given with upsampler 'none'; pass --upsampler lift (or drop --checkpoint)")
+        return None, None
+    cls = get_upsampler_class(upsampler)
+    if not cls.trainable:
+        if checkpoint is not None:
+            raise FeatliftError(f"upsampler {upsampler!r} has no weights, so --checkpoint does not apply")
+        return create_upsampler(upsampler, channels=backbone.channels, patch_size=backbone.patch_size), None
+    if checkpoint is None:
+        shipped = find_shipped_checkpoint(backbone.name, backbone.layer, backbone.facet, upsampler)
+        if shipped is None:
+            raise FeatliftError(
+                f"upsampler {upsampler!r} needs --checkpoint: featlift ships none for {backbone.name} layer "
+                f"{backbone.layer} facet {backbone.facet}; train one with `featlift train` or use --upsampler bilinear"
+            )
+        checkpoint = str(shipped)
+    module, config = load_checkpoint(checkpoint, backbone=backbone)
+    if config.upsampler != upsampler:
+        raise FeatliftError(f"checkpoint {checkpoint} holds a {config.upsampler!r} upsampler, not {upsampler!r}")
+    return module, str(checkpoint)
+
+
+def build_pipeline(
+    backbone: str | ViTBackbone,
+    *,
+    weights: str | None = None,
+    layer: int | None = None,
+    facet: str = "token",
+    upsampler: str | None = "lift",
+    checkpoint: str | None = None,
+    iters: int = 1,
+    output_size: tuple[int, int] | None = None,
+) -> FeaturePipeline:
+    """One call from names to a ready `FeaturePipeline` (what ``featlift extract`` runs)."""
+    from .backbones import create_backbone
+
+    if isinstance(backbone, str):
+        backbone = create_backbone(backbone, weights=weights, layer=layer, facet=facet)
+    module, used = resolve_upsampler(backbone, upsampler, checkpoint)
+    pipeline = FeaturePipeline(backbone, module, iters=iters if module is not None else 0, output_size=output_size)
+    pipeline.checkpoint = used
+    return pipeline
