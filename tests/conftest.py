@@ -72,3 +72,17 @@ def write_images(folder: Path, count: int = 3, size: tuple[int, int] = (40, 56),
         Image.fromarray(array).save(path)
         paths.append(path)
     return paths
+
+
+TINY_TIMM_NAME = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="session")
+def tiny_timm_weights(tmp_path_factory) -> Path:
+    """A random `vit_tiny_patch16_224` state dict in timm layout, for driving the CLI with `--weights`."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "vit_tiny_random.safetensors"
+    save_file(timm.create_model(TINY_TIMM_NAME, pretrained=False).state_dict(), str(path))
+    return path

@@ -12,6 +12,7 @@ Prefix tokens (CLS, registers) are dropped; the result is ``[B, C, H / patch, W 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
@@ -74,7 +75,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _build_timm_model(name: str, weights: str | os.PathLike | None, pretrained: bool) -> nn.Module:
     if not timm.is_model(name.split(".")[0]):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=8, cutoff=0.6)
         raise BackboneError(f"unknown timm model {name!r}; similar names: {', '.join(close) or 'none'}")
     kwargs = dict(num_classes=0, dynamic_img_size=True)
     try:

@@ -11,7 +11,14 @@ from ..extract import extract_to_folder
 from ..images import collect_images
 from ..pipeline import FeaturePipeline, resolve_upsampler
 from ..upsamplers import available_upsamplers
-from .common import add_backbone_args, add_device_arg, backbone_from_args, positive_int, resolve_device, size_arg
+from .common import (
+    add_backbone_args,
+    add_device_arg,
+    backbone_from_args,
+    positive_int,
+    resolve_device,
+    size_arg,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +78,6 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"featlift extract: {report.summary()} -> {args.out}")
-    for path, message in report.failed:
+    for _path, message in report.failed:
         print(f"  failed: {message}")
     return 0 if report.ok else 1

@@ -1,0 +1,159 @@
+"""Backbone taps: each facet against a hand computation from the block's own weights, shapes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import tiny_vit
+from safetensors.torch import save_file
+
+from featlift import BackboneError, InputSizeError, ViTBackbone, create_backbone
+
+
+def hand_block_inputs(model, x):
+    """Run the ViT by hand; return the list of token tensors entering each block, and the final normed output."""
+    tokens = model.patch_embed(x)
+    tokens = model._pos_embed(tokens)
+    tokens = model.norm_pre(tokens)
+    inputs = []
+    for block in model.blocks:
+        inputs.append(tokens)
+        tokens = block(tokens)
+    return inputs, model.norm(tokens)
+
+
+def hand_facet(block, tokens, facet):
+    """key = LN1(x) @ W_k^T + b_k, then k_norm per head (and the same for query/value)."""
+    attn = block.attn
+    dim = attn.qkv.out_features // 3
+    y = block.norm1(tokens)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    index = {"query": 0, "key": 1, "value": 2}[facet]
+    out = y @ weight[index * dim : (index + 1) * dim].T + bias[index * dim : (index + 1) * dim]
+    heads = out.reshape(*out.shape[:2], attn.num_heads, -1)
+    if facet == "query":
+        heads = attn.q_norm(heads)
+    elif facet == "key":
+        heads = attn.k_norm(heads)
+    return heads.reshape(out.shape)
+
+
+def to_map(tokens, prefix, grid):
+    tokens = tokens[:, prefix:]
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+
+@pytest.mark.parametrize("patch", [8, 14, 16])
+@pytest.mark.parametrize("facet", ["token", "query", "key", "value"])
+def test_facets_match_hand_computation(patch, facet):
+    model = tiny_vit(patch_size=patch, depth=3, reg_tokens=2, qk_norm=True, seed=patch)
+    with torch.no_grad():  # give the q/k norms non-trivial affine weights so they are really tested
+        for block in model.blocks:
+            block.attn.q_norm.weight.uniform_(0.5, 1.5)
+            block.attn.k_norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, patch * 3, patch * 5)  # non-square
+    inputs, final = hand_block_inputs(model, x)
+    for layer in range(3):
+        backbone = ViTBackbone(model, "tiny", layer=layer, facet=facet)
+        assert backbone.num_prefix_tokens == 3
+        got = backbone(x)
+        if facet == "token":
+            block_out = model.blocks[layer](inputs[layer])
+            expected = to_map(model.norm(block_out), 3, (3, 5))
+        else:
+            expected = to_map(hand_facet(model.blocks[layer], inputs[layer], facet), 3, (3, 5))
+        assert got.shape == (2, backbone.channels, 3, 5)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    del final
+
+
+def test_last_token_facet_equals_forward_features():
+    model = tiny_vit(patch_size=16)
+    backbone = ViTBackbone(model, "tiny")
+    x = torch.randn(1, 3, 48, 64)
+    expected = to_map(model.forward_features(x), model.num_prefix_tokens, (3, 4))
+    torch.testing.assert_close(backbone(x), expected)
+
+
+def test_layer_and_facet_validation():
+    model = tiny_vit(depth=2)
+    assert ViTBackbone(model, "tiny", layer=-1).layer == 1
+    with pytest.raises(BackboneError, match="layer 5: tiny has 2 blocks"):
+        ViTBackbone(model, "tiny", layer=5)
+    with pytest.raises(BackboneError, match="facet 'attn'"):
+        ViTBackbone(model, "tiny", facet="attn")
+
+
+def test_sizes_not_multiple_of_patch_are_refused_with_a_suggestion():
+    backbone = ViTBackbone(tiny_vit(patch_size=14), "tiny14")
+    with pytest.raises(InputSizeError, match=r"225x224 is not a multiple of tiny14's patch size 14; resize to e.g. 224x224"):
+        backbone(torch.zeros(1, 3, 225, 224))
+    with pytest.raises(InputSizeError, match=r"\[B, 3, H, W\]"):
+        backbone(torch.zeros(3, 224, 224))
+
+
+def test_normalize_uses_model_config():
+    backbone = ViTBackbone(tiny_vit(), "tiny")
+    x = torch.full((1, 3, 16, 16), 0.5)
+    expected = (0.5 - torch.tensor(backbone.mean)) / torch.tensor(backbone.std)
+    torch.testing.assert_close(backbone.normalize(x)[0, :, 0, 0], expected)
+
+
+def test_non_vit_models_are_refused():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    with pytest.raises(BackboneError, match="not a Vision Transformer"):
+        ViTBackbone(model, "resnet18")
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(BackboneError, match="similar names: vit_small_patch14_dinov2"):
+        create_backbone("vit_smal_patch14_dinov2", pretrained=False)
+
+
+@pytest.fixture
+def tiny_timm_checkpoint(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    return model, tmp_path
+
+
+def test_local_weights_in_safetensors_and_wrapped_pth(tiny_timm_checkpoint):
+    model, tmp = tiny_timm_checkpoint
+    state = model.state_dict()
+    save_file(state, tmp / "w.safetensors")
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp / "w.pth")
+    x = torch.rand(1, 3, 32, 48)
+    outputs = []
+    for file in ("w.safetensors", "w.pth"):
+        backbone = create_backbone("vit_tiny_patch16_224", weights=tmp / file, layer=5, facet="key")
+        assert backbone.name == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's default tag is recorded
+        assert (backbone.channels, backbone.patch_size, backbone.num_prefix_tokens) == (192, 16, 1)
+        outputs.append((backbone.fingerprint(), backbone(x)))
+    assert outputs[0][0] == outputs[1][0]
+    torch.testing.assert_close(outputs[0][1], outputs[1][1])
+    reference = ViTBackbone(timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True), "ref", layer=5, facet="key")
+    reference.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
+    torch.testing.assert_close(reference(x), outputs[0][1])
+
+
+def test_fingerprint_changes_with_weights(tiny_timm_checkpoint):
+    model, tmp = tiny_timm_checkpoint
+    save_file(model.state_dict(), tmp / "a.safetensors")
+    state = model.state_dict()
+    state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"] + 1e-3
+    save_file(state, tmp / "b.safetensors")
+    a = create_backbone("vit_tiny_patch16_224", weights=tmp / "a.safetensors").fingerprint()
+    b = create_backbone("vit_tiny_patch16_224", weights=tmp / "b.safetensors").fingerprint()
+    assert len(a) == 16 and a != b
+
+
+def test_bad_weights_files_are_named(tiny_timm_checkpoint):
+    _, tmp = tiny_timm_checkpoint
+    with pytest.raises(BackboneError, match="no such file"):
+        create_backbone("vit_tiny_patch16_224", weights=tmp / "missing.safetensors")
+    (tmp / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match="junk.pth: cannot read"):
+        create_backbone("vit_tiny_patch16_224", weights=tmp / "junk.pth")
+    save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), tmp / "tiny.safetensors")
+    with pytest.raises(BackboneError, match="does not fit vit_small_patch16_224"):
+        create_backbone("vit_small_patch16_224", weights=tmp / "tiny.safetensors")

@@ -1,0 +1,197 @@
+"""`featlift extract` driven through `main(argv)` on tiny images with a tiny random timm ViT."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TIMM_NAME, write_images
+
+import featlift.extract
+from featlift import LiFT, create_backbone, load_features, save_checkpoint
+from featlift.cli import main
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    root = tmp_path / "my images"
+    write_images(root, count=3)
+    write_images(root / "nested dir", count=2, size=(30, 20), seed=1)
+    return root
+
+
+def extract(tmp_path, weights, *args):
+    return main(["-q", "extract", *args, "--backbone", TINY_TIMM_NAME, "--weights", str(weights), "--size", "32x48", "--workers", "0"])
+
+
+def outputs(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_folder_with_odd_names_bilinear(tmp_path, tiny_timm_weights, image_tree, capsys):
+    out = tmp_path / "out"
+    code = extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--iters", "2", "--out", str(out))
+    assert code == 0
+    assert outputs(out) == [
+        "img 0.jpg.safetensors",
+        "img 2.jpg.safetensors",
+        "img'1.png.safetensors",
+        "nested dir/img 0.jpg.safetensors",
+        "nested dir/img'1.png.safetensors",
+    ]
+    features, meta = load_features(out / "nested dir" / "img'1.png.safetensors")
+    assert features.shape == (192, 8, 12) and features.dtype == torch.float32
+    assert meta["upsampler"] == "bilinear" and meta["iters"] == "2" and meta["input_size"] == "32x48"
+    assert meta["backbone"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k" and meta["layer"] == "11" and meta["facet"] == "token"
+    assert meta["source"].endswith("img'1.png")
+    assert "5 written" in capsys.readouterr().out
+
+
+def test_features_equal_the_python_api(tmp_path, tiny_timm_weights, image_tree):
+    out = tmp_path / "out"
+    assert extract(tmp_path, tiny_timm_weights, str(image_tree / "img 0.jpg"), "--upsampler", "none", "--layer", "3", "--facet", "value", "--out", str(out)) == 0
+    features, meta = load_features(out / "img 0.jpg.safetensors")
+    backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights, layer=3, facet="value")
+    image = featlift.image_to_tensor(featlift.load_image(image_tree / "img 0.jpg"), (32, 48))[None]
+    torch.testing.assert_close(features, featlift.FeaturePipeline(backbone)(image)[0])
+    assert meta["upsampler"] == "none" and meta["iters"] == "0"
+
+
+def test_lift_checkpoint_float16_and_glob(tmp_path, tiny_timm_weights, image_tree):
+    backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights)
+    save_checkpoint(tmp_path / "ckpt", LiFT(backbone.channels, backbone.patch_size), backbone)
+    out = tmp_path / "out"
+    pattern = str(image_tree / "**" / "*.png")
+    code = extract(tmp_path, tiny_timm_weights, pattern, "--checkpoint", str(tmp_path / "ckpt"), "--dtype", "float16", "--out", str(out), "--batch-size", "1")
+    assert code == 0
+    assert outputs(out) == ["img'1.png.safetensors", "nested dir/img'1.png.safetensors"]
+    features, meta = load_features(out / "img'1.png.safetensors")
+    assert features.shape == (192, 4, 6) and features.dtype == torch.float16
+    assert meta["upsampler"] == "lift" and meta["checkpoint"] == str(tmp_path / "ckpt")
+
+
+def test_checkpoint_for_another_layer_is_refused(tmp_path, tiny_timm_weights, image_tree, capsys):
+    backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights, layer=5)
+    save_checkpoint(tmp_path / "ckpt", LiFT(backbone.channels, backbone.patch_size), backbone)
+    code = extract(tmp_path, tiny_timm_weights, str(image_tree), "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "trained for backbone=vit_tiny_patch16_224.augreg_in21k_ft_in1k layer=5" in err and "you are using" in err and "layer=11" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_lift_without_checkpoint_needs_one_unless_shipped(tmp_path, tiny_timm_weights, image_tree, capsys):
+    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--out", str(tmp_path / "out")) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+
+
+def test_corrupt_image_is_reported_and_the_rest_extracted(tmp_path, tiny_timm_weights, image_tree, capsys):
+    (image_tree / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    out = tmp_path / "out"
+    code = extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out))
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.out and "cannot decode image" in captured.out
+    assert "5 written" in captured.out and "1 failed" in captured.out
+    assert len(outputs(out)) == 5 and not (out / "broken.jpg.safetensors").exists()
+
+
+def test_rerun_skips_finished_and_refuses_other_settings(tmp_path, tiny_timm_weights, image_tree, capsys):
+    out = tmp_path / "out"
+    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out)) == 0
+    first = out / "img 0.jpg.safetensors"
+    stamp = first.stat().st_mtime_ns
+    capsys.readouterr()
+    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out)) == 0
+    assert "0 written, 5 already done" in capsys.readouterr().out
+    assert first.stat().st_mtime_ns == stamp
+    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "none", "--out", str(out)) == 2
+    assert "exists with other settings (upsampler: 'bilinear' there, 'none' now" in capsys.readouterr().err
+    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "none", "--out", str(out), "--overwrite") == 0
+    assert load_features(first)[1]["upsampler"] == "none"
+
+
+def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path, tiny_timm_weights, image_tree, monkeypatch):
+    out = tmp_path / "out"
+    real_save = featlift.extract.save_safetensors_atomic
+    calls = []
+
+    def crash_on_third(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(path) + ".partial-write-simulated")  # would be a half file without atomic writes
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(featlift.extract, "save_safetensors_atomic", crash_on_third)
+    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out), "--batch-size", "2") == 130
+    for leftover in out.rglob("*.partial-write-simulated"):
+        leftover.unlink()
+    done = outputs(out)
+    assert len(done) == 2 and all(name.endswith(".safetensors") for name in done)
+    monkeypatch.setattr(featlift.extract, "save_safetensors_atomic", real_save)
+    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out)) == 0
+    assert len(outputs(out)) == 5
+
+
+def test_atomic_write_removes_its_temp_file_on_failure(tmp_path):
+    from featlift.fileio import save_safetensors_atomic
+
+    with pytest.raises(AttributeError):
+        save_safetensors_atomic({"x": "not a tensor"}, tmp_path / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["does/not/exist.jpg"], "does/not/exist.jpg: no such file, folder or glob pattern"),
+        (["{tree}/*.gif"], "pattern matches no image files"),
+        (["{tree}", "--size", "30"], "input size 30x30 is not a multiple"),
+        (["{tree}", "--size", "abc"], None),
+        (["{empty}"], "folder contains no image files"),
+    ],
+)
+def test_bad_inputs_give_clear_errors(tmp_path, tiny_timm_weights, image_tree, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(tree=image_tree, empty=tmp_path / "empty") for a in args]
+    argv = ["extract", *args, "--backbone", TINY_TIMM_NAME, "--weights", str(tiny_timm_weights), "--upsampler", "bilinear", "--workers", "0"]
+    argv += ["--out", str(tmp_path / "out")]
+    if message is None:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert "expected S or HxW" in capsys.readouterr().err
+        return
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_folder_fails_before_work(tmp_path, tiny_timm_weights, image_tree, capsys):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file-not-folder"
+        blocker.write_text("x")
+        out = blocker / "out"
+    else:
+        out = tmp_path / "ro"
+        out.mkdir(mode=0o500)
+    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out)) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_colliding_relative_paths_are_refused(tmp_path, tiny_timm_weights):
+    write_images(tmp_path / "a", count=1)
+    write_images(tmp_path / "b", count=1)
+    argv = [str(tmp_path / "a" / "img 0.jpg"), str(tmp_path / "b" / "img 0.jpg"), "--upsampler", "bilinear"]
+    assert extract(tmp_path, tiny_timm_weights, *argv, "--out", str(tmp_path / "out")) == 2
+
+
+def test_workers_decode_in_parallel(tmp_path, tiny_timm_weights, image_tree):
+    argv = ["-q", "extract", str(image_tree), "--backbone", TINY_TIMM_NAME, "--weights", str(tiny_timm_weights)]
+    assert main([*argv, "--size", "32", "--upsampler", "bilinear", "--workers", "2", "--out", str(tmp_path / "out")]) == 0
+    assert len(outputs(tmp_path / "out")) == 5
