@@ -34,10 +34,16 @@ def test_timer_counts_images_and_returns_features(tiny_backbone):
 
 def test_defaults_and_settings(tiny_backbone, tmp_path):
     backbone = tiny_backbone(patch_size=16)
-    assert default_variant_specs(backbone) == ["none", "bilinear", "input-2x"]  # nothing shipped for a tiny ViT
+    assert default_variant_specs(backbone) == [
+        "none",
+        "bilinear",
+        "input-2x",
+    ]  # nothing shipped for a tiny ViT
     parser = argparse.ArgumentParser()
     add_eval_args(parser, default_size=(32, 48))
-    args = parser.parse_args(["--variant", "none,input-2x", "--variant", "bilinear:iters=2", "--device", "cpu"])
+    args = parser.parse_args(
+        ["--variant", "none,input-2x", "--variant", "bilinear:iters=2", "--device", "cpu"]
+    )
     variants = parse_variants(args.variant, backbone)
     settings = eval_settings(args, backbone, variants, decode="x")
     grids = {v["spec"]: v["feature_grid"] for v in settings["variants"]}
