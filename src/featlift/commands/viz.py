@@ -1,0 +1,119 @@
+"""``featlift viz similarity|pca IMAGE``: figures comparing feature variants on one image."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..errors import FeatliftError
+from ..images import load_image
+from ..pretrained import find_shipped_checkpoint
+from ..variants import parse_variants
+from .common import (
+    add_backbone_args,
+    add_device_arg,
+    backbone_from_args,
+    positive_int,
+    resolve_device,
+    size_arg,
+)
+
+logger = logging.getLogger(__name__)
+
+BASE_VARIANTS = ["none", "bilinear", "input-2x"]
+LIFT_VARIANTS = ["lift", "lift:iters=2"]
+
+
+def point_arg(text: str) -> tuple[float, float]:
+    parts = text.replace(" ", "").split(",")
+    try:
+        x, y = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"point {text!r}: expected x,y in image pixels, e.g. 120,80") from None
+    return x, y
+
+
+def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="an image file")
+    add_backbone_args(parser)
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="feature variant, repeatable and/or comma-separated: none | bilinear[:iters=K] | input-2x | "
+        "lift[:CKPT][:iters=K] (default: none, bilinear, input-2x, and lift, lift:iters=2 when featlift "
+        "ships a checkpoint for the backbone)",
+    )
+    parser.add_argument("--size", type=size_arg, default=(224, 224), help="base input size S or HxW (default 224)")
+    parser.add_argument("--panel", type=positive_int, default=256, help="width of each panel in pixels (default 256)")
+    parser.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
+    add_device_arg(parser)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("viz", help="similarity-map and PCA figures of feature variants")
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    similarity = kinds.add_parser(
+        "similarity",
+        help="cosine-similarity maps of chosen points, one column per variant",
+        description="For each --point (x,y in pixels of the original image), the cosine similarity of the feature "
+        "under it with every feature of the image, for each variant; one row per point.",
+    )
+    _add_common(similarity, "similarity.png")
+    similarity.add_argument(
+        "--point", type=point_arg, action="append", required=True, metavar="X,Y", help="a query point in pixels (repeatable)"
+    )
+    similarity.set_defaults(run=run_similarity)
+    pca = kinds.add_parser(
+        "pca",
+        help="first three PCA components of the features as RGB, one panel per variant",
+        description="PCA of the features to RGB. By default one basis and colour scale is fitted jointly over all "
+        "variants, so equal colours mean equal feature directions across panels; --per-variant fits each alone.",
+    )
+    _add_common(pca, "pca.png")
+    pca.add_argument("--per-variant", action="store_true", help="fit the PCA on each variant separately")
+    pca.set_defaults(run=run_pca)
+
+
+def _variants(args: argparse.Namespace):
+    backbone = backbone_from_args(args)
+    specs = args.variant
+    if not specs:
+        specs = list(BASE_VARIANTS)
+        if find_shipped_checkpoint(backbone.name, backbone.layer, backbone.facet, "lift") is not None:
+            specs += LIFT_VARIANTS
+        else:
+            logger.warning(
+                "no shipped LiFT checkpoint for %s layer %d facet %s: showing %s only (add --variant lift:CKPT)",
+                backbone.name, backbone.layer, backbone.facet, ", ".join(specs),
+            )
+    variants = parse_variants(specs, backbone)
+    device = resolve_device(args.device)
+    for variant in variants:
+        variant.to(device)
+        variant.output_grid(args.size)  # fails early on a size that does not fit the patch
+    return variants, device
+
+
+def run_similarity(args: argparse.Namespace) -> int:
+    from ..viz import check_points, similarity_figure
+
+    image = load_image(args.image)
+    check_points(args.point, (image.width, image.height))
+    variants, device = _variants(args)
+    path = similarity_figure(variants, image, args.point, args.out, args.size, device, args.panel)
+    print(f"featlift viz similarity: {len(args.point)} point(s) x {len(variants)} variant(s) -> {path}")
+    return 0
+
+
+def run_pca(args: argparse.Namespace) -> int:
+    from ..viz import pca_figure
+
+    image = load_image(args.image)
+    variants, device = _variants(args)
+    if not variants:
+        raise FeatliftError("no variants to show")
+    path = pca_figure(variants, image, args.out, args.size, device, args.panel, joint=not args.per_variant)
+    print(f"featlift viz pca: {len(variants)} variant(s), {'per-variant' if args.per_variant else 'joint'} PCA -> {path}")
+    return 0
