@@ -159,9 +159,11 @@ def boundary_f_measure(
     gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None, bound_th: float = 0.008
 ) -> float:
     """F: boundary F-measure of two masks; boundaries match within ``ceil(bound_th * diagonal)`` pixels (or
-    `bound_th` pixels when >= 1), by dilation with a disk, as davis2017-evaluation's ``f_measure``."""
-    from scipy.ndimage import binary_dilation
-    from skimage.morphology import disk
+    `bound_th` pixels when >= 1), by dilation with a disk, as davis2017-evaluation's ``f_measure``.
+
+    Dilating with ``skimage.morphology.disk(r)`` marks the pixels within Euclidean distance r of the boundary,
+    which is what the distance transform gives directly (the same set, several times faster)."""
+    from scipy.ndimage import distance_transform_edt
 
     gt, pred = gt.astype(bool), pred.astype(bool)
     if void is not None:
@@ -173,9 +175,8 @@ def boundary_f_measure(
         return 1.0
     if n_fg == 0 or n_gt == 0:
         return 0.0  # precision or recall is 0
-    footprint = disk(bound_pix).astype(bool)
-    fg_dil = binary_dilation(fg_boundary, structure=footprint)
-    gt_dil = binary_dilation(gt_boundary, structure=footprint)
+    fg_dil = distance_transform_edt(~fg_boundary) <= bound_pix
+    gt_dil = distance_transform_edt(~gt_boundary) <= bound_pix
     precision = float(np.sum(fg_boundary & gt_dil)) / n_fg
     recall = float(np.sum(gt_boundary & fg_dil)) / n_gt
     if precision + recall == 0:
