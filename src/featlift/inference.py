@@ -1,0 +1,139 @@
+"""Inference-speed transforms for a `FeaturePipeline`: BN folding, channels-last, autocast, torch.compile.
+
+`fold_batchnorm` returns a copy of a module in which every ``Conv2d`` directly followed by a
+``BatchNorm2d`` (inside an ``nn.Sequential``, as in LiFT's conv-BN-ReLU blocks) carries the BN's
+affine map in its own weight and bias, and the BN is replaced by ``nn.Identity``. In eval mode the
+copy computes the same function (to float rounding, ~1e-6) with fewer passes over memory; the module
+you pass is left untouched, so it can still be trained or saved with its original state-dict keys.
+
+`InferenceOptions` says which transforms to apply and `optimize_pipeline` applies them:
+
+- ``fold_bn`` (default on): exact up to float rounding;
+- ``channels_last``: memory layout of the upsampler's convolutions (exact);
+- ``amp``: ``"bf16"``/``"fp16"`` autocast for backbone and upsampler; changes outputs (cosine ~0.999),
+  so it is off unless asked for;
+- ``compile``: ``torch.compile`` of the upsampler (needs a C++ compiler on CPU; slow first call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .pipeline import FeaturePipeline
+from .upsamplers import Upsampler
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` in eval mode with each Conv2d -> BatchNorm2d pair folded into the conv.
+
+    Only pairs that are consecutive children of an ``nn.Sequential`` are folded (the BN must see the
+    conv's output and nothing else). Returns the copy; `module` is not modified.
+    """
+    folded = copy.deepcopy(module).eval()
+    count = 0
+    for parent in folded.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, bn = parent._modules[first], parent._modules[second]
+            if (
+                type(conv) is nn.Conv2d
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.track_running_stats
+                and bn.running_mean is not None
+                and bn.num_features == conv.out_channels
+            ):
+                parent._modules[first] = fuse_conv_bn_eval(conv, bn)
+                parent._modules[second] = nn.Identity()
+                count += 1
+    logger.debug("folded %d BatchNorm layers into convolutions", count)
+    folded.folded_batchnorms = count
+    return folded
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Which speed transforms `optimize_pipeline` applies (see the module docstring)."""
+
+    fold_bn: bool = True
+    channels_last: bool = False
+    amp: str | None = None  # None, "bf16" or "fp16"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.amp not in (None, *AMP_DTYPES):
+            raise ValueError(f"amp {self.amp!r}: expected None or one of {', '.join(AMP_DTYPES)}")
+
+    def describe(self) -> str:
+        parts = [name for name, on in (("fold-bn", self.fold_bn), ("channels-last", self.channels_last)) if on]
+        if self.amp:
+            parts.append(f"amp-{self.amp}")
+        if self.compile:
+            parts.append("compile")
+        return "+".join(parts) or "plain"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def autocast(device: str | torch.device, amp: str | None):
+    """``torch.autocast`` for `amp` ("bf16"/"fp16") on `device`'s type, or a no-op context for None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+class OptimizedPipeline(FeaturePipeline):
+    """A `FeaturePipeline` that runs under autocast (if asked) and always returns float32 features.
+
+    It shares the backbone with the pipeline it was made from; its upsampler may be a transformed copy.
+    """
+
+    def __init__(self, source: FeaturePipeline, upsampler: Upsampler | None, options: InferenceOptions):
+        super().__init__(source.backbone, upsampler, iters=source.iters, output_size=source.output_size)
+        self.options = options
+        self.checkpoint = getattr(source, "checkpoint", None)
+        # Parameters of the upsampler as trained (folding BN changes the count, not the function).
+        self.upsampler_parameter_count = (
+            sum(p.numel() for p in source.upsampler.parameters()) if source.upsampler is not None else 0
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if self.options.channels_last and self.upsampler is not None:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(images.device, self.options.amp):
+                features = super().forward(images)
+            return features.float().contiguous()
+
+
+def optimize_upsampler(upsampler: Upsampler | None, options: InferenceOptions) -> Upsampler | None:
+    """A copy of `upsampler` with the options' module transforms applied (BN folding, layout, compile)."""
+    if upsampler is None:
+        return None
+    module = fold_batchnorm(upsampler) if options.fold_bn else copy.deepcopy(upsampler).eval()
+    if options.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if options.compile:
+        module.upsample_once = torch.compile(module.upsample_once, dynamic=False)
+    return module
+
+
+def optimize_pipeline(pipeline: FeaturePipeline, options: InferenceOptions | None = None) -> FeaturePipeline:
+    """`pipeline` with the speed `options` applied (default: BN folding only). The input is not modified."""
+    options = options or InferenceOptions()
+    if options == InferenceOptions(fold_bn=False):
+        return pipeline
+    return OptimizedPipeline(pipeline, optimize_upsampler(pipeline.upsampler, options), options)

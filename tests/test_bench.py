@@ -1,0 +1,117 @@
+"""`featlift bench` end to end on a tiny random ViT: JSON + markdown with sane values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from featlift import LiFT, create_backbone, save_checkpoint
+from featlift.bench import TensorMemoryTracker, count_flops, find_max_size
+from featlift.cli import main
+from featlift.variants import parse_variant
+
+NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A random vit_tiny state dict on disk and a residual LiFT checkpoint for it."""
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    model = timm.create_model(NAME, pretrained=False, num_classes=0)
+    weights = root / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    backbone = create_backbone(NAME, weights=weights)
+    lift = LiFT(backbone.channels, backbone.patch_size, residual=True)
+    save_checkpoint(root / "lift", lift, backbone)
+    return weights, root / "lift", sum(p.numel() for p in lift.parameters()), backbone
+
+
+def test_bench_cli_writes_json_and_markdown(tiny_setup, tmp_path):
+    weights, ckpt, lift_params, backbone = tiny_setup
+    out = tmp_path / "out"
+    variants = f"none,bilinear,lift:{ckpt},lift:{ckpt}:iters=2,input-2x"
+    code = main(["bench", "--backbone", NAME, "--weights", str(weights), "--sizes", "32,64", "--variants", variants,
+                 "--batch-sizes", "1,2", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert {"settings", "environment", "results", "comparisons"} <= set(data)
+    rows = {(r["variant"], r["size"]): r for r in data["results"]}
+    assert len(rows) == 10
+    backbone_params = sum(p.numel() for p in backbone.parameters())
+    for (variant, size), row in rows.items():
+        assert row["latency_ms"] > 0 and row["latency_ms_min"] <= row["latency_ms"] <= row["latency_ms_max"]
+        assert set(row["throughput"]) == {"1", "2"} and all(v > 0 for v in row["throughput"].values())
+        assert row["flops"] > 0
+        assert row["backbone"]["ms"] > 0
+        scale = 2 if variant == "input-2x" else 1
+        assert row["input_size"] == [size * scale, size * scale]
+        if variant.startswith("lift"):
+            assert row["upsampler_params"] == lift_params
+            assert row["params"] == backbone_params + lift_params
+            assert row["upsampler"]["flops"] > 0 and row["upsampler"]["ms"] > 0
+            assert row["upsampler"]["peak_memory_mib"] > 0
+        if variant in ("none", "input-2x"):
+            assert row["upsampler"] is None and row["params"] == backbone_params
+    # the same output grid: one LiFT pass on S, the backbone on 2S
+    assert rows[(f"lift:{ckpt}", 32)]["output_grid"] == rows[("input-2x", 32)]["output_grid"] == [4, 4]
+    assert rows[(f"lift:{ckpt}:iters=2", 64)]["output_grid"] == [16, 16]
+    # a second pass costs more FLOPs and memory than the first
+    one, two = rows[(f"lift:{ckpt}", 64)]["upsampler"], rows[(f"lift:{ckpt}:iters=2", 64)]["upsampler"]
+    assert two["flops"] > 4 * one["flops"] and two["peak_memory_mib"] > one["peak_memory_mib"]
+    comp = data["comparisons"]
+    assert {c["variant"] for c in comp["lift_vs_input_2x"]} == {"bilinear", f"lift:{ckpt}"}
+    assert [c["iters"] for c in comp["iterations"] if c["size"] == 32] == [1, 2]
+    text = (out / "bench.md").read_text()
+    assert "| 32 | `none` |" in text and "backbone@S + upsampler against backbone@2S" in text
+    assert data["settings"]["options"]["fold_bn"] is True
+
+
+def test_bench_cli_find_max_size_is_bounded_on_cpu(tiny_setup, tmp_path):
+    weights, _, _, _ = tiny_setup
+    out = tmp_path / "out"
+    code = main(["bench", "--backbone", NAME, "--weights", str(weights), "--sizes", "32", "--variants", "none,bilinear",
+                 "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(out),
+                 "--find-max-size", "--max-size-cap", "128"])
+    assert code == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert [(m["variant"], m["largest"], m["failed"]) for m in data["max_size"]] == [("none", 128, None), ("bilinear", 128, None)]
+    assert "max-size-cap" in data["max_size_note"]
+
+
+def test_find_max_size_stops_at_out_of_memory(tiny_setup):
+    _, _, _, backbone = tiny_setup
+    variant = parse_variant("none", backbone)
+    real_call = variant.pipeline.forward
+
+    def limited(images):  # pretend that inputs above 64 px do not fit
+        if images.shape[-1] > 64:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(images)
+
+    variant.pipeline.forward = limited
+    assert find_max_size(variant, 16, "cpu", cap=1024) == (64, 128)
+
+
+def test_bench_rejects_a_size_that_does_not_fit_the_patch(tiny_setup, tmp_path, capsys):
+    weights, _, _, _ = tiny_setup
+    code = main(["bench", "--backbone", NAME, "--weights", str(weights), "--sizes", "30", "--variants", "none",
+                 "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert code == 2
+    assert "30" in capsys.readouterr().err
+
+
+def test_flops_and_memory_helpers():
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    assert count_flops(lambda: layer(x)) == 2 * 8 * 64 * 32
+    with torch.inference_mode(), TensorMemoryTracker() as tracker:
+        a = torch.empty(1024, 1024)  # 4 MiB
+        del a
+        b = torch.empty(512, 1024)  # 2 MiB, after the first is freed
+    assert tracker.peak == 4 * 2**20 and tracker.live == 2 * 2**20
+    del b
