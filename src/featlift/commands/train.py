@@ -1,0 +1,105 @@
+"""``featlift train IMAGES``: self-supervised LiFT training on any folder of images."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..train import LOSSES, TrainConfig, train
+from ..upsamplers import available_upsamplers
+from .common import add_backbone_args, add_device_arg, positive_int
+
+logger = logging.getLogger(__name__)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a LiFT upsampler self-supervised on a folder of images",
+        description="Train an upsampler for a frozen ViT on any folder tree of images (no labels). Objective "
+        "(LiFT paper): loss(LiFT(img/2, f(img/2)), f(img)) + loss(LiFT(img/4, f(img/4)), f(img/2)). Backbone "
+        "features are cached on disk, so epochs after the first skip the backbone. RUN_DIR gets model.safetensors "
+        "+ config.json (usable with `featlift extract --checkpoint RUN_DIR`), train_state.pt for --resume, and "
+        "train_log.jsonl. Under `torchrun --nproc-per-node N -m featlift train ...` it trains with DDP.",
+    )
+    parser.add_argument("images", metavar="IMAGES", help="folder of images (recursive; jpg, png, webp, ...)")
+    add_backbone_args(parser)
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoint, state, log")
+    parser.add_argument("--upsampler", default="lift", choices=available_upsamplers(), help="upsampler to train (default lift)")
+    parser.add_argument(
+        "--no-residual", dest="residual", action="store_false",
+        help="the paper-exact LiFT (no bilinear skip); default: residual LiFT (bilinear skip, zero-init head), "
+        "which learns much faster from few images",
+    )
+    parser.add_argument("--epochs", type=positive_int, default=5, help="default 5")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="global batch (split over DDP ranks), default 8")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, default 1e-3")
+    parser.add_argument("--loss", choices=LOSSES, default="cosine", help="default cosine")
+    parser.add_argument(
+        "--image-size", type=positive_int, default=448,
+        help="training image size S (square); S, S/2 and S/4 must be multiples of the patch (default 448)",
+    )
+    parser.add_argument(
+        "--augment", action="store_true",
+        help="photometric jitter (ColorJitter 0.2 x4) of the guide images only; cached features stay valid",
+    )
+    parser.add_argument("--cache", default=None, metavar="DIR", help="backbone feature cache folder (default RUN_DIR/cache)")
+    parser.add_argument("--no-cache", dest="use_cache", action="store_false", help="compute backbone features every epoch")
+    parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR after its last completed epoch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, split, data order and jitter (default 0)")
+    parser.add_argument("--val-fraction", type=_fraction, default=0.1, help="held-out fraction of the images (default 0.1)")
+    parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0: in the main process)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_device_arg(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from .common import WEIGHTS_ENV
+
+    config = TrainConfig(
+        images=args.images,
+        out=args.out,
+        backbone=args.backbone,
+        weights=args.weights or os.environ.get(WEIGHTS_ENV) or None,
+        layer=args.layer,
+        facet=args.facet,
+        upsampler=args.upsampler,
+        residual=args.residual,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        loss=args.loss,
+        image_size=args.image_size,
+        augment=args.augment,
+        cache=args.cache,
+        use_cache=args.use_cache,
+        resume=args.resume,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        device=args.device,
+        workers=max(0, args.workers),
+        progress=args.progress,
+    )
+    result = train(config)
+    final = result.final
+    if int(os.environ.get("RANK", "0")) == 0:
+        lift, bilinear = final.get("val_cosine_lift"), final.get("val_cosine_bilinear")
+        val = f"; validation cosine to the {args.image_size} px features: LiFT {lift}, bilinear {bilinear}" if lift else ""
+        print(
+            f"featlift train: {result.epochs} epochs on {result.train_images} images "
+            f"({result.skipped_images} unreadable skipped) in {result.wall_time_s:.1f} s{val} -> {result.run_dir}"
+        )
+    return 0
