@@ -157,3 +157,25 @@ def test_bad_weights_files_are_named(tiny_timm_checkpoint):
     save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), tmp / "tiny.safetensors")
     with pytest.raises(BackboneError, match="does not fit vit_small_patch16_224"):
         create_backbone("vit_small_patch16_224", weights=tmp / "tiny.safetensors")
+
+
+@pytest.mark.parametrize(
+    "name, channels, patch, prefix",
+    [
+        ("vit_small_patch16_224.dino", 384, 16, 1),
+        ("vit_small_patch8_224.dino", 384, 8, 1),
+        ("vit_base_patch16_224.dino", 768, 16, 1),
+        ("vit_small_patch14_dinov2.lvd142m", 384, 14, 1),
+        ("vit_small_patch14_reg4_dinov2.lvd142m", 384, 14, 5),
+        ("vit_base_patch16_clip_224.openai", 768, 16, 1),
+        ("vit_small_patch16_224.augreg_in21k_ft_in1k", 384, 16, 1),
+    ],
+)
+def test_listed_timm_families_build_and_tap(name, channels, patch, prefix):
+    """Architecture only, 3 blocks deep to stay fast (no download here): shape facts come from the model."""
+    for facet in ("token", "key"):
+        backbone = create_backbone(name, pretrained=False, facet=facet, layer=2, depth=3)
+        assert (backbone.name, backbone.channels, backbone.patch_size, backbone.num_prefix_tokens) == (name, channels, patch, prefix)
+        with torch.no_grad():
+            out = backbone(backbone.normalize(torch.rand(1, 3, patch * 2, patch * 3)))
+        assert out.shape == (1, channels, 2, 3)

@@ -195,3 +195,31 @@ def test_workers_decode_in_parallel(tmp_path, tiny_timm_weights, image_tree):
     argv = ["-q", "extract", str(image_tree), "--backbone", TINY_TIMM_NAME, "--weights", str(tiny_timm_weights)]
     assert main([*argv, "--size", "32", "--upsampler", "bilinear", "--workers", "2", "--out", str(tmp_path / "out")]) == 0
     assert len(outputs(tmp_path / "out")) == 5
+
+
+def test_kill_9_mid_run_then_rerun_completes(tmp_path, tiny_timm_weights):
+    """A real `kill -9` of a running extraction: every file on disk is complete, and a re-run finishes the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "many"
+    write_images(folder, count=30, size=(32, 32))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "featlift", "-q", "extract", str(folder), "--backbone", TINY_TIMM_NAME]
+    argv += ["--weights", str(tiny_timm_weights), "--size", "64", "--upsampler", "bilinear", "--iters", "3"]
+    argv += ["--batch-size", "1", "--workers", "0", "--out", str(out)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.safetensors"))) < 5 and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = list(out.glob("*.safetensors"))
+    assert 5 <= len(done) < 30, "the run should have been killed part-way"
+    for path in done:
+        assert load_features(path)[0].shape == (192, 32, 32)
+    assert main(["-q", *argv[3:]]) == 0
+    assert len(list(out.glob("*.safetensors"))) == 30
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

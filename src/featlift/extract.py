@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +24,15 @@ from . import __version__
 from .errors import FeatliftError, ImageReadError
 from .fileio import check_writable_dir, save_safetensors_atomic
 from .images import ImageItem, image_to_tensor, load_image
+from .inference import InferenceOptions, optimize_pipeline
 from .pipeline import FeaturePipeline
 
 logger = logging.getLogger(__name__)
 
 # Metadata keys that must match for an existing output to count as already done.
-SETTINGS_KEYS = ("backbone", "fingerprint", "layer", "facet", "upsampler", "checkpoint", "iters", "input_size", "dtype")
+SETTINGS_KEYS = ("backbone", "fingerprint", "layer", "facet", "upsampler", "checkpoint", "iters", "input_size", "dtype", "amp")
+# Value of a settings key in files written before featlift recorded it.
+SETTINGS_DEFAULTS = {"amp": "none"}
 
 
 @dataclass
@@ -103,6 +108,15 @@ def _collate(batch):
     return indices, images, failed
 
 
+def remove_stale_temp_files(folders: set[Path]) -> None:
+    """Delete temp files that a killed run (e.g. ``kill -9``) left beside its outputs."""
+    for folder in folders:
+        if folder.is_dir():
+            for stale in folder.glob(".*.safetensors.*.tmp"):
+                logger.info("removing a temp file left by an interrupted run: %s", stale)
+                stale.unlink(missing_ok=True)
+
+
 def _is_done(path: Path, settings: dict[str, str], overwrite: bool) -> bool:
     if not path.exists() or overwrite:
         return False
@@ -110,7 +124,11 @@ def _is_done(path: Path, settings: dict[str, str], overwrite: bool) -> bool:
         existing = read_metadata(path)
     except (SafetensorError, OSError):
         return False  # unreadable leftover: extract again
-    different = {k: (existing.get(k), settings[k]) for k in SETTINGS_KEYS if existing.get(k) != settings[k]}
+    different = {
+        k: (existing.get(k, SETTINGS_DEFAULTS.get(k)), settings[k])
+        for k in SETTINGS_KEYS
+        if existing.get(k, SETTINGS_DEFAULTS.get(k)) != settings[k]
+    }
     if different:
         details = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in different.items())
         raise FeatliftError(
@@ -131,11 +149,20 @@ def extract_to_folder(
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    options: InferenceOptions | None = None,
+    writer_threads: int = 1,
 ) -> ExtractionReport:
-    """Extract features for `items` into `out_dir`; see the module docstring for the file format."""
+    """Extract features for `items` into `out_dir`; see the module docstring for the file format.
+
+    `options` are the inference speed transforms (default: BatchNorm folded into the convolutions, which
+    keeps outputs equal to float rounding; ``amp`` is recorded in the metadata since it changes them).
+    With ``writer_threads >= 1`` files are written by background threads while the next batch is
+    computed (and `workers` processes decode the next images), so decoding, compute and writing overlap.
+    """
     pipeline.backbone.grid_size(*size)  # fail before any work if the size does not fit the patch
     out_dir = check_writable_dir(out_dir)
-    settings = pipeline_metadata(pipeline, size, dtype)
+    options = options or InferenceOptions()
+    settings = {**pipeline_metadata(pipeline, size, dtype), "amp": options.amp or "none"}
     report = ExtractionReport()
     todo = []
     for item in items:
@@ -147,7 +174,7 @@ def extract_to_folder(
         logger.info("%d of %d outputs already exist with the same settings; skipping them", len(report.skipped), len(items))
     if not todo:
         return report
-    pipeline = pipeline.to(device).eval()
+    pipeline = optimize_pipeline(pipeline.to(device).eval(), options).to(device).eval()
     loader = DataLoader(
         ImageFileDataset(todo, size),
         batch_size=batch_size,
@@ -156,19 +183,44 @@ def extract_to_folder(
         pin_memory=str(device).startswith("cuda"),
     )
     bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
+
+    def write(indices: list[int], features: torch.Tensor) -> list[Path]:
+        paths = []
+        for index, feature in zip(indices, features, strict=True):
+            item = todo[index]
+            path = output_path(out_dir, item)
+            save_safetensors_atomic({"features": feature}, path, metadata={**settings, "source": str(item.path)})
+            paths.append(path)
+        return paths
+
+    writer = ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="featlift-writer") if writer_threads > 0 else None
+    pending: deque[tuple[Future, int]] = deque()
+
+    def finish_oldest() -> None:
+        future, count = pending.popleft()
+        report.written.extend(future.result())
+        bar.update(count)
+
     try:
         for indices, images, failed in loader:
             for index, message in failed:
                 logger.warning("skipping unreadable image: %s", message)
                 report.failed.append((todo[index].path, message))
-            if images is not None:
-                features = pipeline(images.to(device, non_blocking=True)).to("cpu", dtype)
-                for index, feature in zip(indices, features, strict=True):
-                    item = todo[index]
-                    path = output_path(out_dir, item)
-                    save_safetensors_atomic({"features": feature}, path, metadata={**settings, "source": str(item.path)})
-                    report.written.append(path)
-            bar.update(len(indices) + len(failed))
+            bar.update(len(failed))
+            if images is None:
+                continue
+            features = pipeline(images.to(device, non_blocking=True)).to("cpu", dtype)
+            if writer is None:
+                report.written.extend(write(indices, features))
+                bar.update(len(indices))
+                continue
+            pending.append((writer.submit(write, indices, features), len(indices)))
+            while len(pending) > 2 * writer_threads:  # bound the features held in memory
+                finish_oldest()
+        while pending:
+            finish_oldest()
     finally:
+        if writer is not None:
+            writer.shutdown(wait=True)
         bar.close()
     return report

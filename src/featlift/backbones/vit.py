@@ -73,11 +73,13 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-def _build_timm_model(name: str, weights: str | os.PathLike | None, pretrained: bool) -> nn.Module:
+def _build_timm_model(
+    name: str, weights: str | os.PathLike | None, pretrained: bool, timm_kwargs: dict | None = None
+) -> nn.Module:
     if not timm.is_model(name.split(".")[0]):
         close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=8, cutoff=0.6)
         raise BackboneError(f"unknown timm model {name!r}; similar names: {', '.join(close) or 'none'}")
-    kwargs = dict(num_classes=0, dynamic_img_size=True)
+    kwargs = dict(num_classes=0, dynamic_img_size=True, **(timm_kwargs or {}))
     try:
         if weights is not None:
             state = load_weights_file(weights)
@@ -265,6 +267,7 @@ def create_backbone(
     layer: int | None = None,
     facet: str = "token",
     pretrained: bool = True,
+    **timm_kwargs,
 ) -> ViTBackbone:
     """Build a frozen, eval-mode `ViTBackbone` from a timm model name.
 
@@ -275,8 +278,9 @@ def create_backbone(
             the pretrained weights (needs internet) unless ``pretrained=False`` (random weights).
         layer: block index, 0-based; negative counts from the end; default the last block.
         facet: ``token``, ``query``, ``key`` or ``value``.
+        timm_kwargs: passed on to ``timm.create_model`` (e.g. ``img_size``, or ``depth`` for a shallow copy).
     """
     if facet not in FACETS:
         raise BackboneError(f"facet {facet!r}: expected one of {', '.join(FACETS)}")
-    model = _build_timm_model(name, weights, pretrained)
+    model = _build_timm_model(name, weights, pretrained, timm_kwargs)
     return ViTBackbone(model, _resolved_name(model, name), layer=layer, facet=facet)
