@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..commands.common import positive_int
 from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image
 from ..variants import FeatureVariant
@@ -349,11 +350,11 @@ def register(subparsers) -> None:
     parser.add_argument("--format", choices=FORMATS, required=True, help="dataset layout")
     parser.add_argument("--split", default="trainval", help="VOC image set in ImageSets/Main (default trainval)")
     parser.add_argument("--annotations", default=None, help="coco20k: COCO instances JSON (default under ROOT/annotations)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images")
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help=f"affinity binarisation threshold (default {DEFAULT_TAU})")
     parser.add_argument("--eps", type=float, default=DEFAULT_EPS, help=f"weight of non-edges (default {DEFAULT_EPS:g})")
     parser.add_argument(
-        "--max-nodes", type=int, default=MAX_NODES, help=f"refuse feature grids with more cells (default {MAX_NODES})"
+        "--max-nodes", type=positive_int, default=MAX_NODES, help=f"refuse feature grids with more cells (default {MAX_NODES})"
     )
     add_eval_args(parser)
     parser.set_defaults(run=run)
@@ -362,8 +363,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..commands.common import resolve_device
 
-    if args.limit is not None and args.limit < 1:
-        raise FeatliftError(f"--limit {args.limit}: must be >= 1")
     items = load_discovery_dataset(args.data, args.format, args.split, args.annotations, args.limit)
     if not items:
         raise FeatliftError(f"{args.data}: no images to evaluate")

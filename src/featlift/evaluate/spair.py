@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..commands.common import positive_int
 from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image
 from ..variants import FeatureVariant
@@ -268,7 +269,7 @@ def register(subparsers) -> None:
     parser.add_argument("--data", required=True, metavar="ROOT", help="SPair-71k root (JPEGImages/, PairAnnotation/)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="pair split (default test)")
     parser.add_argument(
-        "--pairs-per-category", type=int, default=None, metavar="N", help="a seeded sample of N pairs per category (default all)"
+        "--pairs-per-category", type=positive_int, default=None, metavar="N", help="a seeded sample of N pairs per category (default all)"
     )
     parser.add_argument("--categories", default=None, help="comma-separated categories (default all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair sample (default 0)")
@@ -279,8 +280,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..commands.common import resolve_device
 
-    if args.pairs_per_category is not None and args.pairs_per_category < 1:
-        raise FeatliftError(f"--pairs-per-category {args.pairs_per_category}: must be >= 1")
     categories = [c for c in args.categories.split(",") if c] if args.categories else None
     pairs = load_spair_pairs(args.data, args.split, args.pairs_per_category, categories, args.seed)
     device = resolve_device(args.device)
