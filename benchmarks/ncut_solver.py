@@ -28,7 +28,9 @@ def main() -> None:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--variants", default="none,bilinear,bilinear:iters=2")
-    parser.add_argument("--dense-max", type=int, default=4096, help="skip the dense solver above this many nodes")
+    parser.add_argument(
+        "--dense-max", type=int, default=4096, help="skip the dense solver above this many nodes"
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     backbone = create_backbone(args.backbone, weights=args.weights)

@@ -35,7 +35,9 @@ def two_blob_features(height=16, width=16, blob=(4, 5, 10, 12), channels=16, see
     background, foreground = torch.eye(channels)[:2, :, None, None]
     features = background + 0.1 * torch.randn(channels, height, width, generator=generator)
     r0, c0, r1, c1 = blob
-    features[:, r0:r1, c0:c1] = foreground + 0.1 * torch.randn(channels, r1 - r0, c1 - c0, generator=generator)
+    features[:, r0:r1, c0:c1] = foreground + 0.1 * torch.randn(
+        channels, r1 - r0, c1 - c0, generator=generator
+    )
     return features
 
 
@@ -60,7 +62,9 @@ def test_second_eigenvector_solves_the_generalised_problem():
     laplacian = degree - weights
     lam = (x @ laplacian @ x) / (x @ degree @ x)
     assert np.allclose(laplacian @ x, lam * degree @ x, atol=1e-6 * np.abs(degree @ x).max())
-    assert abs(x @ degree @ np.ones(60)) < 1e-6 * np.linalg.norm(x) * degree.sum()  # D-orthogonal to the trivial one
+    assert (
+        abs(x @ degree @ np.ones(60)) < 1e-6 * np.linalg.norm(x) * degree.sum()
+    )  # D-orthogonal to the trivial one
 
 
 def test_iou_corloc_and_box_scaling():
@@ -94,7 +98,10 @@ def write_voc(root: Path, extra: dict[str, tuple[Image.Image, list]] | None = No
     """VOCdevkit/VOC2007 with real photos and hand-drawn 1-based inclusive boxes, as in the VOC release."""
     images = {
         "000005": (Image.fromarray(skdata.coffee()), [("cup", 76, 16, 480, 390, 0)]),
-        "000007": (Image.fromarray(skdata.chelsea()), [("cat", 100, 20, 420, 300, 0), ("cat", 1, 1, 40, 40, 1)]),
+        "000007": (
+            Image.fromarray(skdata.chelsea()),
+            [("cat", 100, 20, 420, 300, 0), ("cat", 1, 1, 40, 40, 1)],
+        ),
         "000009": (Image.fromarray(skdata.astronaut()), [("person", 30, 1, 450, 512, 0)]),
         **(extra or {}),
     }
@@ -124,12 +131,20 @@ def write_coco(root: Path) -> Path:
         name = f"COCO_train2014_{image_id:012d}.jpg"
         Image.fromarray(array).save(root / "images" / "train2014" / name)
         images.append({"id": image_id, "file_name": name, "width": array.shape[1], "height": array.shape[0]})
-    annotations.append({"id": 10, "image_id": 1, "category_id": 47, "bbox": [75, 15, 405, 375], "iscrowd": 0, "area": 1.0})
-    annotations.append({"id": 11, "image_id": 2, "category_id": 17, "bbox": [0, 0, 451, 300], "iscrowd": 1, "area": 1.0})
-    annotations.append({"id": 12, "image_id": 3, "category_id": 1, "bbox": [29, 0, 421, 512], "iscrowd": 0, "area": 1.0})
+    annotations.append(
+        {"id": 10, "image_id": 1, "category_id": 47, "bbox": [75, 15, 405, 375], "iscrowd": 0, "area": 1.0}
+    )
+    annotations.append(
+        {"id": 11, "image_id": 2, "category_id": 17, "bbox": [0, 0, 451, 300], "iscrowd": 1, "area": 1.0}
+    )
+    annotations.append(
+        {"id": 12, "image_id": 3, "category_id": 1, "bbox": [29, 0, 421, 512], "iscrowd": 0, "area": 1.0}
+    )
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "person"}]}
     (root / "annotations" / "instances_train2014_sel20k.json").write_text(json.dumps(coco))
-    (root / "coco_20k_filenames.txt").write_text("train2014/COCO_train2014_000000000001.jpg\ntrain2014/COCO_train2014_000000000002.jpg\n")
+    (root / "coco_20k_filenames.txt").write_text(
+        "train2014/COCO_train2014_000000000001.jpg\ntrain2014/COCO_train2014_000000000002.jpg\n"
+    )
     return root
 
 
@@ -163,34 +178,50 @@ def discovery_cli(root, weights, out, *extra, backbone=TINY_TIMM_NAME):
 def test_cli_voc_and_coco_tiny_vit(tmp_path, tiny_timm_weights, capsys):
     voc = write_voc(tmp_path / "VOC2007")
     out = tmp_path / "voc"
-    code = discovery_cli(voc, tiny_timm_weights, out, "--format", "voc07", "--size", "64", "--variant", "none,bilinear:iters=2")
+    code = discovery_cli(
+        voc, tiny_timm_weights, out, "--format", "voc07", "--size", "64", "--variant", "none,bilinear:iters=2"
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "results.json").read_text())
     rows = {row["variant"]: row for row in result["results"]}
     assert list(rows) == ["none", "bilinear:iters=2"]
-    assert rows["none"]["details"]["graph_nodes"] == 16 and rows["bilinear:iters=2"]["details"]["graph_nodes"] == 256
+    assert (
+        rows["none"]["details"]["graph_nodes"] == 16
+        and rows["bilinear:iters=2"]["details"]["graph_nodes"] == 256
+    )
     for row in rows.values():
         assert row["details"]["images"] == 3 and len(row["details"]["boxes"]) == 3
         assert row["metrics"]["CorLoc"] == pytest.approx(100 * row["details"]["hits"] / 3)
     assert result["settings"]["tau"] == 0.2 and result["task"] == "discovery (voc07)"
 
     coco = write_coco(tmp_path / "COCO")
-    code = discovery_cli(coco, tiny_timm_weights, tmp_path / "coco", "--format", "coco20k", "--size", "64", "--variant", "none")
+    code = discovery_cli(
+        coco, tiny_timm_weights, tmp_path / "coco", "--format", "coco20k", "--size", "64", "--variant", "none"
+    )
     assert code == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "coco" / "results.json").read_text())["results"][0]["details"]["images"] == 1
+    assert (
+        json.loads((tmp_path / "coco" / "results.json").read_text())["results"][0]["details"]["images"] == 1
+    )
 
 
 def test_cli_refuses_huge_graphs_and_bad_layouts(tmp_path, tiny_timm_weights, capsys):
     voc = write_voc(tmp_path / "VOC2007")
     code = discovery_cli(voc, tiny_timm_weights, tmp_path / "o", "--format", "voc12", "--size", "64",
                          "--variant", "bilinear:iters=2", "--max-nodes", "100")  # fmt: skip
-    assert code == 2 and "bilinear:iters=2: a 16x16 feature map gives a 256-node graph" in capsys.readouterr().err
+    assert (
+        code == 2
+        and "bilinear:iters=2: a 16x16 feature map gives a 256-node graph" in capsys.readouterr().err
+    )
     (voc / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000009.jpg").unlink()
-    assert discovery_cli(voc, tiny_timm_weights, tmp_path / "o", "--format", "voc07", "--variant", "none") == 2
+    assert (
+        discovery_cli(voc, tiny_timm_weights, tmp_path / "o", "--format", "voc07", "--variant", "none") == 2
+    )
     assert "JPEGImages/000009.jpg: no such file" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (DINOV2_WEIGHTS.is_file() and SPORTS_CAR.is_file()), reason="real weights or imagenet-sample absent")
+@pytest.mark.skipif(
+    not (DINOV2_WEIGHTS.is_file() and SPORTS_CAR.is_file()), reason="real weights or imagenet-sample absent"
+)
 def test_real_dinov2_discovers_the_car(tmp_path, capsys):
     """Real DINOv2 + TokenCut on a real photo with one obvious object: the box overlaps the car (IoU >= 0.5)."""
     car = Image.open(SPORTS_CAR).convert("RGB")
@@ -199,7 +230,9 @@ def test_real_dinov2_discovers_the_car(tmp_path, capsys):
     write_voc(voc, {"000011": (car, [("car", x1 + 1, y1 + 1, x2, y2, 0)])})
     (voc / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").write_text("000011\n")
     out = tmp_path / "out"
-    code = discovery_cli(voc, DINOV2_WEIGHTS, out, "--format", "voc07", "--variant", "none,bilinear", backbone=DINOV2_NAME)
+    code = discovery_cli(
+        voc, DINOV2_WEIGHTS, out, "--format", "voc07", "--variant", "none,bilinear", backbone=DINOV2_NAME
+    )
     assert code == 0, capsys.readouterr().err
     for row in json.loads((out / "results.json").read_text())["results"]:
         box = row["details"]["boxes"]["000011.jpg"]

@@ -19,7 +19,18 @@ from featlift.evaluate.spair import load_spair_pairs, match_keypoints, pck_corre
 CROP = (60, 30, 411, 280)  # (x1, y1, x2, y2) of the target crop in chelsea (451x300)
 
 
-def _write_pair(root: Path, split: str, pair_id: int, category: str, src: str, trg: str, src_kps, trg_kps, src_box, trg_box):
+def _write_pair(
+    root: Path,
+    split: str,
+    pair_id: int,
+    category: str,
+    src: str,
+    trg: str,
+    src_kps,
+    trg_kps,
+    src_box,
+    trg_box,
+):
     """One pair JSON exactly as the SPair-71k release writes it (file name and keys)."""
     sizes = {name: Image.open(root / "JPEGImages" / category / f"{name}.jpg").size for name in (src, trg)}
     record = {
@@ -77,9 +88,24 @@ def write_spair(root: Path) -> Path:
     person_src = np.array([[x, y] for x in (90, 128, 160) for y in (40, 90, 150)])
     person_trg = np.stack([255 - person_src[:, 0], person_src[:, 1]], 1)
     for split in ("test", "trn"):
-        _write_pair(root, split, 1, "cat", "2009_000001", "2009_000002", cat_src, cat_trg, cat_box_src, cat_box_trg)
-        _write_pair(root, split, 2, "cat", "2009_000002", "2009_000001", cat_trg, cat_src, cat_box_trg, cat_box_src)
-        _write_pair(root, split, 3, "person", "2009_000003", "2009_000004", person_src, person_trg, (0, 0, 256, 256), (0, 0, 256, 256))
+        _write_pair(
+            root, split, 1, "cat", "2009_000001", "2009_000002", cat_src, cat_trg, cat_box_src, cat_box_trg
+        )
+        _write_pair(
+            root, split, 2, "cat", "2009_000002", "2009_000001", cat_trg, cat_src, cat_box_trg, cat_box_src
+        )
+        _write_pair(
+            root,
+            split,
+            3,
+            "person",
+            "2009_000003",
+            "2009_000004",
+            person_src,
+            person_trg,
+            (0, 0, 256, 256),
+            (0, 0, 256, 256),
+        )
     return root
 
 
@@ -111,7 +137,9 @@ def test_loader_samples_deterministically_and_checks_layout(tmp_path):
     assert [p.category for p in pairs] == ["cat", "cat", "person"]
     assert pairs[0].source_keypoints.shape == (25, 2) and pairs[0].target_box == (40.0, 0.0, 351.0, 250.0)
     one = load_spair_pairs(root, "test", pairs_per_category=1, seed=3)
-    assert [p.name for p in one] == [p.name for p in load_spair_pairs(root, "test", pairs_per_category=1, seed=3)]
+    assert [p.name for p in one] == [
+        p.name for p in load_spair_pairs(root, "test", pairs_per_category=1, seed=3)
+    ]
     assert len(one) == 2 and {p.category for p in one} == {"cat", "person"}
     assert len(load_spair_pairs(root, "test", categories=["person"])) == 1
 
@@ -134,7 +162,9 @@ def spair_cli(root, weights, out, *extra, backbone=TINY_TIMM_NAME):
 def test_cli_end_to_end_tiny_vit(tmp_path, tiny_timm_weights, capsys):
     root = write_spair(tmp_path / "SPair-71k")
     out = tmp_path / "out"
-    code = spair_cli(root, tiny_timm_weights, out, "--size", "64", "--variant", "none,bilinear", "--variant", "input-2x")
+    code = spair_cli(
+        root, tiny_timm_weights, out, "--size", "64", "--variant", "none,bilinear", "--variant", "input-2x"
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "results.json").read_text())
     rows = {row["variant"]: row for row in result["results"]}

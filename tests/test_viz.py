@@ -60,7 +60,9 @@ def test_cli_similarity_and_pca_png_sizes(tmp_path, tiny_timm_weights, chelsea_p
     assert list((tmp_path / "figs").iterdir()) == [out]  # atomic write leaves no temporary file
 
     out = tmp_path / "pca.png"
-    code = viz("pca", chelsea_path, tiny_timm_weights, out, "--variant", "none,bilinear:iters=2", "--per-variant")
+    code = viz(
+        "pca", chelsea_path, tiny_timm_weights, out, "--variant", "none,bilinear:iters=2", "--per-variant"
+    )
     assert code == 0, capsys.readouterr().err
     image = np.asarray(Image.open(out).convert("RGB"))
     assert image.shape == (panel_h + TITLE_PX, 3 * 120, 3)
@@ -71,7 +73,19 @@ def test_cli_similarity_and_pca_png_sizes(tmp_path, tiny_timm_weights, chelsea_p
 def test_cli_errors(tmp_path, tiny_timm_weights, chelsea_path, capsys):
     assert viz("similarity", chelsea_path, tiny_timm_weights, tmp_path / "a.png", "--point", "451,10") == 2
     assert "point 451,10 lies outside the 451x300" in capsys.readouterr().err
-    assert viz("similarity", chelsea_path, tiny_timm_weights, tmp_path / "a.png", "--point", "1,1", "--variant", "lift") == 2
+    assert (
+        viz(
+            "similarity",
+            chelsea_path,
+            tiny_timm_weights,
+            tmp_path / "a.png",
+            "--point",
+            "1,1",
+            "--variant",
+            "lift",
+        )
+        == 2
+    )
     assert "needs --checkpoint" in capsys.readouterr().err
     assert viz("pca", chelsea_path, tiny_timm_weights, tmp_path / "a.jpg", "--variant", "none") == 2
     assert "must be a .png" in capsys.readouterr().err

@@ -39,7 +39,10 @@ _QUANTILES = torch.tensor([0.01, 0.99], dtype=torch.float64)
 
 
 def variant_features(
-    variants: Sequence[FeatureVariant], image: Image.Image, base: tuple[int, int], device: str | torch.device = "cpu"
+    variants: Sequence[FeatureVariant],
+    image: Image.Image,
+    base: tuple[int, int],
+    device: str | torch.device = "cpu",
 ) -> list[torch.Tensor]:
     """Features ``[C, h, w]`` (float32, CPU) of `image` for each variant, each fed at ``variant.input_size(base)``."""
     out = []
@@ -49,7 +52,9 @@ def variant_features(
     return out
 
 
-def similarity_map(features: torch.Tensor, point: tuple[float, float], image_size: tuple[int, int]) -> torch.Tensor:
+def similarity_map(
+    features: torch.Tensor, point: tuple[float, float], image_size: tuple[int, int]
+) -> torch.Tensor:
     """Cosine similarity ``[h, w]`` of the feature at `point` with every cell of `features`.
 
     Args:
@@ -63,7 +68,9 @@ def similarity_map(features: torch.Tensor, point: tuple[float, float], image_siz
     width, height = image_size
     grid = torch.tensor([[[[(x + 0.5) / width * 2 - 1, (y + 0.5) / height * 2 - 1]]]], dtype=torch.float32)
     feats = features.float()
-    query = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0, 0]
+    query = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[
+        0, :, 0, 0
+    ]
     return torch.einsum("c,chw->hw", F.normalize(query, dim=0), F.normalize(feats, dim=0))
 
 
@@ -125,13 +132,25 @@ def _figure(columns: int, rows: int, panel: int, panel_h: int):
 
     def axes(row: int, col: int):
         ax = figure.add_axes(
-            [col * panel / width, 1 - (_TITLE_PX + (row + 1) * panel_h) / height, panel / width, panel_h / height]
+            [
+                col * panel / width,
+                1 - (_TITLE_PX + (row + 1) * panel_h) / height,
+                panel / width,
+                panel_h / height,
+            ]
         )
         ax.set_axis_off()
         return ax
 
     def title(col: int, text: str) -> None:
-        figure.text((col + 0.5) * panel / width, 1 - 0.5 * _TITLE_PX / height, text, ha="center", va="center", fontsize=9)
+        figure.text(
+            (col + 0.5) * panel / width,
+            1 - 0.5 * _TITLE_PX / height,
+            text,
+            ha="center",
+            va="center",
+            fontsize=9,
+        )
 
     return figure, axes, title
 
@@ -175,7 +194,15 @@ def render_similarity_figure(
     for row, (x, y) in enumerate(points):
         ax = axes(row, 0)
         ax.imshow(np.asarray(image), extent=extent)
-        ax.plot([x], [y], marker="o", markersize=7, markerfacecolor="red", markeredgecolor="white", markeredgewidth=1.5)
+        ax.plot(
+            [x],
+            [y],
+            marker="o",
+            markersize=7,
+            markerfacecolor="red",
+            markeredgecolor="white",
+            markeredgewidth=1.5,
+        )
         ax.set_xlim(0, image.width)
         ax.set_ylim(image.height, 0)
         row_maps = [np.asarray(m, dtype=np.float32) for m in maps[row]]
@@ -183,7 +210,15 @@ def render_similarity_figure(
         high = max(float(m.max()) for m in row_maps)
         for col, similarity in enumerate(row_maps, start=1):
             ax = axes(row, col)
-            ax.imshow(similarity, cmap=cmap, vmin=low, vmax=high, extent=extent, interpolation="nearest", aspect="auto")
+            ax.imshow(
+                similarity,
+                cmap=cmap,
+                vmin=low,
+                vmax=high,
+                extent=extent,
+                interpolation="nearest",
+                aspect="auto",
+            )
             ax.plot([x], [y], marker="+", markersize=8, color="white", markeredgewidth=1.5)
             ax.set_xlim(0, image.width)
             ax.set_ylim(image.height, 0)
@@ -214,7 +249,9 @@ def check_points(points: Sequence[tuple[float, float]], image_size: tuple[int, i
     width, height = image_size
     for x, y in points:
         if not (0 <= x < width and 0 <= y < height):
-            raise FeatliftError(f"point {x:g},{y:g} lies outside the {width}x{height} (WxH) image; expected 0 <= x < W, 0 <= y < H")
+            raise FeatliftError(
+                f"point {x:g},{y:g} lies outside the {width}x{height} (WxH) image; expected 0 <= x < W, 0 <= y < H"
+            )
 
 
 def similarity_figure(

@@ -29,7 +29,9 @@ def point_arg(text: str) -> tuple[float, float]:
     try:
         x, y = (float(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"point {text!r}: expected x,y in image pixels, e.g. 120,80") from None
+        raise argparse.ArgumentTypeError(
+            f"point {text!r}: expected x,y in image pixels, e.g. 120,80"
+        ) from None
     return x, y
 
 
@@ -45,8 +47,12 @@ def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
         "lift[:CKPT][:iters=K] (default: none, bilinear, input-2x, and lift, lift:iters=2 when featlift "
         "ships a checkpoint for the backbone)",
     )
-    parser.add_argument("--size", type=size_arg, default=(224, 224), help="base input size S or HxW (default 224)")
-    parser.add_argument("--panel", type=positive_int, default=256, help="width of each panel in pixels (default 256)")
+    parser.add_argument(
+        "--size", type=size_arg, default=(224, 224), help="base input size S or HxW (default 224)"
+    )
+    parser.add_argument(
+        "--panel", type=positive_int, default=256, help="width of each panel in pixels (default 256)"
+    )
     parser.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
     add_device_arg(parser)
 
@@ -62,7 +68,12 @@ def register(subparsers) -> None:
     )
     _add_common(similarity, "similarity.png")
     similarity.add_argument(
-        "--point", type=point_arg, action="append", required=True, metavar="X,Y", help="a query point in pixels (repeatable)"
+        "--point",
+        type=point_arg,
+        action="append",
+        required=True,
+        metavar="X,Y",
+        help="a query point in pixels (repeatable)",
     )
     similarity.set_defaults(run=run_similarity)
     pca = kinds.add_parser(
@@ -86,7 +97,10 @@ def _variants(args: argparse.Namespace):
         else:
             logger.warning(
                 "no shipped LiFT checkpoint for %s layer %d facet %s: showing %s only (add --variant lift:CKPT)",
-                backbone.name, backbone.layer, backbone.facet, ", ".join(specs),
+                backbone.name,
+                backbone.layer,
+                backbone.facet,
+                ", ".join(specs),
             )
     variants = parse_variants(specs, backbone)
     device = resolve_device(args.device)
@@ -115,5 +129,7 @@ def run_pca(args: argparse.Namespace) -> int:
     if not variants:
         raise FeatliftError("no variants to show")
     path = pca_figure(variants, image, args.out, args.size, device, args.panel, joint=not args.per_variant)
-    print(f"featlift viz pca: {len(variants)} variant(s), {'per-variant' if args.per_variant else 'joint'} PCA -> {path}")
+    print(
+        f"featlift viz pca: {len(variants)} variant(s), {'per-variant' if args.per_variant else 'joint'} PCA -> {path}"
+    )
     return 0

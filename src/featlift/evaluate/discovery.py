@@ -55,7 +55,9 @@ DEFAULT_TAU = 0.2
 DEFAULT_EPS = 1e-5
 DENSE_LIMIT = 512
 MAX_NODES = 8192
-VOC_LAYOUT = "ROOT/JPEGImages/<id>.jpg, ROOT/Annotations/<id>.xml, ROOT/ImageSets/Main/<split>.txt (VOCdevkit/VOC20xx)"
+VOC_LAYOUT = (
+    "ROOT/JPEGImages/<id>.jpg, ROOT/Annotations/<id>.xml, ROOT/ImageSets/Main/<split>.txt (VOCdevkit/VOC20xx)"
+)
 COCO_LAYOUT = (
     "ROOT/images/<file_name> (or ROOT/images/train2014/), ROOT/annotations/instances_train2014_sel20k.json "
     "(or instances_train2014.json, or --annotations FILE; COCO instances format), optional ROOT/coco_20k_filenames.txt"
@@ -94,7 +96,9 @@ def read_voc_boxes(path: Path) -> np.ndarray:
         try:
             x1, y1, x2, y2 = (float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr]
         except (AttributeError, TypeError, ValueError):
-            raise FeatliftError(f"{path}: an <object> lacks <bndbox> with numeric xmin/ymin/xmax/ymax") from None
+            raise FeatliftError(
+                f"{path}: an <object> lacks <bndbox> with numeric xmin/ymin/xmax/ymax"
+            ) from None
         # VOC boxes are 1-based inclusive pixel indices: (1, W) covers the image, i.e. (0, W) continuous
         boxes.append([x1 - 1, y1 - 1, x2, y2])
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -116,12 +120,17 @@ def load_voc(root: str | Path, split: str = "trainval", limit: int | None = None
     return items
 
 
-def load_coco(root: str | Path, annotations: str | Path | None = None, limit: int | None = None) -> list[DiscoveryItem]:
+def load_coco(
+    root: str | Path, annotations: str | Path | None = None, limit: int | None = None
+) -> list[DiscoveryItem]:
     """COCO instances JSON -> items with non-crowd boxes (xywh -> x1y1x2y2); images without one are skipped."""
     root = Path(root)
     require_path(root, COCO_LAYOUT, kind="folder")
     if annotations is None:
-        candidates = [root / "annotations" / "instances_train2014_sel20k.json", root / "annotations" / "instances_train2014.json"]
+        candidates = [
+            root / "annotations" / "instances_train2014_sel20k.json",
+            root / "annotations" / "instances_train2014.json",
+        ]
         annotations = next((c for c in candidates if c.is_file()), candidates[0])
     annotations = Path(annotations)
     require_path(annotations, COCO_LAYOUT)
@@ -162,7 +171,11 @@ def load_coco(root: str | Path, annotations: str | Path | None = None, limit: in
 
 
 def load_discovery_dataset(
-    root: str | Path, fmt: str, split: str | None = None, annotations: str | Path | None = None, limit: int | None = None
+    root: str | Path,
+    fmt: str,
+    split: str | None = None,
+    annotations: str | Path | None = None,
+    limit: int | None = None,
 ) -> list[DiscoveryItem]:
     if fmt in ("voc07", "voc12"):
         return load_voc(root, split or "trainval", limit)
@@ -260,7 +273,9 @@ def grid_box_to_pixels(box: Sequence[int], grid: tuple[int, int], image_size: tu
     """(x1, y1, x2, y2) in cells of a ``grid`` = (h, w) covering an image of `image_size` = (W, H) -> pixels."""
     sx, sy = image_size[0] / grid[1], image_size[1] / grid[0]
     x1, y1, x2, y2 = box
-    return np.array([x1 * sx, y1 * sy, min(x2 * sx, image_size[0]), min(y2 * sy, image_size[1])], dtype=np.float64)
+    return np.array(
+        [x1 * sx, y1 * sy, min(x2 * sx, image_size[0]), min(y2 * sy, image_size[1])], dtype=np.float64
+    )
 
 
 def box_iou(box: Sequence[float], boxes: np.ndarray) -> np.ndarray:
@@ -332,8 +347,13 @@ def evaluate_variant(
     logger.info("%s: CorLoc %.1f over %d images", variant.label, 100.0 * hits / count, len(items))
     return timer.result(
         {"CorLoc": 100.0 * hits / count},
-        {"images": len(items), "hits": hits, "graph_nodes": grid[0] * grid[1],
-         "ncut_ms_per_image": 1000.0 * ncut_seconds / count, "boxes": boxes},
+        {
+            "images": len(items),
+            "hits": hits,
+            "graph_nodes": grid[0] * grid[1],
+            "ncut_ms_per_image": 1000.0 * ncut_seconds / count,
+            "boxes": boxes,
+        },
     )
 
 
@@ -348,13 +368,29 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--data", required=True, metavar="ROOT", help="dataset root (see --format)")
     parser.add_argument("--format", choices=FORMATS, required=True, help="dataset layout")
-    parser.add_argument("--split", default="trainval", help="VOC image set in ImageSets/Main (default trainval)")
-    parser.add_argument("--annotations", default=None, help="coco20k: COCO instances JSON (default under ROOT/annotations)")
-    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images")
-    parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help=f"affinity binarisation threshold (default {DEFAULT_TAU})")
-    parser.add_argument("--eps", type=float, default=DEFAULT_EPS, help=f"weight of non-edges (default {DEFAULT_EPS:g})")
     parser.add_argument(
-        "--max-nodes", type=positive_int, default=MAX_NODES, help=f"refuse feature grids with more cells (default {MAX_NODES})"
+        "--split", default="trainval", help="VOC image set in ImageSets/Main (default trainval)"
+    )
+    parser.add_argument(
+        "--annotations", default=None, help="coco20k: COCO instances JSON (default under ROOT/annotations)"
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, metavar="N", help="only the first N images"
+    )
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=DEFAULT_TAU,
+        help=f"affinity binarisation threshold (default {DEFAULT_TAU})",
+    )
+    parser.add_argument(
+        "--eps", type=float, default=DEFAULT_EPS, help=f"weight of non-edges (default {DEFAULT_EPS:g})"
+    )
+    parser.add_argument(
+        "--max-nodes",
+        type=positive_int,
+        default=MAX_NODES,
+        help=f"refuse feature grids with more cells (default {MAX_NODES})",
     )
     add_eval_args(parser)
     parser.set_defaults(run=run)
@@ -372,7 +408,9 @@ def run(args: argparse.Namespace) -> int:
     for variant in variants:
         check_graph_size(variant.output_grid(args.size), args.max_nodes, variant.label)
     logger.info("%s: %d images", args.format, len(items))
-    rows = [evaluate_variant(v, items, args.size, device, args.tau, args.eps, args.max_nodes) for v in variants]
+    rows = [
+        evaluate_variant(v, items, args.size, device, args.tau, args.eps, args.max_nodes) for v in variants
+    ]
     if args.out:
         settings = eval_settings(
             args,

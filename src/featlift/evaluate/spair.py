@@ -77,13 +77,17 @@ def _read_pair(path: Path, root: Path) -> SPairPair:
         raise FeatliftError(f"{path}: not a readable SPair pair JSON ({exc})") from exc
     missing = [key for key in PAIR_KEYS if not isinstance(data, dict) or key not in data]
     if missing:
-        raise FeatliftError(f"{path}: missing key(s) {', '.join(missing)}; an SPair pair JSON has {', '.join(PAIR_KEYS)}")
+        raise FeatliftError(
+            f"{path}: missing key(s) {', '.join(missing)}; an SPair pair JSON has {', '.join(PAIR_KEYS)}"
+        )
     try:
         src = np.asarray(data["src_kps"], dtype=np.float64).reshape(-1, 2)
         trg = np.asarray(data["trg_kps"], dtype=np.float64).reshape(-1, 2)
         box = tuple(float(v) for v in data["trg_bndbox"])
     except (TypeError, ValueError) as exc:
-        raise FeatliftError(f"{path}: src_kps/trg_kps must be lists of [x, y] and trg_bndbox [x1, y1, x2, y2] ({exc})") from exc
+        raise FeatliftError(
+            f"{path}: src_kps/trg_kps must be lists of [x, y] and trg_bndbox [x1, y1, x2, y2] ({exc})"
+        ) from exc
     if len(src) != len(trg) or len(box) != 4:
         raise FeatliftError(
             f"{path}: {len(src)} source vs {len(trg)} target keypoints, trg_bndbox of {len(box)} values; "
@@ -120,7 +124,9 @@ def load_spair_pairs(
     require_path(root / "PairAnnotation" / split, LAYOUT, kind="folder")
     files = sorted((root / "PairAnnotation" / split).glob("*.json"))
     if not files:
-        raise FeatliftError(f"{root / 'PairAnnotation' / split}: no pair .json files; expected layout: {LAYOUT}")
+        raise FeatliftError(
+            f"{root / 'PairAnnotation' / split}: no pair .json files; expected layout: {LAYOUT}"
+        )
     by_category: dict[str, list[Path]] = defaultdict(list)
     for path in files:
         # the category is the part after ':' in the official names; fall back to reading the file
@@ -129,7 +135,9 @@ def load_spair_pairs(
     if categories:
         unknown = sorted(set(categories) - set(by_category))
         if unknown:
-            raise FeatliftError(f"categories {', '.join(unknown)} have no pairs in {split}; known: {', '.join(sorted(by_category))}")
+            raise FeatliftError(
+                f"categories {', '.join(unknown)} have no pairs in {split}; known: {', '.join(sorted(by_category))}"
+            )
     rng = random.Random(seed)
     pairs: list[SPairPair] = []
     for category in sorted(by_category):
@@ -187,7 +195,9 @@ def pck_correct(
     """Per keypoint, whether ``|pred - truth| <= alpha * max(box h, box w)``, for each alpha."""
     x1, y1, x2, y2 = box
     scale = max(x2 - x1, y2 - y1)
-    distance = np.linalg.norm(np.asarray(predicted, dtype=np.float64) - np.asarray(truth, dtype=np.float64), axis=1)
+    distance = np.linalg.norm(
+        np.asarray(predicted, dtype=np.float64) - np.asarray(truth, dtype=np.float64), axis=1
+    )
     return {alpha: distance <= alpha * scale for alpha in alphas}
 
 
@@ -239,8 +249,14 @@ def evaluate_variant(
             "pairs": len(group),
             "keypoints": points,
         }
-        logger.info("%s %s: PCK@%g %.1f over %d pairs", variant.label, category, alphas[0],
-                    per_category[category][_metric(alphas[0])], len(group))
+        logger.info(
+            "%s %s: PCK@%g %.1f over %d pairs",
+            variant.label,
+            category,
+            alphas[0],
+            per_category[category][_metric(alphas[0])],
+            len(group),
+        )
     metrics = {_metric(a): float(np.mean([c[_metric(a)] for c in per_category.values()])) for a in alphas}
     return timer.result(metrics, {"per_category": per_category})
 
@@ -249,7 +265,11 @@ def category_table(rows: Sequence[VariantResult], alpha: float = ALPHAS[0]) -> s
     """Markdown: one row per category, one column per variant, PCK at `alpha`."""
     metric = _metric(alpha)
     categories = sorted({c for row in rows for c in row.details.get("per_category", {})})
-    lines = [f"{metric} per category:", "", "| category | " + " | ".join(f"`{r.variant}`" for r in rows) + " |"]
+    lines = [
+        f"{metric} per category:",
+        "",
+        "| category | " + " | ".join(f"`{r.variant}`" for r in rows) + " |",
+    ]
     lines.append("|" + "---|" * (len(rows) + 1))
     for category in categories:
         cells = [f"{row.details['per_category'][category][metric]:.1f}" for row in rows]
@@ -266,10 +286,16 @@ def register(subparsers) -> None:
         "per category and averaged over categories, for every --variant. Images are resized to the "
         "variant's input size, ignoring aspect ratio.",
     )
-    parser.add_argument("--data", required=True, metavar="ROOT", help="SPair-71k root (JPEGImages/, PairAnnotation/)")
+    parser.add_argument(
+        "--data", required=True, metavar="ROOT", help="SPair-71k root (JPEGImages/, PairAnnotation/)"
+    )
     parser.add_argument("--split", choices=SPLITS, default="test", help="pair split (default test)")
     parser.add_argument(
-        "--pairs-per-category", type=positive_int, default=None, metavar="N", help="a seeded sample of N pairs per category (default all)"
+        "--pairs-per-category",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="a seeded sample of N pairs per category (default all)",
     )
     parser.add_argument("--categories", default=None, help="comma-separated categories (default all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair sample (default 0)")
@@ -285,7 +311,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     backbone, variants = variants_from_args(args, device)
     check_sizes(variants, args.size)
-    logger.info("SPair %s: %d pairs in %d categories", args.split, len(pairs), len({p.category for p in pairs}))
+    logger.info(
+        "SPair %s: %d pairs in %d categories", args.split, len(pairs), len({p.category for p in pairs})
+    )
     rows = [evaluate_variant(variant, pairs, args.size, device) for variant in variants]
     metric_names = [_metric(a) for a in ALPHAS]
     per_category = category_table(rows)
