@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +68,44 @@ def barrier(info: DistInfo) -> None:
 def teardown(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of all DDP ranks, on any device.
+
+    `nn.SyncBatchNorm` only runs on accelerators; this one all-reduces per-channel sums and sums of
+    squares with the autograd-aware ``torch.distributed.nn.functional.all_reduce`` (gloo works), so
+    DDP over N CPU processes trains like one process with the same global batch. Same parameters and
+    buffers as BatchNorm2d, so state dicts are interchangeable.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = x.shape[1]
+        dims = (0, 2, 3)
+        count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
+        packed = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        total = packed[-1]
+        mean = packed[:channels] / total
+        var = (packed[channels : 2 * channels] / total - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * total / (total - 1).clamp_min(1), momentum)
+        out = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return out
+
+
+def use_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm2d in `module` a `GlobalBatchNorm2d`, in place (parameters and buffers kept)."""
+    for child in module.modules():
+        if type(child) is nn.BatchNorm2d:
+            child.__class__ = GlobalBatchNorm2d
+    return module

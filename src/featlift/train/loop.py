@@ -37,7 +37,15 @@ from ..upsamplers import Upsampler, get_upsampler_class
 from .augment import color_jitter, jitter_seed
 from .cache import DTYPES, FeatureCache, cache_key
 from .data import TrainImage, check_image_size, epoch_order, load_pyramid, scan_images, split_images
-from .distributed import DistInfo, all_reduce_sum, barrier, rank_device, setup_distributed, teardown
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    rank_device,
+    setup_distributed,
+    teardown,
+    use_global_batchnorm,
+)
 from .objectives import LOSSES, lift_objective, validation_sums
 from .state import check_resumable, load_state, save_state
 
@@ -338,6 +346,8 @@ def _train(config: TrainConfig, device: torch.device, info: DistInfo, backbone: 
     if info.enabled:
         if device.type == "cuda":
             objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        else:  # SyncBatchNorm needs an accelerator; this one all-reduces over gloo
+            use_global_batchnorm(objective)
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None
         )
