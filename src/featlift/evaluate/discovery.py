@@ -75,9 +75,12 @@ class DiscoveryItem:
 # ---------------------------------------------------------------------------------------------- datasets
 
 
-def _voc_root(root: Path) -> Path:
+def _voc_root(root: Path, year: str | None = None) -> Path:
+    """`root` itself, or ROOT/VOCdevkit/VOC<year> (or the only VOCdevkit/VOC20xx) when ROOT is one level up."""
     if (root / "JPEGImages").is_dir() or not (root / "VOCdevkit").is_dir():
         return root
+    if year and (root / "VOCdevkit" / f"VOC{year}").is_dir():
+        return root / "VOCdevkit" / f"VOC{year}"
     found = sorted(p for p in (root / "VOCdevkit").glob("VOC20*") if p.is_dir())
     return found[0] if len(found) == 1 else root
 
@@ -104,8 +107,11 @@ def read_voc_boxes(path: Path) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
-def load_voc(root: str | Path, split: str = "trainval", limit: int | None = None) -> list[DiscoveryItem]:
-    root = _voc_root(Path(root))
+def load_voc(
+    root: str | Path, split: str = "trainval", limit: int | None = None, year: str | None = None
+) -> list[DiscoveryItem]:
+    """VOC images of ImageSets/Main/<split>.txt with all their object boxes (`year` picks VOCdevkit/VOC<year>)."""
+    root = _voc_root(Path(root), year)
     require_path(root, VOC_LAYOUT, kind="folder")
     listing = root / "ImageSets" / "Main" / f"{split}.txt"
     require_path(listing, VOC_LAYOUT)
@@ -178,7 +184,7 @@ def load_discovery_dataset(
     limit: int | None = None,
 ) -> list[DiscoveryItem]:
     if fmt in ("voc07", "voc12"):
-        return load_voc(root, split or "trainval", limit)
+        return load_voc(root, split or "trainval", limit, year="2007" if fmt == "voc07" else "2012")
     if fmt == "coco20k":
         return load_coco(root, annotations, limit)
     raise FeatliftError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
