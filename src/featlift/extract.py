@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -184,12 +185,20 @@ def extract_to_folder(
     )
     bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
 
+    write_failed = threading.Event()
+
     def write(indices: list[int], features: torch.Tensor) -> list[Path]:
         paths = []
         for index, feature in zip(indices, features, strict=True):
+            if write_failed.is_set():  # an earlier write failed: write nothing more, as a serial run would
+                return paths
             item = todo[index]
             path = output_path(out_dir, item)
-            save_safetensors_atomic({"features": feature}, path, metadata={**settings, "source": str(item.path)})
+            try:
+                save_safetensors_atomic({"features": feature}, path, metadata={**settings, "source": str(item.path)})
+            except BaseException:
+                write_failed.set()
+                raise
             paths.append(path)
         return paths
 

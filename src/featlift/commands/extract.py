@@ -11,6 +11,7 @@ from ..extract import extract_to_folder
 from ..images import collect_images
 from ..pipeline import FeaturePipeline, resolve_upsampler
 from ..upsamplers import available_upsamplers
+from .bench import add_inference_args, inference_options
 from .common import (
     add_backbone_args,
     add_device_arg,
@@ -50,6 +51,10 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: decode in the main process)")
     parser.add_argument("--overwrite", action="store_true", help="re-extract outputs that already exist")
+    parser.add_argument(
+        "--write-threads", type=int, default=1, help="threads writing files while the next batch is computed (0: write inline)"
+    )
+    add_inference_args(parser)
     add_device_arg(parser)
     parser.set_defaults(run=run)
 
@@ -76,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         workers=max(0, args.workers),
         overwrite=args.overwrite,
+        options=inference_options(args),
+        writer_threads=max(0, args.write_threads),
     )
     print(f"featlift extract: {report.summary()} -> {args.out}")
     for _path, message in report.failed:
