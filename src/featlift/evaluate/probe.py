@@ -1,0 +1,361 @@
+"""``featlift eval probe``: linear-probe semantic segmentation on frozen (upsampled) features, mIoU.
+
+Recipe (the same for every variant, recorded in results.json):
+
+- images resized to the base size times the variant's input scale (bicubic, aspect ratio ignored); labels kept
+  at their own resolution;
+- features of the train and val images computed once per variant and cached (float16), then standardised per
+  channel with the train-set mean and std;
+- a linear layer (a 1x1 conv, ``C -> classes``) trained with AdamW (lr 1e-2, weight decay 1e-4, cosine schedule,
+  40 epochs, batch 8, seed 0), cross-entropy on logits bilinearly upsampled to the label resolution, ignore label
+  excluded; for speed the training labels are first resized (nearest) so that their long side is at most 160 px
+  (``--train-label-side``), the evaluation uses the full label resolution;
+- mIoU over the classes present in the val ground truth, from one confusion matrix over all val pixels: the
+  logits are bilinearly upsampled to the label resolution and argmaxed.
+
+Formats: ``camvid`` (``images/{train,val}/*.jpg`` + ``labels/{train,val}/*.png``, ids 0..10, 11 ignore),
+``voc`` (VOCdevkit ``JPEGImages``, ``SegmentationClass`` palette PNGs with 255 ignore,
+``ImageSets/Segmentation/{train,val}.txt``, 21 classes), ``ade20k`` (``images/{training,validation}/*.jpg`` +
+``annotations/{training,validation}/*.png``, 0 ignore, 1..150 -> classes 0..149).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import FeatliftError
+from ..variants import FeatureVariant
+from .report import VariantResult, markdown_table, write_results
+from .runner import FeatureTimer, add_eval_args, check_sizes, eval_settings, load_batch, variants_from_args
+
+logger = logging.getLogger(__name__)
+
+IGNORE = 255
+
+CAMVID_CLASSES = [
+    "sky", "building", "pole", "road", "pavement", "tree", "sign/symbol", "fence", "car", "pedestrian", "bicyclist",
+]  # fmt: skip
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SegFormat:
+    """How one dataset family is laid out on disk and how its label PNGs map to class ids."""
+
+    name: str
+    num_classes: int
+    splits: tuple[str, str]  # (train, val) folder or list names
+    layout: str
+    class_names: tuple[str, ...] = ()
+
+    def pairs(self, root: Path, split: str) -> list[tuple[Path, Path]]:
+        """(image, label) paths of one split, checked to exist."""
+        if self.name == "voc":
+            listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+            if not listing.is_file():
+                raise FeatliftError(f"{listing}: no such file; expected {self.name} layout: {self.layout}")
+            ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+            pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
+        else:
+            image_dir, label_dir = (
+                (root / "images" / split, root / "labels" / split)
+                if self.name == "camvid"
+                else (root / "images" / split, root / "annotations" / split)
+            )
+            for folder in (image_dir, label_dir):
+                if not folder.is_dir():
+                    raise FeatliftError(
+                        f"{folder}: no such folder; expected {self.name} layout: {self.layout}"
+                    )
+            images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            pairs = [(p, label_dir / f"{p.stem}.png") for p in images]
+        if not pairs:
+            raise FeatliftError(f"{root}: no {split} images; expected {self.name} layout: {self.layout}")
+        for image, label in pairs:
+            for path in (image, label):
+                if not path.is_file():
+                    raise FeatliftError(f"{path}: no such file; expected {self.name} layout: {self.layout}")
+        return pairs
+
+    def read_label(self, path: Path) -> np.ndarray:
+        """Label PNG -> ``[H, W]`` uint8 class ids in ``0..num_classes-1``, `IGNORE` (255) elsewhere."""
+        try:
+            with Image.open(path) as image:
+                array = np.array(image)
+        except OSError as exc:
+            raise FeatliftError(f"{path}: cannot read label PNG ({exc})") from exc
+        if array.ndim != 2:
+            raise FeatliftError(
+                f"{path}: expected a single-channel label PNG (class ids), got shape {array.shape}"
+            )
+        array = array.astype(np.int64)
+        if self.name == "ade20k":
+            array = array - 1  # 0 (other) -> -1 -> ignore
+        out = np.full(array.shape, IGNORE, np.uint8)
+        valid = (array >= 0) & (array < self.num_classes)
+        out[valid] = array[valid]
+        return out
+
+
+FORMATS = {
+    "camvid": SegFormat(
+        "camvid",
+        11,
+        ("train", "val"),
+        "ROOT/images/{train,val}/<name>.jpg + ROOT/labels/{train,val}/<name>.png (uint8 ids 0..10, 11 ignore)",
+        tuple(CAMVID_CLASSES),
+    ),
+    "voc": SegFormat(
+        "voc",
+        21,
+        ("train", "val"),
+        "ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClass/<id>.png (palette, 255 ignore), "
+        "ROOT/ImageSets/Segmentation/{train,val}.txt",
+        tuple(VOC_CLASSES),
+    ),
+    "ade20k": SegFormat(
+        "ade20k",
+        150,
+        ("training", "validation"),
+        "ROOT/images/{training,validation}/<name>.jpg + ROOT/annotations/{training,validation}/<name>.png "
+        "(0 ignore, 1..150 classes)",
+    ),
+}
+
+
+@dataclass
+class ProbeRecipe:
+    """The training recipe of the linear probe; the same for every variant."""
+
+    epochs: int = 40
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    seed: int = 0
+    train_label_side: int = 160
+
+    def describe(self) -> dict:
+        return {
+            "model": "linear layer (1x1 conv) on per-channel standardised features (train statistics)",
+            "optimizer": f"AdamW lr {self.lr} weight decay {self.weight_decay}, cosine schedule to 0",
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "loss": "cross-entropy on logits bilinearly upsampled to the label resolution, ignore label excluded; "
+            f"training labels nearest-resized to a long side of at most {self.train_label_side} px",
+            "evaluation": "logits bilinearly upsampled to the full label resolution, argmax",
+            "features": "computed once per variant, cached as float16",
+        }
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[K, K]`` counts (rows: ground truth, columns: prediction) over pixels whose target is not ignored."""
+    keep = target != IGNORE
+    index = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class IoU ``TP / (TP + FP + FN)`` and a mask of the classes present in the ground truth."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.zeros_like(tp))
+    return iou, confusion.sum(1) > 0
+
+
+def _cache_features(
+    timer: FeatureTimer, images: list[Path], size: tuple[int, int], batch_size: int
+) -> torch.Tensor:
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        chunks.append(timer(load_batch(images[start : start + batch_size], size)).to("cpu", torch.float16))
+    return torch.cat(chunks)
+
+
+def shrink_label(label: torch.Tensor, max_side: int) -> torch.Tensor:
+    """Nearest-resize a ``[H, W]`` label map so that its long side is at most `max_side` (kept if smaller)."""
+    h, w = label.shape
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return label
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
+
+
+def _upsampled_loss(logits: torch.Tensor, labels: list[torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over all non-ignored pixels of a batch whose labels may differ in size."""
+    total, count = logits.new_zeros(()), 0
+    for logit, label in zip(logits, labels, strict=True):
+        up = F.interpolate(logit[None], size=label.shape, mode="bilinear", align_corners=False)
+        total = total + F.cross_entropy(up, label[None].long(), ignore_index=IGNORE, reduction="sum")
+        count += int((label != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def train_probe(
+    features: torch.Tensor, labels: list[torch.Tensor], num_classes: int, recipe: ProbeRecipe
+) -> torch.nn.Conv2d:
+    """Fit a 1x1 conv ``C -> num_classes`` on standardised features ``[N, C, h, w]`` against label maps."""
+    labels = [shrink_label(label, recipe.train_label_side) for label in labels]
+    generator = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    head = torch.nn.Conv2d(features.shape[1], num_classes, 1)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(features) / recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch)
+    for epoch in range(recipe.epochs):
+        order = torch.randperm(len(features), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), recipe.batch_size):
+            index = order[start : start + recipe.batch_size]
+            loss = _upsampled_loss(head(features[index].float()), [labels[i] for i in index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(index)
+        logger.debug("epoch %d: loss %.4f", epoch, total / len(features))
+    return head.eval()
+
+
+@torch.no_grad()
+def evaluate_probe(
+    head: torch.nn.Conv2d, features: torch.Tensor, labels: list[torch.Tensor], num_classes: int
+) -> torch.Tensor:
+    """The confusion matrix of the probe's predictions at label resolution over a set of images."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for feature, label in zip(features, labels, strict=True):
+        logits = F.interpolate(
+            head(feature[None].float()), size=label.shape, mode="bilinear", align_corners=False
+        )
+        confusion += confusion_matrix(logits[0].argmax(0), label, num_classes)
+    return confusion
+
+
+def evaluate_variant(
+    variant: FeatureVariant,
+    fmt: SegFormat,
+    train: list[tuple[Path, Path]],
+    val: list[tuple[Path, Path]],
+    base: tuple[int, int],
+    recipe: ProbeRecipe,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    train_labels: list[torch.Tensor] | None = None,
+    val_labels: list[torch.Tensor] | None = None,
+) -> VariantResult:
+    """Cache features, train the probe, and score it on `val`: mIoU and pixel accuracy (x100), per-class IoU."""
+    timer = FeatureTimer(variant, device)
+    size = variant.input_size(base)
+    train_labels = train_labels or [torch.from_numpy(fmt.read_label(label)) for _, label in train]
+    val_labels = val_labels or [torch.from_numpy(fmt.read_label(label)) for _, label in val]
+    train_features = _cache_features(timer, [image for image, _ in train], size, batch_size)
+    val_features = _cache_features(timer, [image for image, _ in val], size, batch_size)
+    mean = train_features.float().mean((0, 2, 3), keepdim=True)
+    std = train_features.float().std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    train_features = ((train_features.float() - mean) / std).half()
+    val_features = ((val_features.float() - mean) / std).half()
+    head = train_probe(train_features, train_labels, fmt.num_classes, recipe)
+    confusion = evaluate_probe(head, val_features, val_labels, fmt.num_classes)
+    iou, present = iou_from_confusion(confusion)
+    miou = 100 * float(iou[present].mean()) if present.any() else float("nan")
+    accuracy = 100 * float(confusion.diag().sum() / confusion.sum().clamp_min(1))
+    names = fmt.class_names or tuple(str(i) for i in range(fmt.num_classes))
+    details = {
+        "feature_grid": list(variant.output_grid(base)),
+        "per_class_iou": {names[i]: 100 * float(iou[i]) for i in range(fmt.num_classes) if present[i]},
+        "classes_present": int(present.sum()),
+    }
+    return timer.result({"mIoU": miou, "pixel acc": accuracy}, details)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "probe",
+        help="linear-probe semantic segmentation on frozen features (CamVid, VOC, ADE20K; mIoU)",
+        description="Train a linear layer on each variant's frozen features of the train split and report val mIoU. "
+        "The recipe is fixed and written into results.json.",
+    )
+    parser.add_argument("--data", required=True, help="dataset root")
+    parser.add_argument("--format", choices=sorted(FORMATS), required=True, help="dataset layout")
+    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N train images")
+    parser.add_argument("--limit-val", type=int, default=None, help="use only the first N val images")
+    parser.add_argument(
+        "--epochs", type=int, default=ProbeRecipe.epochs, help=f"training epochs ({ProbeRecipe.epochs})"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=ProbeRecipe.lr, help=f"AdamW learning rate ({ProbeRecipe.lr})"
+    )
+    parser.add_argument("--weight-decay", type=float, default=ProbeRecipe.weight_decay)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per feature and training batch (8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-label-side",
+        type=int,
+        default=ProbeRecipe.train_label_side,
+        help=f"resize training labels (nearest) to at most this long side, for speed ({ProbeRecipe.train_label_side})",
+    )
+    add_eval_args(parser, default_size=(224, 224))
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..commands.common import resolve_device
+
+    fmt = FORMATS[args.format]
+    root = Path(args.data)
+    if not root.is_dir():
+        raise FeatliftError(f"{root}: no such folder; expected {fmt.name} layout: {fmt.layout}")
+    train = fmt.pairs(root, fmt.splits[0])[: args.limit_train]
+    val = fmt.pairs(root, fmt.splits[1])[: args.limit_val]
+    train_labels = [torch.from_numpy(fmt.read_label(label)) for _, label in train]
+    val_labels = [torch.from_numpy(fmt.read_label(label)) for _, label in val]
+    device = resolve_device(args.device)
+    backbone, variants = variants_from_args(args, device)
+    check_sizes(variants, args.size)
+    recipe = ProbeRecipe(
+        args.epochs, args.lr, args.weight_decay, args.batch_size, args.seed, args.train_label_side
+    )
+    rows = []
+    for variant in variants:
+        row = evaluate_variant(
+            variant, fmt, train, val, args.size, recipe, device, args.batch_size, train_labels, val_labels
+        )
+        rows.append(row)
+        print(
+            f"{variant.label}: mIoU {row.metrics['mIoU']:.1f} pixel acc {row.metrics['pixel acc']:.1f} "
+            f"({row.ms_per_image:.0f} ms/image features)",
+            flush=True,
+        )
+    settings = eval_settings(
+        args,
+        backbone,
+        variants,
+        data=str(root),
+        format=fmt.name,
+        num_classes=fmt.num_classes,
+        train_images=len(train),
+        val_images=len(val),
+        input_resize="bicubic to the base size (times the input scale), aspect ratio ignored",
+        recipe=recipe.describe(),
+        metric="mIoU over the classes present in the val ground truth (one confusion matrix over all val pixels)",
+    )
+    table = markdown_table(rows, ["mIoU", "pixel acc"])
+    if args.out:
+        write_results(args.out, f"probe ({fmt.name})", rows, settings, metric_names=["mIoU", "pixel acc"])
+        print(f"results -> {args.out}/results.json, results.md")
+    print(table)
+    return 0
