@@ -136,3 +136,24 @@ def test_color_jitter_is_seeded():
     assert not torch.allclose(color_jitter(image.clone(), 5), color_jitter(image.clone(), 6))
     out = color_jitter(image.clone(), 7)
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_ctrl_c_leaves_last_epoch_checkpoint_usable(tmp_path, weights, monkeypatch, capsys):
+    images = write_image_tree(tmp_path / "imgs", count=4, corrupt=False)
+    run = tmp_path / "run"
+    original, calls = torch.optim.Adam.step, [0]
+
+    def step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # 2 steps per epoch: Ctrl-C during epoch 2
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    assert main(train_args(images, run, weights, "--epochs", "3", "--val-fraction", "0")) == 130
+    monkeypatch.undo()
+    assert "interrupted" in capsys.readouterr().err
+    module, config = load_checkpoint(run)
+    assert config.training["epochs"] == 1 and not config.training["completed"]
+    assert main(train_args(images, run, weights, "--epochs", "3", "--val-fraction", "0", "--resume")) == 0
+    assert load_checkpoint(run)[1].training["epochs"] == 3

@@ -1,0 +1,49 @@
+"""The shipped LiFT for the default backbone (real DINOv2 ViT-S/14 weights) loads and beats bilinear.
+
+Held-out images are the validation split of the shipped module's own training run (same folder, seed
+and fraction, recorded in its config), so the module never saw them. Metric: mean cosine similarity to
+the backbone's 448 px features of LiFT(img/2 at 224 px) and of bilinear upsampling of f(img/2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from conftest import IMAGENET_SAMPLE, requires_shared
+
+from featlift import load_checkpoint
+from featlift.images import collect_images
+from featlift.pretrained import find_shipped_checkpoint
+from featlift.train.data import TrainImage, load_pyramid, split_images
+
+
+@requires_shared
+def test_shipped_lift_beats_bilinear_on_held_out_images(dinov2_backbone):
+    backbone = dinov2_backbone
+    shipped = find_shipped_checkpoint(backbone.name, backbone.layer, backbone.facet)
+    assert shipped is not None, "no shipped LiFT checkpoint for the default backbone"
+    module, config = load_checkpoint(shipped, backbone=backbone)  # would warn on a fingerprint mismatch
+    assert config.backbone.fingerprint == backbone.fingerprint()
+    assert config.upsampler_args["residual"] is True
+    args = config.training["args"]
+    size = args["image_size"]
+    assert config.training["final_val"]["val_cosine_lift"] > config.training["final_val"]["val_cosine_bilinear"]
+
+    if not IMAGENET_SAMPLE.is_dir():
+        return
+    images = [TrainImage(item.path, item.relative.as_posix(), "") for item in collect_images([IMAGENET_SAMPLE])]
+    _, held_out = split_images(images, args["val_fraction"], args["seed"])
+    held_out = held_out[:3]
+    lift_scores, bilinear_scores = [], []
+    with torch.no_grad():
+        for image in held_out:
+            full, half, _ = (p.float().div(255).unsqueeze(0) for p in load_pyramid(image, size))
+            target = backbone(backbone.normalize(full))
+            guide = backbone.normalize(half)
+            coarse = backbone(guide)
+            lifted = module(coarse, guide)
+            bilinear = F.interpolate(coarse, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            lift_scores.append(F.cosine_similarity(lifted, target, dim=1).mean().item())
+            bilinear_scores.append(F.cosine_similarity(bilinear, target, dim=1).mean().item())
+    assert sum(lift_scores) / 3 > sum(bilinear_scores) / 3, (lift_scores, bilinear_scores)
+    assert sum(a > b for a, b in zip(lift_scores, bilinear_scores, strict=True)) >= 2
