@@ -74,8 +74,8 @@ def test_matching_across_grids_follows_a_shift_and_pck_thresholds():
     expected = np.stack([(2 * j.ravel() + 2.5) / (2 * w), (2 * i.ravel() + 1.5) / (2 * h)], axis=1)
     assert np.allclose(matched, expected)
     truth = points.copy()
-    hits = pck(truth + [[0.05, 0.0]] * len(points), truth, (100, 200), alphas=(0.1, 0.05, 0.01))
-    # 0.05 of the width of 200 px = 10 px: within 0.1 * 200 and 0.05 * 200, not within 0.01 * 200
+    hits = pck(truth + [[0.04, 0.0]] * len(points), truth, (100, 200), alphas=(0.1, 0.05, 0.01))
+    # 0.04 of the width of 200 px = 8 px: within 0.1 * 200 and 0.05 * 200 px, not within 0.01 * 200 px
     assert hits[0.1].all() and hits[0.05].all() and not hits[0.01].any()
 
 
