@@ -152,13 +152,19 @@ def davis_cli(data, weights, out, *extra):
 
 
 def test_cli_2016_all_variants(tmp_path, tiny_timm_weights, capsys):
+    from featlift import LiFT, create_backbone, save_checkpoint
+
+    backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights)
+    save_checkpoint(tmp_path / "ckpt", LiFT(backbone.channels, backbone.patch_size, residual=True), backbone)
+    lift = f"lift:{tmp_path / 'ckpt'}:iters=2"
     data = write_davis(tmp_path / "DAVIS")
     code = davis_cli(data, tiny_timm_weights, tmp_path / "out", "--variant", "none,bilinear", "--variant", "input-2x",
-                     "--variant", "bilinear:iters=2", "--save-masks")  # fmt: skip
+                     "--variant", "bilinear:iters=2", "--variant", lift, "--save-masks")  # fmt: skip
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = {r["variant"]: r for r in result["results"]}
-    assert list(rows) == ["none", "bilinear", "input-2x", "bilinear:iters=2"]
+    assert list(rows) == ["none", "bilinear", "input-2x", "bilinear:iters=2", lift]
+    assert rows[lift]["details"]["feature_grid"] == [16, 24] and rows[lift]["details"]["radius"] == 48
     for row in rows.values():
         assert set(row["metrics"]) == {"J&F", "J", "F"} and 0 <= row["metrics"]["J&F"] <= 100
         assert set(row["details"]["per_sequence"]) == {"cat", "coffee"} and row["ms_per_image"] > 0
