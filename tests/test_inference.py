@@ -64,7 +64,7 @@ def test_optimized_pipeline_matches_plain(tiny_backbone):
     plain = FeaturePipeline(backbone, lift, iters=2)
     images = torch.rand(2, 3, 64, 48)
     expected = plain(images)
-    for options in (InferenceOptions(), InferenceOptions(channels_last=True)):
+    for options in (InferenceOptions(), InferenceOptions(channels_last=False)):
         got = optimize_pipeline(plain, options)(images)
         assert got.is_contiguous() and got.dtype == torch.float32
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
@@ -101,8 +101,8 @@ def extract(root, weights, out, *extra):
 
 def test_extract_with_and_without_speed_options_writes_the_same_files(tiny_files, tmp_path):
     root, weights = tiny_files
-    plain = extract(root, weights, tmp_path / "plain", "--no-fold-bn", "--write-threads", "0")
-    fast = extract(root, weights, tmp_path / "fast", "--channels-last", "--write-threads", "2")
+    plain = extract(root, weights, tmp_path / "plain", "--no-fold-bn", "--no-channels-last", "--write-threads", "0")
+    fast = extract(root, weights, tmp_path / "fast", "--no-channels-last", "--write-threads", "2")
     default = extract(root, weights, tmp_path / "default")
     assert len(plain) == 5 and plain.keys() == fast.keys() == default.keys()
     for key, (features, meta) in plain.items():

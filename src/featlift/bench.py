@@ -208,8 +208,10 @@ def _stage_tasks(variant: FeatureVariant, images: torch.Tensor) -> dict[str, Cal
     with torch.inference_mode(), autocast(images.device, amp):
         normalized = backbone.normalize(images)
         features = backbone(normalized)
+    guide = normalized
     if getattr(getattr(pipeline, "options", None), "channels_last", False):
-        normalized = normalized.contiguous(memory_format=torch.channels_last)
+        features = features.contiguous(memory_format=torch.channels_last)
+        guide = normalized.contiguous(memory_format=torch.channels_last)
 
     def run_backbone():
         with autocast(images.device, amp):
@@ -221,7 +223,7 @@ def _stage_tasks(variant: FeatureVariant, images: torch.Tensor) -> dict[str, Cal
 
         def run_upsampler():
             with autocast(images.device, amp):
-                return upsampler(features, normalized, iters=pipeline.iters, output_size=pipeline.output_size)
+                return upsampler(features, guide, iters=pipeline.iters, output_size=pipeline.output_size)
 
         tasks["upsampler"] = run_upsampler
     return tasks

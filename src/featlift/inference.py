@@ -9,7 +9,8 @@ you pass is left untouched, so it can still be trained or saved with its origina
 `InferenceOptions` says which transforms to apply and `optimize_pipeline` applies them:
 
 - ``fold_bn`` (default on): exact up to float rounding;
-- ``channels_last``: memory layout of the upsampler's convolutions (exact);
+- ``channels_last`` (default on): NHWC memory layout for the upsampler's convolutions (same outputs;
+  ~1.3-1.8x faster LiFT on CPU with oneDNN);
 - ``amp``: ``"bf16"``/``"fp16"`` autocast for backbone and upsampler; changes outputs (cosine ~0.999),
   so it is off unless asked for;
 - ``compile``: ``torch.compile`` of the upsampler (needs a C++ compiler on CPU; slow first call).
@@ -23,6 +24,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -68,7 +70,7 @@ class InferenceOptions:
     """Which speed transforms `optimize_pipeline` applies (see the module docstring)."""
 
     fold_bn: bool = True
-    channels_last: bool = False
+    channels_last: bool = True
     amp: str | None = None  # None, "bf16" or "fp16"
     compile: bool = False
 
@@ -86,6 +88,9 @@ class InferenceOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+PLAIN = InferenceOptions(fold_bn=False, channels_last=False)  # no transform at all
 
 
 def autocast(device: str | torch.device, amp: str | None):
@@ -111,11 +116,16 @@ class OptimizedPipeline(FeaturePipeline):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            if self.options.channels_last and self.upsampler is not None:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(images.device, self.options.amp):
-                features = super().forward(images)
+        with torch.inference_mode(), autocast(images.device, self.options.amp):
+            normalized = self.backbone.normalize(images)
+            features = self.backbone(normalized)
+            if self.upsampler is not None:
+                if self.options.channels_last:
+                    features = features.contiguous(memory_format=torch.channels_last)
+                    normalized = normalized.contiguous(memory_format=torch.channels_last)
+                features = self.upsampler(features, normalized, iters=self.iters, output_size=self.output_size)
+            elif self.output_size is not None:
+                features = F.interpolate(features, size=self.output_size, mode="bilinear", align_corners=False)
             return features.float().contiguous()
 
 
@@ -132,8 +142,8 @@ def optimize_upsampler(upsampler: Upsampler | None, options: InferenceOptions) -
 
 
 def optimize_pipeline(pipeline: FeaturePipeline, options: InferenceOptions | None = None) -> FeaturePipeline:
-    """`pipeline` with the speed `options` applied (default: BN folding only). The input is not modified."""
+    """`pipeline` with the speed `options` applied (default: BN folding, channels-last). The input is not modified."""
     options = options or InferenceOptions()
-    if options == InferenceOptions(fold_bn=False):
+    if options == PLAIN:
         return pipeline
     return OptimizedPipeline(pipeline, optimize_upsampler(pipeline.upsampler, options), options)

@@ -31,7 +31,8 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference speed options")
     group.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
                        help="keep BatchNorm layers separate (default: fold them into the convolutions; same outputs)")
-    group.add_argument("--channels-last", action="store_true", help="run the upsampler in channels-last memory layout")
+    group.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                       help="keep the upsampler in NCHW layout (default: channels-last, faster on CPU; same outputs)")
     group.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
                        help="autocast backbone and upsampler to bf16/fp16 (faster, changes outputs slightly)")
     group.add_argument("--compile", action="store_true", help="torch.compile the upsampler (slow first call)")
