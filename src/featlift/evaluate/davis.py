@@ -356,6 +356,9 @@ def evaluate_variant(
 ) -> VariantResult:
     """J, F and J&F (x100) of one variant over `sequences`, with per-sequence details and feature cost."""
     timer = FeatureTimer(variant, device)
+    timer.warmup(
+        load_batch(sequences[0].frames[:1], variant.input_size(base))
+    )  # one-off costs stay out of the timing
     propagation = LabelPropagation(
         topk=topk, temperature=temperature, radius=grid_radius(variant, base, radius)
     )

@@ -262,6 +262,7 @@ def evaluate_variant(
     size = variant.input_size(base)
     train_labels = train_labels or [torch.from_numpy(fmt.read_label(label)) for _, label in train]
     val_labels = val_labels or [torch.from_numpy(fmt.read_label(label)) for _, label in val]
+    timer.warmup(load_batch([train[0][0]], size))  # one-off costs stay out of the timing
     train_features = _cache_features(timer, [image for image, _ in train], size, batch_size)
     val_features = _cache_features(timer, [image for image, _ in val], size, batch_size)
     mean = train_features.float().mean((0, 2, 3), keepdim=True)

