@@ -19,10 +19,10 @@ $PY -m featlift bench --weights "$WEIGHTS" --sizes 224 --threads 2 --batch-sizes
 echo "after bench: $(date -u +%FT%TZ) $(uptime)" >> "$OUT/load.txt"
 
 # Each speed option side by side (time ratios and output error).
-$PY benchmarks/speed_options.py --threads 2 --repeats 20 ${CKPT:+--checkpoint "$CKPT"} --out "$OUT/options"
+$PY benchmarks/speed_options.py --threads 2 --repeats 20 --compile ${CKPT:+--checkpoint "$CKPT"} --out "$OUT/options"
 echo "after options: $(date -u +%FT%TZ) $(uptime)" >> "$OUT/load.txt"
 
 # 4: folder extraction end to end vs its parts alone (96 images).
-$PY benchmarks/speed_extract.py --threads 2 --count 96 --rounds 3 ${CKPT:+--checkpoint "$CKPT"} --out "$OUT/extract"
+$PY benchmarks/speed_extract.py --threads 2 --count 96 --rounds 3 --settings serial,workers0-writer,workers1-writer,workers2-writer ${CKPT:+--checkpoint "$CKPT"} --out "$OUT/extract"
 echo "after: $(date -u +%FT%TZ) $(uptime)" >> "$OUT/load.txt"
 cat "$OUT/load.txt"

@@ -41,7 +41,11 @@ DEFAULT_IMAGES = SHARED / "data" / "imagenet-sample"
 
 # name -> (decode worker processes, writer threads, inference options)
 SETTINGS = {
-    "serial-no-fold": (0, 0, InferenceOptions(fold_bn=False)),  # before this work: decode, compute, write in turn
+    "serial-no-fold": (
+        0,
+        0,
+        InferenceOptions(fold_bn=False),
+    ),  # before this work: decode, compute, write in turn
     "serial": (0, 0, InferenceOptions()),
     "workers0-writer": (0, 1, InferenceOptions()),
     "workers1-writer": (1, 1, InferenceOptions()),
@@ -50,7 +54,9 @@ SETTINGS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="vit_small_patch14_dinov2.lvd142m")
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--checkpoint", default=None, help="LiFT checkpoint (default: the shipped one)")
@@ -60,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of: " + ", ".join(SETTINGS))
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help="comma-separated subset of: " + ", ".join(SETTINGS)
+    )
     parser.add_argument("--out", default="bench-extract")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -97,18 +105,33 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             for item, feature in zip(items, features, strict=True):
                 path = scratch / "parts" / f"{item.relative}.safetensors"
-                save_safetensors_atomic({"features": feature}, path, metadata={**metadata, "source": str(item.path)})
+                save_safetensors_atomic(
+                    {"features": feature}, path, metadata={**metadata, "source": str(item.path)}
+                )
             times["write"].append(time.perf_counter() - start)
             for name in settings:
                 workers, writers, options = SETTINGS[name]
                 out = scratch / f"e2e-{round_index}"
                 start = time.perf_counter()
-                report = extract_to_folder(pipeline, items, out, size=size, batch_size=args.batch_size, workers=workers,
-                                           writer_threads=writers, options=options, overwrite=True, progress=False)
+                report = extract_to_folder(
+                    pipeline,
+                    items,
+                    out,
+                    size=size,
+                    batch_size=args.batch_size,
+                    workers=workers,
+                    writer_threads=writers,
+                    options=options,
+                    overwrite=True,
+                    progress=False,
+                )
                 times[name].append(time.perf_counter() - start)
                 assert len(report.written) == len(items), report.summary()
                 shutil.rmtree(out)
-            print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+            print(
+                f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+                flush=True,
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -117,7 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     n = len(items)
     env = {**environment(torch.device("cpu")), "load_average_before": [round(x, 2) for x in load_before]}
     result = {
-        "settings": {"count": n, "size": args.size, "batch_size": args.batch_size, "rounds": args.rounds, "checkpoint": checkpoint},
+        "settings": {
+            "count": n,
+            "size": args.size,
+            "batch_size": args.batch_size,
+            "rounds": args.rounds,
+            "checkpoint": checkpoint,
+        },
         "environment": env,
         "seconds": times,
         "median_seconds": median,
@@ -137,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|",
     ]
     for name in ["decode", "compute", "write"]:
-        lines.append(f"| {name} alone | {median[name]:.2f} | {n / median[name]:.1f} | {median[name] / median['compute']:.3f} |")
+        lines.append(
+            f"| {name} alone | {median[name]:.2f} | {n / median[name]:.1f} | {median[name] / median['compute']:.3f} |"
+        )
     lines.append(f"| sum of the parts | {parts:.2f} | {n / parts:.1f} | {parts / median['compute']:.3f} |")
     for name in settings:
-        lines.append(f"| end to end: {name} | {median[name]:.2f} | {n / median[name]:.1f} | "
-                     f"{median[name] / median['compute']:.3f} |")
+        lines.append(
+            f"| end to end: {name} | {median[name]:.2f} | {n / median[name]:.1f} | "
+            f"{median[name] / median['compute']:.3f} |"
+        )
     (out_dir / "extract.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

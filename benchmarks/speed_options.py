@@ -31,8 +31,12 @@ DEFAULT_WEIGHTS = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safete
 def errors(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     output, reference = output.float(), reference.float()
     cosine = torch.nn.functional.cosine_similarity(output, reference, dim=1)
-    return {"max_abs_diff": (output - reference).abs().max().item(), "min_cosine": cosine.min().item(),
-            "mean_cosine": cosine.mean().item(), "reference_max_abs": reference.abs().max().item()}
+    return {
+        "max_abs_diff": (output - reference).abs().max().item(),
+        "min_cosine": cosine.min().item(),
+        "mean_cosine": cosine.mean().item(),
+        "reference_max_abs": reference.abs().max().item(),
+    }
 
 
 def run_group(name: str, configs: dict, reference: str, args, device) -> list[dict]:
@@ -44,15 +48,27 @@ def run_group(name: str, configs: dict, reference: str, args, device) -> list[di
     rows = []
     for key in configs:
         median = statistics.median(times[key])
-        rows.append({"group": name, "config": key, "ms": median * 1000, "vs_reference": median / base,
-                     **errors(outputs[key], outputs[reference])})
-        print(f"{name:>22} | {key:<28} | {median * 1000:8.2f} ms | x{median / base:5.2f} | "
-              f"max|d| {rows[-1]['max_abs_diff']:.2e} | min cos {rows[-1]['min_cosine']:.6f}", flush=True)
+        rows.append(
+            {
+                "group": name,
+                "config": key,
+                "ms": median * 1000,
+                "vs_reference": median / base,
+                **errors(outputs[key], outputs[reference]),
+            }
+        )
+        print(
+            f"{name:>22} | {key:<28} | {median * 1000:8.2f} ms | x{median / base:5.2f} | "
+            f"max|d| {rows[-1]['max_abs_diff']:.2e} | min cos {rows[-1]['min_cosine']:.6f}",
+            flush=True,
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="vit_small_patch14_dinov2.lvd142m")
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--checkpoint", default=None, help="LiFT checkpoint (default: the shipped one)")
@@ -82,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         "fold-bn+channels-last": optimize_upsampler(lift, InferenceOptions()),
     }
     if args.compile:
-        variants["fold-bn+compile"] = optimize_upsampler(lift, InferenceOptions(channels_last=False, compile=True))
+        variants["fold-bn+compile"] = optimize_upsampler(
+            lift, InferenceOptions(channels_last=False, compile=True)
+        )
 
     def lift_call(module, image, iters, amp=None, grad_mode=torch.inference_mode):
         def call():
@@ -100,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             "fold-bn": lift_call(variants["fold-bn"], normalized, iters),
             "fold-bn+channels-last": lift_call(variants["fold-bn+channels-last"], channels_last_image, iters),
             "fold-bn+bf16": lift_call(variants["fold-bn"], normalized, iters, amp="bf16"),
-            "fold-bn+channels-last+bf16": lift_call(variants["fold-bn+channels-last"], channels_last_image, iters, amp="bf16"),
+            "fold-bn+channels-last+bf16": lift_call(
+                variants["fold-bn+channels-last"], channels_last_image, iters, amp="bf16"
+            ),
         }
         if args.compile:
             configs["fold-bn+compile"] = lift_call(variants["fold-bn+compile"], normalized, iters)
@@ -113,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return call
 
-    rows += run_group("backbone alone", {"fp32": backbone_call(), "bf16": backbone_call("bf16")}, "fp32", args, device)
+    rows += run_group(
+        "backbone alone", {"fp32": backbone_call(), "bf16": backbone_call("bf16")}, "fp32", args, device
+    )
 
     plain = FeaturePipeline(backbone, lift, iters=1)
     pipelines = {
@@ -122,19 +144,33 @@ def main(argv: list[str] | None = None) -> int:
         "fold-bn+channels-last (default)": optimize_pipeline(plain, InferenceOptions()),
         "default+bf16": optimize_pipeline(plain, InferenceOptions(amp="bf16")),
     }
-    rows += run_group("pipeline (bb+LiFT)", {k: (lambda p=p: p(images)) for k, p in pipelines.items()}, "plain", args, device)
+    rows += run_group(
+        "pipeline (bb+LiFT)",
+        {k: (lambda p=p: p(images)) for k, p in pipelines.items()},
+        "plain",
+        args,
+        device,
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**environment(device), "load_average_before": [round(x, 2) for x in load_before]}
     settings = {"checkpoint": checkpoint, "size": args.size, "repeats": args.repeats, "warmup": args.warmup}
-    (out / "options.json").write_text(json.dumps({"settings": settings, "environment": env, "rows": rows}, indent=2))
-    lines = [f"size {args.size}, {env['threads']} threads, median of {args.repeats} interleaved rounds; "
-             f"load average before {env['load_average_before']}, after {env.get('load_average')}", "",
-             "| measured | option | ms | time vs reference | max abs diff | min cosine |", "|---|---|---|---|---|---|"]
+    (out / "options.json").write_text(
+        json.dumps({"settings": settings, "environment": env, "rows": rows}, indent=2)
+    )
+    lines = [
+        f"size {args.size}, {env['threads']} threads, median of {args.repeats} interleaved rounds; "
+        f"load average before {env['load_average_before']}, after {env.get('load_average')}",
+        "",
+        "| measured | option | ms | time vs reference | max abs diff | min cosine |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['group']} | {r['config']} | {r['ms']:.2f} | {r['vs_reference']:.3f} | "
-                     f"{r['max_abs_diff']:.2e} | {r['min_cosine']:.6f} |")
+        lines.append(
+            f"| {r['group']} | {r['config']} | {r['ms']:.2f} | {r['vs_reference']:.3f} | "
+            f"{r['max_abs_diff']:.2e} | {r['min_cosine']:.6f} |"
+        )
     (out / "options.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

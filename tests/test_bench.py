@@ -35,8 +35,29 @@ def test_bench_cli_writes_json_and_markdown(tiny_setup, tmp_path):
     weights, ckpt, lift_params, backbone = tiny_setup
     out = tmp_path / "out"
     variants = f"none,bilinear,lift:{ckpt},lift:{ckpt}:iters=2,input-2x"
-    code = main(["bench", "--backbone", NAME, "--weights", str(weights), "--sizes", "32,64", "--variants", variants,
-                 "--batch-sizes", "1,2", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--backbone",
+            NAME,
+            "--weights",
+            str(weights),
+            "--sizes",
+            "32,64",
+            "--variants",
+            variants,
+            "--batch-sizes",
+            "1,2",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
     assert {"settings", "environment", "results", "comparisons"} <= set(data)
@@ -74,12 +95,38 @@ def test_bench_cli_writes_json_and_markdown(tiny_setup, tmp_path):
 def test_bench_cli_find_max_size_is_bounded_on_cpu(tiny_setup, tmp_path):
     weights, _, _, _ = tiny_setup
     out = tmp_path / "out"
-    code = main(["bench", "--backbone", NAME, "--weights", str(weights), "--sizes", "32", "--variants", "none,bilinear",
-                 "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(out),
-                 "--find-max-size", "--max-size-cap", "128"])
+    code = main(
+        [
+            "bench",
+            "--backbone",
+            NAME,
+            "--weights",
+            str(weights),
+            "--sizes",
+            "32",
+            "--variants",
+            "none,bilinear",
+            "--batch-sizes",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--find-max-size",
+            "--max-size-cap",
+            "128",
+        ]
+    )
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
-    assert [(m["variant"], m["largest"], m["failed"]) for m in data["max_size"]] == [("none", 128, None), ("bilinear", 128, None)]
+    assert [(m["variant"], m["largest"], m["failed"]) for m in data["max_size"]] == [
+        ("none", 128, None),
+        ("bilinear", 128, None),
+    ]
     assert "max-size-cap" in data["max_size_note"]
 
 
@@ -99,8 +146,23 @@ def test_find_max_size_stops_at_out_of_memory(tiny_setup):
 
 def test_bench_rejects_a_size_that_does_not_fit_the_patch(tiny_setup, tmp_path, capsys):
     weights, _, _, _ = tiny_setup
-    code = main(["bench", "--backbone", NAME, "--weights", str(weights), "--sizes", "30", "--variants", "none",
-                 "--out", str(tmp_path / "o"), "--device", "cpu"])
+    code = main(
+        [
+            "bench",
+            "--backbone",
+            NAME,
+            "--weights",
+            str(weights),
+            "--sizes",
+            "30",
+            "--variants",
+            "none",
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     assert "30" in capsys.readouterr().err
 

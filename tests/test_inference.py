@@ -42,7 +42,9 @@ def test_folded_lift_equals_unfolded_and_leaves_the_original_alone(residual):
     folded = fold_batchnorm(lift)
     assert folded.folded_batchnorms == 5
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    assert list(lift.state_dict()) == keys and all(torch.equal(before[k], v) for k, v in lift.state_dict().items())
+    assert list(lift.state_dict()) == keys and all(
+        torch.equal(before[k], v) for k, v in lift.state_dict().items()
+    )
     features, image = torch.randn(2, 48, 6, 5), torch.randn(2, 3, 84, 70)
     with torch.inference_mode():
         for iters in (1, 2):
@@ -92,16 +94,38 @@ def tiny_files(tmp_path_factory):
 
 
 def extract(root, weights, out, *extra):
-    argv = ["extract", str(root / "images"), "--backbone", NAME, "--weights", str(weights), "--checkpoint",
-            str(root / "lift"), "--size", "64", "--iters", "2", "--batch-size", "2", "--workers", "0",
-            "--device", "cpu", "--out", str(out), *extra]
+    argv = [
+        "extract",
+        str(root / "images"),
+        "--backbone",
+        NAME,
+        "--weights",
+        str(weights),
+        "--checkpoint",
+        str(root / "lift"),
+        "--size",
+        "64",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert main(argv) == 0
     return {p.relative_to(out): load_features(p) for p in sorted(out.rglob("*.safetensors"))}
 
 
 def test_extract_with_and_without_speed_options_writes_the_same_files(tiny_files, tmp_path):
     root, weights = tiny_files
-    plain = extract(root, weights, tmp_path / "plain", "--no-fold-bn", "--no-channels-last", "--write-threads", "0")
+    plain = extract(
+        root, weights, tmp_path / "plain", "--no-fold-bn", "--no-channels-last", "--write-threads", "0"
+    )
     fast = extract(root, weights, tmp_path / "fast", "--no-channels-last", "--write-threads", "2")
     default = extract(root, weights, tmp_path / "default")
     assert len(plain) == 5 and plain.keys() == fast.keys() == default.keys()
@@ -122,6 +146,26 @@ def test_extract_amp_is_recorded_and_close(tiny_files, tmp_path, capsys):
         cosine = torch.nn.functional.cosine_similarity(amp[key][0], features, dim=0)
         assert cosine.min() > 0.98
     # outputs computed in bf16 are not taken for float32 ones on resume
-    code = main(["extract", str(root / "images"), "--backbone", NAME, "--weights", str(weights), "--checkpoint",
-                 str(root / "lift"), "--size", "64", "--iters", "2", "--workers", "0", "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "extract",
+            str(root / "images"),
+            "--backbone",
+            NAME,
+            "--weights",
+            str(weights),
+            "--checkpoint",
+            str(root / "lift"),
+            "--size",
+            "64",
+            "--iters",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2 and "amp" in capsys.readouterr().err

@@ -149,7 +149,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     if hasattr(torch.cuda, "OutOfMemoryError") and isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in str(exc) or "can't allocate memory" in str(exc)
+    )
 
 
 @dataclass
@@ -235,7 +237,9 @@ def _stage_key(variant: FeatureVariant, stage: str, base: tuple[int, int]) -> st
     return f"{variant.spec}/{stage}"
 
 
-def optimize_variants(variants: list[FeatureVariant], options: InferenceOptions, device: torch.device) -> None:
+def optimize_variants(
+    variants: list[FeatureVariant], options: InferenceOptions, device: torch.device
+) -> None:
     """Apply the speed `options` to each variant's pipeline in place and move it to `device`."""
     for variant in variants:
         variant.pipeline = optimize_pipeline(variant.pipeline, options).to(device).eval()
@@ -254,7 +258,9 @@ def bench_size(variants: list[FeatureVariant], size: int, settings: BenchSetting
     for batch in settings.batch_sizes:
         inputs = {v.spec: random_images(batch, v.input_size(base), device, settings.seed) for v in variants}
         tasks = {v.spec: (lambda v=v, x=inputs[v.spec]: v(x)) for v in variants}
-        logger.info("size %d, batch %d: timing %d variants x %d repeats", size, batch, len(tasks), settings.repeats)
+        logger.info(
+            "size %d, batch %d: timing %d variants x %d repeats", size, batch, len(tasks), settings.repeats
+        )
         per_batch[batch] = time_interleaved(tasks, device, settings.repeats, settings.warmup)
         memory[batch] = {name: peak_memory_mib(fn, device) for name, fn in tasks.items()}
         del inputs, tasks
@@ -274,7 +280,11 @@ def bench_size(variants: list[FeatureVariant], size: int, settings: BenchSetting
     stage_times = time_interleaved(stage_tasks, device, settings.repeats, settings.warmup)
     for variant in variants:
         images = random_images(1, variant.input_size(base), device, settings.seed)
-        samples = [t * 1000 for t in per_batch[settings.batch_sizes[0]][variant.spec]] if settings.batch_sizes[0] == 1 else []
+        samples = (
+            [t * 1000 for t in per_batch[settings.batch_sizes[0]][variant.spec]]
+            if settings.batch_sizes[0] == 1
+            else []
+        )
         if not samples:  # batch 1 not requested: latency from the smallest batch, per image
             first = settings.batch_sizes[0]
             samples = [t * 1000 / first for t in per_batch[first][variant.spec]]
@@ -299,7 +309,9 @@ def bench_size(variants: list[FeatureVariant], size: int, settings: BenchSetting
                 latency_ms=statistics.median(samples),
                 latency_ms_min=min(samples),
                 latency_ms_max=max(samples),
-                throughput={str(b): b / statistics.median(per_batch[b][variant.spec]) for b in settings.batch_sizes},
+                throughput={
+                    str(b): b / statistics.median(per_batch[b][variant.spec]) for b in settings.batch_sizes
+                },
                 peak_memory_mib={str(b): memory[b][variant.spec] for b in settings.batch_sizes},
                 flops=count_flops(lambda v=variant, x=images: v(x)),
                 params=params["backbone"] + params["upsampler"],
@@ -393,7 +405,11 @@ def comparisons(rows: list[BenchRow]) -> dict[str, list[dict[str, Any]]]:
       the same base size (the same output grid); > 1 means the upsampler is faster;
     - ``iterations``: upsampler-alone time and memory of ``NAME:iters=K`` relative to one pass.
     """
-    out: dict[str, list[dict[str, Any]]] = {"upsampler_vs_backbone": [], "lift_vs_input_2x": [], "iterations": []}
+    out: dict[str, list[dict[str, Any]]] = {
+        "upsampler_vs_backbone": [],
+        "lift_vs_input_2x": [],
+        "iterations": [],
+    }
     by_size: dict[int, dict[str, BenchRow]] = {}
     for row in rows:
         by_size.setdefault(row.size, {})[row.variant] = row
@@ -422,7 +438,10 @@ def comparisons(rows: list[BenchRow]) -> dict[str, list[dict[str, Any]]]:
                             "input_2x_ms": double.latency_ms,
                             "speedup": _ratio(double.latency_ms, row.latency_ms),
                             "flops_ratio": _ratio(double.flops, row.flops),
-                            "memory_ratio": _ratio(double.peak_memory_mib.get("1", math.nan), row.peak_memory_mib.get("1", math.nan)),
+                            "memory_ratio": _ratio(
+                                double.peak_memory_mib.get("1", math.nan),
+                                row.peak_memory_mib.get("1", math.nan),
+                            ),
                         }
                     )
         families: dict[str, dict[int, BenchRow]] = {}
@@ -456,7 +475,9 @@ def _g(flops: int) -> str:
     return f"{flops / 1e9:.2f}"
 
 
-def markdown_report(rows: list[BenchRow], settings: BenchSettings, env: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+def markdown_report(
+    rows: list[BenchRow], settings: BenchSettings, env: dict[str, Any], extra: dict[str, Any] | None = None
+) -> str:
     """The markdown tables of `write_bench_results`."""
     batch_cols = [f"img/s @{b}" for b in settings.batch_sizes]
     lines = [
@@ -467,8 +488,22 @@ def markdown_report(rows: list[BenchRow], settings: BenchSettings, env: dict[str
         + (f", load average at the end {env['load_average']}" if "load_average" in env else ""),
         "",
     ]
-    header = ["size", "variant", "input", "output grid", "ms / img", *batch_cols, "peak MiB @1", "GFLOPs", "params M",
-              "backbone ms", "upsampler ms", "upsampler GFLOPs", "upsampler / backbone"]
+    header = [
+        "size",
+        "variant",
+        "input",
+        "output grid",
+        "ms / img",
+        "min ms",
+        *batch_cols,
+        "peak MiB @1",
+        "GFLOPs",
+        "params M",
+        "backbone ms",
+        "upsampler ms",
+        "upsampler GFLOPs",
+        "upsampler / backbone",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         up = row.upsampler
@@ -478,6 +513,7 @@ def markdown_report(rows: list[BenchRow], settings: BenchSettings, env: dict[str
             "x".join(map(str, row.input_size)),
             "x".join(map(str, row.output_grid)),
             f"{row.latency_ms:.1f}",
+            f"{row.latency_ms_min:.1f}",
             *(f"{row.throughput[str(b)]:.2f}" for b in settings.batch_sizes),
             f"{row.peak_memory_mib[str(settings.batch_sizes[0])]:.0f}",
             _g(row.flops),
@@ -490,31 +526,59 @@ def markdown_report(rows: list[BenchRow], settings: BenchSettings, env: dict[str
         lines.append("| " + " | ".join(cells) + " |")
     comp = comparisons(rows)
     if comp["upsampler_vs_backbone"]:
-        lines += ["", "### Upsampler cost as a fraction of the backbone (same input, batch 1)", "",
-                  "| size | variant | upsampler ms | backbone ms | time ratio | FLOPs ratio |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### Upsampler cost as a fraction of the backbone (same input, batch 1)",
+            "",
+            "| size | variant | upsampler ms | backbone ms | time ratio | FLOPs ratio |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in comp["upsampler_vs_backbone"]:
-            lines.append(f"| {c['size']} | `{c['variant']}` | {c['upsampler_ms']:.2f} | {c['backbone_ms']:.1f} | "
-                         f"{c['time_ratio']:.3f} | {c['flops_ratio']:.3f} |")
+            lines.append(
+                f"| {c['size']} | `{c['variant']}` | {c['upsampler_ms']:.2f} | {c['backbone_ms']:.1f} | "
+                f"{c['time_ratio']:.3f} | {c['flops_ratio']:.3f} |"
+            )
     if comp["lift_vs_input_2x"]:
-        lines += ["", "### backbone@S + upsampler against backbone@2S (same output grid, batch 1)", "",
-                  "| S | variant | variant ms | input-2x ms | speedup | FLOPs ratio | memory ratio |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### backbone@S + upsampler against backbone@2S (same output grid, batch 1)",
+            "",
+            "| S | variant | variant ms | input-2x ms | speedup | FLOPs ratio | memory ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for c in comp["lift_vs_input_2x"]:
-            lines.append(f"| {c['size']} | `{c['variant']}` | {c['variant_ms']:.1f} | {c['input_2x_ms']:.1f} | "
-                         f"{c['speedup']:.2f}x | {c['flops_ratio']:.2f}x | {c['memory_ratio']:.2f}x |")
+            lines.append(
+                f"| {c['size']} | `{c['variant']}` | {c['variant_ms']:.1f} | {c['input_2x_ms']:.1f} | "
+                f"{c['speedup']:.2f}x | {c['flops_ratio']:.2f}x | {c['memory_ratio']:.2f}x |"
+            )
     if comp["iterations"]:
-        lines += ["", "### Iterative upsampling: cost of the upsampler alone by number of passes (batch 1)", "",
-                  "| size | variant | iters | upsampler ms | time vs 1 pass | FLOPs vs 1 | peak MiB | memory vs 1 | pipeline ms |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### Iterative upsampling: cost of the upsampler alone by number of passes (batch 1)",
+            "",
+            "| size | variant | iters | upsampler ms | time vs 1 pass | FLOPs vs 1 | peak MiB | memory vs 1 | pipeline ms |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in comp["iterations"]:
-            lines.append(f"| {c['size']} | `{c['variant']}` | {c['iters']} | {c['upsampler_ms']:.2f} | {c['time_vs_1']:.2f}x | "
-                         f"{c['flops_vs_1']:.2f}x | {c['upsampler_peak_mib']:.0f} | {c['memory_vs_1']:.2f}x | {c['pipeline_ms']:.1f} |")
+            lines.append(
+                f"| {c['size']} | `{c['variant']}` | {c['iters']} | {c['upsampler_ms']:.2f} | {c['time_vs_1']:.2f}x | "
+                f"{c['flops_vs_1']:.2f}x | {c['upsampler_peak_mib']:.0f} | {c['memory_vs_1']:.2f}x | {c['pipeline_ms']:.1f} |"
+            )
     if extra and extra.get("max_size"):
-        lines += ["", f"### Largest input that fits ({extra.get('max_size_note', '')})", "",
-                  "| variant | largest base size | first failing size |", "|---|---|---|"]
+        lines += [
+            "",
+            f"### Largest input that fits ({extra.get('max_size_note', '')})",
+            "",
+            "| variant | largest base size | first failing size |",
+            "|---|---|---|",
+        ]
         for item in extra["max_size"]:
             lines.append(f"| `{item['variant']}` | {item['largest']} | {item['failed'] or '-'} |")
-    lines += ["", "Peak memory: max allocated on CUDA; on CPU the peak of live tensor storages during one call (a dispatch-mode tracker), inputs and weights excluded. FLOPs: "
-              "torch FlopCounterMode (matmul, conv, attention), per image."]
+    lines += [
+        "",
+        "Peak memory: max allocated on CUDA; on CPU the peak of live tensor storages during one call (a dispatch-mode tracker), inputs and weights excluded. FLOPs: "
+        "torch FlopCounterMode (matmul, conv, attention), per image.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -79,7 +79,9 @@ class InferenceOptions:
             raise ValueError(f"amp {self.amp!r}: expected None or one of {', '.join(AMP_DTYPES)}")
 
     def describe(self) -> str:
-        parts = [name for name, on in (("fold-bn", self.fold_bn), ("channels-last", self.channels_last)) if on]
+        parts = [
+            name for name, on in (("fold-bn", self.fold_bn), ("channels-last", self.channels_last)) if on
+        ]
         if self.amp:
             parts.append(f"amp-{self.amp}")
         if self.compile:
@@ -123,9 +125,13 @@ class OptimizedPipeline(FeaturePipeline):
                 if self.options.channels_last:
                     features = features.contiguous(memory_format=torch.channels_last)
                     normalized = normalized.contiguous(memory_format=torch.channels_last)
-                features = self.upsampler(features, normalized, iters=self.iters, output_size=self.output_size)
+                features = self.upsampler(
+                    features, normalized, iters=self.iters, output_size=self.output_size
+                )
             elif self.output_size is not None:
-                features = F.interpolate(features, size=self.output_size, mode="bilinear", align_corners=False)
+                features = F.interpolate(
+                    features, size=self.output_size, mode="bilinear", align_corners=False
+                )
             return features.float().contiguous()
 
 

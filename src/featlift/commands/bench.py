@@ -20,7 +20,9 @@ def int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 224,448") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated integers, e.g. 224,448"
+        ) from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers, e.g. 224,448")
     return values
@@ -29,17 +31,31 @@ def int_list(text: str) -> list[int]:
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
     """Speed options shared by ``bench`` (and usable by other commands): see featlift.inference."""
     group = parser.add_argument_group("inference speed options")
-    group.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
-                       help="keep BatchNorm layers separate (default: fold them into the convolutions; same outputs)")
-    group.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                       help="keep the upsampler in NCHW layout (default: channels-last, faster on CPU; same outputs)")
-    group.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
-                       help="autocast backbone and upsampler to bf16/fp16 (faster, changes outputs slightly)")
+    group.add_argument(
+        "--no-fold-bn",
+        dest="fold_bn",
+        action="store_false",
+        help="keep BatchNorm layers separate (default: fold them into the convolutions; same outputs)",
+    )
+    group.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="keep the upsampler in NCHW layout (default: channels-last, faster on CPU; same outputs)",
+    )
+    group.add_argument(
+        "--amp",
+        choices=sorted(AMP_DTYPES),
+        default=None,
+        help="autocast backbone and upsampler to bf16/fp16 (faster, changes outputs slightly)",
+    )
     group.add_argument("--compile", action="store_true", help="torch.compile the upsampler (slow first call)")
 
 
 def inference_options(args: argparse.Namespace) -> InferenceOptions:
-    return InferenceOptions(fold_bn=args.fold_bn, channels_last=args.channels_last, amp=args.amp, compile=args.compile)
+    return InferenceOptions(
+        fold_bn=args.fold_bn, channels_last=args.channels_last, amp=args.amp, compile=args.compile
+    )
 
 
 def register(subparsers) -> None:
@@ -47,30 +63,44 @@ def register(subparsers) -> None:
         "bench",
         help="speed, memory, FLOPs and parameters of feature variants",
         description="Measure each variant at each size on random images: median latency per image (batch 1), "
-        "throughput at several batch sizes, peak memory (RSS on CPU, max allocated on CUDA), FLOPs, parameters, "
+        "throughput at several batch sizes, peak memory (live tensors on CPU, max allocated on CUDA), FLOPs, parameters, "
         "and the backbone and the upsampler alone. Writes OUT/bench.json and OUT/bench.md.",
     )
     add_backbone_args(parser)
-    parser.add_argument("--sizes", type=int_list, default=[224], help="base input sizes in pixels, e.g. 224,448,896")
+    parser.add_argument(
+        "--sizes", type=int_list, default=[224], help="base input sizes in pixels, e.g. 224,448,896"
+    )
     parser.add_argument(
         "--variants",
         action="append",
         default=None,
         help="comma-separated variants: none, bilinear, input-2x, lift[:CKPT][:iters=K] (default none,bilinear,lift,input-2x)",
     )
-    parser.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16], help="throughput batch sizes (default 1,4,16)")
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed calls per measurement (default 10)")
+    parser.add_argument(
+        "--batch-sizes", type=int_list, default=[1, 4, 16], help="throughput batch sizes (default 1,4,16)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=10, help="timed calls per measurement (default 10)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", default="bench", help="output folder for bench.json and bench.md (default ./bench)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--out", default="bench", help="output folder for bench.json and bench.md (default ./bench)"
+    )
     parser.add_argument(
         "--find-max-size",
         action="store_true",
         help="also find, per variant, the largest base size (first size doubled until out of memory) that fits at "
         "batch 1. Meant for CUDA; on CPU it stops at --max-size-cap, since the OS swaps rather than failing",
     )
-    parser.add_argument("--max-size-cap", type=positive_int, default=None,
-                        help="largest size --find-max-size tries (default: 16384 on CUDA, 1792 on CPU)")
+    parser.add_argument(
+        "--max-size-cap",
+        type=positive_int,
+        default=None,
+        help="largest size --find-max-size tries (default: 16384 on CUDA, 1792 on CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_inference_args(parser)
     add_device_arg(parser)
@@ -101,19 +131,25 @@ def run(args: argparse.Namespace) -> int:
         rows = run_benchmark(variants, settings)
     except RuntimeError as exc:
         if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
-            raise FeatliftError(f"out of memory on {device}: use smaller --sizes or --batch-sizes ({str(exc)[:200]})") from exc
+            raise FeatliftError(
+                f"out of memory on {device}: use smaller --sizes or --batch-sizes ({str(exc)[:200]})"
+            ) from exc
         raise
     extra = {}
     if args.find_max_size:
         cap = args.max_size_cap or (16384 if device.type == "cuda" else 1792)
-        note = "CUDA: doubled until torch.cuda.OutOfMemoryError" if device.type == "cuda" else (
-            f"CPU: bounded by --max-size-cap {cap}; the OS may swap instead of failing"
+        note = (
+            "CUDA: doubled until torch.cuda.OutOfMemoryError"
+            if device.type == "cuda"
+            else (f"CPU: bounded by --max-size-cap {cap}; the OS may swap instead of failing")
         )
         extra["max_size_note"] = note
         extra["max_size"] = []
         for variant in variants:
             largest, failed = find_max_size(variant, min(args.sizes), device, cap)
-            extra["max_size"].append({"variant": variant.spec, "largest": largest, "failed": failed, "cap": cap})
+            extra["max_size"].append(
+                {"variant": variant.spec, "largest": largest, "failed": failed, "cap": cap}
+            )
     env = environment(device)
     out = write_bench_results(args.out, rows, settings, env, extra)
     print((out / "bench.md").read_text())
