@@ -169,3 +169,17 @@ def test_extract_amp_is_recorded_and_close(tiny_files, tmp_path, capsys):
         ]
     )
     assert code == 2 and "amp" in capsys.readouterr().err
+
+
+def test_speed_options_keep_real_dinov2_lift_features(dinov2_backbone):
+    """On the real DINOv2 ViT-S/14, the default options (BN folding, channels-last) change nothing."""
+    torch.manual_seed(0)
+    lift = LiFT(dinov2_backbone.channels, dinov2_backbone.patch_size, residual=True)
+    randomize_batchnorm(lift, seed=3)
+    plain = FeaturePipeline(dinov2_backbone, lift, iters=1)
+    images = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    expected = plain(images)
+    got = optimize_pipeline(plain, InferenceOptions())(images)
+    assert got.shape == (1, 384, 32, 32)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.nn.functional.cosine_similarity(got, expected, dim=1).min() > 0.99999
