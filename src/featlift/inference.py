@@ -152,4 +152,7 @@ def optimize_pipeline(pipeline: FeaturePipeline, options: InferenceOptions | Non
     options = options or InferenceOptions()
     if options == PLAIN:
         return pipeline
+    if type(pipeline) is not FeaturePipeline:  # a subclass may compute something else: leave it as it is
+        logger.info("%s is not a plain FeaturePipeline; inference options not applied", type(pipeline).__name__)
+        return pipeline
     return OptimizedPipeline(pipeline, optimize_upsampler(pipeline.upsampler, options), options)
