@@ -438,6 +438,9 @@ def register(subparsers) -> None:
         "--sequences", default=None, help="comma-separated sequence names (default: val.txt or all)"
     )
     parser.add_argument(
+        "--resolution", default="480p", help="image/annotation subfolder: 480p (default) or Full-Resolution"
+    )
+    parser.add_argument(
         "--max-frames", type=int, default=None, help="use only the first N frames of each sequence"
     )
     parser.add_argument(
@@ -472,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     from ..commands.common import resolve_device
 
     names = [s for s in args.sequences.split(",") if s] if args.sequences else None
-    sequences = list_sequences(args.data, args.year, names, max_frames=args.max_frames)
+    sequences = list_sequences(args.data, args.year, names, args.resolution, max_frames=args.max_frames)
     device = resolve_device(args.device)
     backbone, variants = variants_from_args(args, device)
     check_sizes(variants, args.size)
@@ -505,6 +508,7 @@ def run(args: argparse.Namespace) -> int:
         variants,
         data=str(args.data),
         year=args.year,
+        resolution=args.resolution,
         sequences=[s.name for s in sequences],
         frames=sum(len(s.frames) for s in sequences),
         max_frames=args.max_frames,
