@@ -9,9 +9,9 @@ from conftest import TINY_TIMM_NAME
 from PIL import Image
 from skimage import data as skdata
 
-from featlift import image_to_tensor, parse_variants
+from featlift import LiFT, create_backbone, image_to_tensor, parse_variants, save_checkpoint
 from featlift.cli import main
-from featlift.viz import pca_rgb, similarity_figure, similarity_map
+from featlift.viz import pca_rgb, short_label, similarity_figure, similarity_map
 
 TITLE_PX = 28
 
@@ -68,6 +68,19 @@ def test_cli_similarity_and_pca_png_sizes(tmp_path, tiny_timm_weights, chelsea_p
     assert image.shape == (panel_h + TITLE_PX, 3 * 120, 3)
     assert image[TITLE_PX:, 120:].std() > 10  # the PCA panels are not blank
     assert "per-variant PCA" in capsys.readouterr().out
+
+
+def test_cli_five_panels_with_lift_checkpoint(tmp_path, tiny_timm_weights, chelsea_path, capsys):
+    """The paper-style row: image, backbone, bilinear, input-2x, LiFT, LiFT x2 (a LiFT checkpoint given by path)."""
+    backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights)
+    save_checkpoint(tmp_path / "ckpt", LiFT(backbone.channels, backbone.patch_size), backbone)
+    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "sim5.png"
+    specs = f"none,bilinear,input-2x,lift:{ckpt},lift:{ckpt}:iters=2"
+    code = viz("similarity", chelsea_path, tiny_timm_weights, out, "--point", "200,150", "--variant", specs)
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).size == (6 * 120, round(120 * 300 / 451) + TITLE_PX)
+    assert short_label(f"lift:{ckpt}:iters=2") == "lift:ckpt:iters=2" and short_label("none") == "backbone"
 
 
 def test_cli_errors(tmp_path, tiny_timm_weights, chelsea_path, capsys):

@@ -164,9 +164,19 @@ def _save(figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def _title(variant_label: str, grid: tuple[int, int]) -> str:
-    name = "backbone" if variant_label == "none" else variant_label
-    return f"{name} ({grid[0]}x{grid[1]})"
+def short_label(variant_label: str) -> str:
+    """A panel title for a variant spec: ``none`` -> ``backbone``; a checkpoint path -> its folder name."""
+    if variant_label == "none":
+        return "backbone"
+    name, *parts = variant_label.split(":")
+    parts = [p if "=" in p else Path(p.rstrip("/\\")).name or p for p in parts]
+    return ":".join([name, *parts])
+
+
+def _title(variant_label: str, grid: tuple[int, int], panel: int) -> str:
+    text = f"{short_label(variant_label)} ({grid[0]}x{grid[1]})"
+    limit = max(8, panel // 7)  # about 7 px per character at fontsize 9
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
 
 
 def render_similarity_figure(
@@ -190,7 +200,7 @@ def render_similarity_figure(
     title(0, "image")
     for col, label in enumerate(labels, start=1):
         grid = tuple(np.asarray(maps[0][col - 1]).shape) if points else (0, 0)
-        title(col, _title(label, grid))
+        title(col, _title(label, grid, panel))
     for row, (x, y) in enumerate(points):
         ax = axes(row, 0)
         ax.imshow(np.asarray(image), extent=extent)
@@ -239,7 +249,7 @@ def render_pca_figure(
     title(0, "image")
     axes(0, 0).imshow(np.asarray(image), extent=extent, aspect="auto")
     for col, (label, rgb) in enumerate(zip(labels, rgbs, strict=True), start=1):
-        title(col, _title(label, rgb.shape[:2]))
+        title(col, _title(label, rgb.shape[:2], panel))
         axes(0, col).imshow(rgb, extent=extent, interpolation="nearest", aspect="auto")
     return _save(figure, path)
 
