@@ -87,6 +87,11 @@ def register(subparsers) -> None:
     pca.set_defaults(run=run_pca)
 
 
+def _check_out(path: str) -> None:
+    if not path.lower().endswith(".png"):
+        raise FeatliftError(f"--out {path}: the output must be a .png file")
+
+
 def _variants(args: argparse.Namespace):
     backbone = backbone_from_args(args)
     specs = args.variant
@@ -113,6 +118,7 @@ def _variants(args: argparse.Namespace):
 def run_similarity(args: argparse.Namespace) -> int:
     from ..viz import check_points, similarity_figure
 
+    _check_out(args.out)
     image = load_image(args.image)
     check_points(args.point, (image.width, image.height))
     variants, device = _variants(args)
@@ -124,6 +130,7 @@ def run_similarity(args: argparse.Namespace) -> int:
 def run_pca(args: argparse.Namespace) -> int:
     from ..viz import pca_figure
 
+    _check_out(args.out)
     image = load_image(args.image)
     variants, device = _variants(args)
     if not variants:
