@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from ..train import LOSSES, TrainConfig, train
-from ..upsamplers import available_upsamplers
+from ..upsamplers import available_upsamplers, get_upsampler_class
 from .common import add_backbone_args, add_device_arg, positive_int
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("images", metavar="IMAGES", help="folder of images (recursive; jpg, png, webp, ...)")
     add_backbone_args(parser)
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoint, state, log")
-    parser.add_argument("--upsampler", default="lift", choices=available_upsamplers(), help="upsampler to train (default lift)")
+    trainable = [name for name in available_upsamplers() if get_upsampler_class(name).trainable]
+    parser.add_argument("--upsampler", default="lift", choices=trainable, help="upsampler to train (default lift)")
     parser.add_argument(
         "--no-residual", dest="residual", action="store_false",
         help="the paper-exact LiFT (no bilinear skip); default: residual LiFT (bilinear skip, zero-init head), "
