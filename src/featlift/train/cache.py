@@ -45,8 +45,6 @@ class FeatureCache:
         self.root = Path(root)
         self.folder = self.root / key
         self.dtype = DTYPES[dtype]
-        self.hits = 0
-        self.misses = 0
 
     def path(self, digest: str) -> Path:
         return self.folder / digest[:2] / f"{digest}.safetensors"
@@ -55,16 +53,13 @@ class FeatureCache:
         """The three feature maps of an image, or None on a miss (or an unreadable file)."""
         path = self.path(digest)
         if not path.is_file():
-            self.misses += 1
             return None
         try:
             tensors = load_file(str(path))
             out = [tensors[k] for k in SCALE_KEYS]
         except Exception as exc:  # a damaged file is recomputed, not fatal
             logger.warning("feature cache file %s is unreadable (%s); recomputing", path, exc)
-            self.misses += 1
             return None
-        self.hits += 1
         return out
 
     def put(self, digest: str, features: list[torch.Tensor]) -> None:
