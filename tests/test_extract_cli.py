@@ -70,6 +70,11 @@ def test_lift_checkpoint_float16_and_glob(tmp_path, tiny_timm_weights, image_tre
     features, meta = load_features(out / "img'1.png.safetensors")
     assert features.shape == (192, 4, 6) and features.dtype == torch.float16
     assert meta["upsampler"] == "lift" and meta["checkpoint"] == str(tmp_path / "ckpt")
+    assert len(meta["upsampler_fingerprint"]) == 16
+    # the same weights under another path count as the same settings: nothing is redone
+    (tmp_path / "ckpt").rename(tmp_path / "moved")
+    assert extract(tmp_path, tiny_timm_weights, pattern, "--checkpoint", str(tmp_path / "moved"), "--dtype", "float16", "--out", str(out)) == 0
+    assert load_features(out / "img'1.png.safetensors")[1]["checkpoint"] == str(tmp_path / "ckpt")
 
 
 def test_checkpoint_for_another_layer_is_refused(tmp_path, tiny_timm_weights, image_tree, capsys):

@@ -1,7 +1,7 @@
 """Batch feature extraction from image files to one ``.safetensors`` file per image.
 
 Each output ``OUT/<relative path>.safetensors`` holds ``features`` ``[C, H, W]`` and string metadata
-(backbone, fingerprint, layer, facet, upsampler, checkpoint, iters, input size, source). Files are
+(backbone, fingerprint, layer, facet, upsampler and its weights' fingerprint, checkpoint, iters, input size, source). Files are
 written atomically; outputs that already exist with the same settings are skipped, so a re-run
 resumes an interrupted one. Unreadable images are reported and skipped.
 """
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import __version__
 from .errors import FeatliftError, ImageReadError
 from .fileio import check_writable_dir, save_safetensors_atomic
+from .fingerprint import state_dict_fingerprint
 from .images import ImageItem, image_to_tensor, load_image
 from .inference import InferenceOptions, optimize_pipeline
 from .pipeline import FeaturePipeline
@@ -31,9 +32,19 @@ from .pipeline import FeaturePipeline
 logger = logging.getLogger(__name__)
 
 # Metadata keys that must match for an existing output to count as already done.
-SETTINGS_KEYS = ("backbone", "fingerprint", "layer", "facet", "upsampler", "checkpoint", "iters", "input_size", "dtype", "amp")
-# Value of a settings key in files written before featlift recorded it.
-SETTINGS_DEFAULTS = {"amp": "none"}
+# The checkpoint is identified by its weights, not its path, so moving it does not invalidate outputs.
+SETTINGS_KEYS = (
+    "backbone",
+    "fingerprint",
+    "layer",
+    "facet",
+    "upsampler",
+    "upsampler_fingerprint",
+    "iters",
+    "input_size",
+    "dtype",
+    "amp",
+)
 
 
 @dataclass
@@ -74,6 +85,7 @@ def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: t
         "layer": str(backbone.layer),
         "facet": backbone.facet,
         "upsampler": upsampler.name if upsampler is not None else "none",
+        "upsampler_fingerprint": state_dict_fingerprint(upsampler.state_dict()) if upsampler is not None else "",
         "checkpoint": str(getattr(pipeline, "checkpoint", None) or ""),
         "iters": str(pipeline.iters if upsampler is not None else 0),
         "input_size": f"{size[0]}x{size[1]}",
@@ -125,11 +137,7 @@ def _is_done(path: Path, settings: dict[str, str], overwrite: bool) -> bool:
         existing = read_metadata(path)
     except (SafetensorError, OSError):
         return False  # unreadable leftover: extract again
-    different = {
-        k: (existing.get(k, SETTINGS_DEFAULTS.get(k)), settings[k])
-        for k in SETTINGS_KEYS
-        if existing.get(k, SETTINGS_DEFAULTS.get(k)) != settings[k]
-    }
+    different = {k: (existing.get(k), settings[k]) for k in SETTINGS_KEYS if existing.get(k) != settings[k]}
     if different:
         details = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in different.items())
         raise FeatliftError(

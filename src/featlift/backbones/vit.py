@@ -13,7 +13,6 @@ Prefix tokens (CLS, registers) are dropped; the result is ``[B, C, H / patch, W 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError, InputSizeError
+from ..fingerprint import state_dict_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -179,12 +179,7 @@ class ViTBackbone(nn.Module):
     def fingerprint(self) -> str:
         """SHA-256 (first 16 hex digits) of the backbone weights: names, dtypes, shapes and values."""
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for key, tensor in sorted(self.model.state_dict().items()):
-                tensor = tensor.detach().to("cpu").contiguous()
-                digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-                digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-            self._fingerprint = digest.hexdigest()[:16]
+            self._fingerprint = state_dict_fingerprint(self.model.state_dict())
         return self._fingerprint
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
