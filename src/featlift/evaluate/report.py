@@ -42,7 +42,10 @@ def markdown_table(rows: list[VariantResult], metric_names: list[str] | None = N
     header = ["variant", *metric_names, "ms / image", "peak MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
-        cells = [f"`{row.variant}`", *(f"{row.metrics.get(m, float('nan')):.{digits}f}" for m in metric_names)]
+        cells = [
+            f"`{row.variant}`",
+            *(f"{row.metrics.get(m, float('nan')):.{digits}f}" for m in metric_names),
+        ]
         cells += [f"{row.ms_per_image:.1f}", f"{row.peak_memory_mib:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
