@@ -32,11 +32,15 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", default=str(SHARED / "data" / "imagenet-sample"))
-    parser.add_argument("--weights", default=str(SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors"))
+    parser.add_argument(
+        "--weights", default=str(SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors")
+    )
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("--seed", type=int, default=0, help="split seed: the images are the validation split of train")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="split seed: the images are the validation split of train"
+    )
     args = parser.parse_args()
 
     backbone = create_backbone(args.backbone, weights=args.weights)
@@ -52,7 +56,9 @@ def main() -> None:
             same.append(cosine(f_aa, f_strided))
             size = target.shape[-2:]
             up_aa.append(cosine(F.interpolate(f_aa, size=size, mode="bilinear", align_corners=False), target))
-            up_strided.append(cosine(F.interpolate(f_strided, size=size, mode="bilinear", align_corners=False), target))
+            up_strided.append(
+                cosine(F.interpolate(f_strided, size=size, mode="bilinear", align_corners=False), target)
+            )
     n = len(held_out)
     print(f"{args.backbone}, {n} held-out images at {args.image_size} px, img/2 = {args.image_size // 2} px")
     print()

@@ -33,7 +33,9 @@ SHARED = REPO.parent / "shared"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", default=str(SHARED / "data" / "imagenet-sample"))
-    parser.add_argument("--weights", default=str(SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors"))
+    parser.add_argument(
+        "--weights", default=str(SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors")
+    )
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--count", type=int, default=32, help="number of images (default 32)")
     parser.add_argument("--image-size", type=int, default=448)
@@ -49,16 +51,25 @@ def main() -> None:
         for k, item in enumerate(items):
             os.symlink(item.path.resolve(), folder / f"{k:05d}{item.path.suffix.lower()}")
         config = TrainConfig(
-            images=str(folder), out=str(Path(tmp) / "run"), backbone=args.backbone, weights=args.weights,
-            epochs=2, batch_size=args.batch_size, image_size=args.image_size, val_fraction=0.0,
-            device=args.device, progress=False,
+            images=str(folder),
+            out=str(Path(tmp) / "run"),
+            backbone=args.backbone,
+            weights=args.weights,
+            epochs=2,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            val_fraction=0.0,
+            device=args.device,
+            progress=False,
         )
         result = train(config)
         cold, warm = result.history
         from featlift.backbones import create_backbone
 
         backbone = create_backbone(args.backbone, weights=args.weights)
-        cache = FeatureCache(Path(tmp) / "run" / "cache", cache_key(backbone, args.image_size, RESIZE_METHOD, "float16"))
+        cache = FeatureCache(
+            Path(tmp) / "run" / "cache", cache_key(backbone, args.image_size, RESIZE_METHOD, "float16")
+        )
         files, size = cache.size_bytes()
 
     steps = -(-len(items) // args.batch_size)
@@ -72,9 +83,13 @@ def main() -> None:
     print("| feature cache | epoch seconds | images/s | backbone runs |")
     print("|---|---:|---:|---:|")
     for name, record in (("cold (1st epoch: backbone at S, S/2, S/4)", cold), ("warm (later epochs)", warm)):
-        print(f"| {name} | {record['seconds']:.1f} | {seen / record['seconds']:.2f} | {record['cache_misses']} |")
+        print(
+            f"| {name} | {record['seconds']:.1f} | {seen / record['seconds']:.2f} | {record['cache_misses']} |"
+        )
     print()
-    print(f"cache: {files} files, {size / max(files, 1) / 1e6:.2f} MB per image (float16; S, S/2, S/4 feature maps)")
+    print(
+        f"cache: {files} files, {size / max(files, 1) / 1e6:.2f} MB per image (float16; S, S/2, S/4 feature maps)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,14 @@ requires_shared = pytest.mark.skipif(
 )
 
 
-def tiny_vit(patch_size: int = 16, embed_dim: int = 32, depth: int = 2, reg_tokens: int = 0, qk_norm: bool = False, seed: int = 0):
+def tiny_vit(
+    patch_size: int = 16,
+    embed_dim: int = 32,
+    depth: int = 2,
+    reg_tokens: int = 0,
+    qk_norm: bool = False,
+    seed: int = 0,
+):
     """A random timm VisionTransformer small enough for unit tests, with any patch size."""
     torch.manual_seed(seed)
     return timm.models.vision_transformer.VisionTransformer(
@@ -45,8 +52,19 @@ def tiny_vit(patch_size: int = 16, embed_dim: int = 32, depth: int = 2, reg_toke
 def tiny_backbone():
     """Factory: ``tiny_backbone(patch_size=16, facet="token", layer=None, **vit_kwargs)`` -> ViTBackbone."""
 
-    def make(patch_size: int = 16, facet: str = "token", layer: int | None = None, name: str | None = None, **kwargs):
-        return ViTBackbone(tiny_vit(patch_size=patch_size, **kwargs), name or f"tiny_vit_p{patch_size}", layer=layer, facet=facet)
+    def make(
+        patch_size: int = 16,
+        facet: str = "token",
+        layer: int | None = None,
+        name: str | None = None,
+        **kwargs,
+    ):
+        return ViTBackbone(
+            tiny_vit(patch_size=patch_size, **kwargs),
+            name or f"tiny_vit_p{patch_size}",
+            layer=layer,
+            facet=facet,
+        )
 
     return make
 

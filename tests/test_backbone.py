@@ -87,7 +87,9 @@ def test_layer_and_facet_validation():
 
 def test_sizes_not_multiple_of_patch_are_refused_with_a_suggestion():
     backbone = ViTBackbone(tiny_vit(patch_size=14), "tiny14")
-    with pytest.raises(InputSizeError, match=r"225x224 is not a multiple of tiny14's patch size 14; resize to e.g. 224x224"):
+    with pytest.raises(
+        InputSizeError, match=r"225x224 is not a multiple of tiny14's patch size 14; resize to e.g. 224x224"
+    ):
         backbone(torch.zeros(1, 3, 225, 224))
     with pytest.raises(InputSizeError, match=r"\[B, 3, H, W\]"):
         backbone(torch.zeros(3, 224, 224))
@@ -131,7 +133,12 @@ def test_local_weights_in_safetensors_and_wrapped_pth(tiny_timm_checkpoint):
         outputs.append((backbone.fingerprint(), backbone(x)))
     assert outputs[0][0] == outputs[1][0]
     torch.testing.assert_close(outputs[0][1], outputs[1][1])
-    reference = ViTBackbone(timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True), "ref", layer=5, facet="key")
+    reference = ViTBackbone(
+        timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True),
+        "ref",
+        layer=5,
+        facet="key",
+    )
     reference.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
     torch.testing.assert_close(reference(x), outputs[0][1])
 
@@ -175,7 +182,12 @@ def test_listed_timm_families_build_and_tap(name, channels, patch, prefix):
     """Architecture only, 3 blocks deep to stay fast (no download here): shape facts come from the model."""
     for facet in ("token", "key"):
         backbone = create_backbone(name, pretrained=False, facet=facet, layer=2, depth=3)
-        assert (backbone.name, backbone.channels, backbone.patch_size, backbone.num_prefix_tokens) == (name, channels, patch, prefix)
+        assert (backbone.name, backbone.channels, backbone.patch_size, backbone.num_prefix_tokens) == (
+            name,
+            channels,
+            patch,
+            prefix,
+        )
         with torch.no_grad():
             out = backbone(backbone.normalize(torch.rand(1, 3, patch * 2, patch * 3)))
         assert out.shape == (1, channels, 2, 3)

@@ -37,7 +37,10 @@ def test_round_trip_records_everything(tmp_path, tiny_backbone):
     save_checkpoint(tmp_path / "ckpt", lift, backbone, training={"epochs": 3})
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["format_version"] == 1
-    assert config["upsampler"] == {"name": "lift", "args": {"channels": 32, "patch_size": 14, "residual": False}}
+    assert config["upsampler"] == {
+        "name": "lift",
+        "args": {"channels": 32, "patch_size": 14, "residual": False},
+    }
     assert config["backbone"] == {
         "name": "tiny_vit_p14",
         "fingerprint": backbone.fingerprint(),
@@ -107,7 +110,9 @@ def test_weights_that_do_not_fit_the_config_fail_strictly(tmp_path, tiny_backbon
     backbone = tiny_backbone()
     save_checkpoint(tmp_path / "a", LiFT(32, 16), backbone)
     save_checkpoint(tmp_path / "b", LiFT(32, 16, residual=True), backbone)
-    (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text().replace('"channels": 32,', '"channels": 64,', 1))
+    (tmp_path / "b" / "config.json").write_text(
+        (tmp_path / "a" / "config.json").read_text().replace('"channels": 32,', '"channels": 64,', 1)
+    )
     with pytest.raises(CheckpointError, match="weights do not fit lift"):
         load_checkpoint(tmp_path / "b")
 

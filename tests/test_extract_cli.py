@@ -23,7 +23,21 @@ def image_tree(tmp_path):
 
 
 def extract(tmp_path, weights, *args):
-    return main(["-q", "extract", *args, "--backbone", TINY_TIMM_NAME, "--weights", str(weights), "--size", "32x48", "--workers", "0"])
+    return main(
+        [
+            "-q",
+            "extract",
+            *args,
+            "--backbone",
+            TINY_TIMM_NAME,
+            "--weights",
+            str(weights),
+            "--size",
+            "32x48",
+            "--workers",
+            "0",
+        ]
+    )
 
 
 def outputs(folder: Path) -> list[str]:
@@ -32,7 +46,17 @@ def outputs(folder: Path) -> list[str]:
 
 def test_folder_with_odd_names_bilinear(tmp_path, tiny_timm_weights, image_tree, capsys):
     out = tmp_path / "out"
-    code = extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--iters", "2", "--out", str(out))
+    code = extract(
+        tmp_path,
+        tiny_timm_weights,
+        str(image_tree),
+        "--upsampler",
+        "bilinear",
+        "--iters",
+        "2",
+        "--out",
+        str(out),
+    )
     assert code == 0
     assert outputs(out) == [
         "img 0.jpg.safetensors",
@@ -44,14 +68,33 @@ def test_folder_with_odd_names_bilinear(tmp_path, tiny_timm_weights, image_tree,
     features, meta = load_features(out / "nested dir" / "img'1.png.safetensors")
     assert features.shape == (192, 8, 12) and features.dtype == torch.float32
     assert meta["upsampler"] == "bilinear" and meta["iters"] == "2" and meta["input_size"] == "32x48"
-    assert meta["backbone"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k" and meta["layer"] == "11" and meta["facet"] == "token"
+    assert (
+        meta["backbone"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+        and meta["layer"] == "11"
+        and meta["facet"] == "token"
+    )
     assert meta["source"].endswith("img'1.png")
     assert "5 written" in capsys.readouterr().out
 
 
 def test_features_equal_the_python_api(tmp_path, tiny_timm_weights, image_tree):
     out = tmp_path / "out"
-    assert extract(tmp_path, tiny_timm_weights, str(image_tree / "img 0.jpg"), "--upsampler", "none", "--layer", "3", "--facet", "value", "--out", str(out)) == 0
+    assert (
+        extract(
+            tmp_path,
+            tiny_timm_weights,
+            str(image_tree / "img 0.jpg"),
+            "--upsampler",
+            "none",
+            "--layer",
+            "3",
+            "--facet",
+            "value",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     features, meta = load_features(out / "img 0.jpg.safetensors")
     backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights, layer=3, facet="value")
     image = featlift.image_to_tensor(featlift.load_image(image_tree / "img 0.jpg"), (32, 48))[None]
@@ -64,7 +107,19 @@ def test_lift_checkpoint_float16_and_glob(tmp_path, tiny_timm_weights, image_tre
     save_checkpoint(tmp_path / "ckpt", LiFT(backbone.channels, backbone.patch_size), backbone)
     out = tmp_path / "out"
     pattern = str(image_tree / "**" / "*.png")
-    code = extract(tmp_path, tiny_timm_weights, pattern, "--checkpoint", str(tmp_path / "ckpt"), "--dtype", "float16", "--out", str(out), "--batch-size", "1")
+    code = extract(
+        tmp_path,
+        tiny_timm_weights,
+        pattern,
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--dtype",
+        "float16",
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+    )
     assert code == 0
     assert outputs(out) == ["img'1.png.safetensors", "nested dir/img'1.png.safetensors"]
     features, meta = load_features(out / "img'1.png.safetensors")
@@ -73,17 +128,42 @@ def test_lift_checkpoint_float16_and_glob(tmp_path, tiny_timm_weights, image_tre
     assert len(meta["upsampler_fingerprint"]) == 16
     # the same weights under another path count as the same settings: nothing is redone
     (tmp_path / "ckpt").rename(tmp_path / "moved")
-    assert extract(tmp_path, tiny_timm_weights, pattern, "--checkpoint", str(tmp_path / "moved"), "--dtype", "float16", "--out", str(out)) == 0
+    assert (
+        extract(
+            tmp_path,
+            tiny_timm_weights,
+            pattern,
+            "--checkpoint",
+            str(tmp_path / "moved"),
+            "--dtype",
+            "float16",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     assert load_features(out / "img'1.png.safetensors")[1]["checkpoint"] == str(tmp_path / "ckpt")
 
 
 def test_checkpoint_for_another_layer_is_refused(tmp_path, tiny_timm_weights, image_tree, capsys):
     backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights, layer=5)
     save_checkpoint(tmp_path / "ckpt", LiFT(backbone.channels, backbone.patch_size), backbone)
-    code = extract(tmp_path, tiny_timm_weights, str(image_tree), "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"))
+    code = extract(
+        tmp_path,
+        tiny_timm_weights,
+        str(image_tree),
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert code == 2
     err = capsys.readouterr().err
-    assert "trained for backbone=vit_tiny_patch16_224.augreg_in21k_ft_in1k layer=5" in err and "you are using" in err and "layer=11" in err
+    assert (
+        "trained for backbone=vit_tiny_patch16_224.augreg_in21k_ft_in1k layer=5" in err
+        and "you are using" in err
+        and "layer=11" in err
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -105,20 +185,42 @@ def test_corrupt_image_is_reported_and_the_rest_extracted(tmp_path, tiny_timm_we
 
 def test_rerun_skips_finished_and_refuses_other_settings(tmp_path, tiny_timm_weights, image_tree, capsys):
     out = tmp_path / "out"
-    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out)) == 0
+    assert (
+        extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out))
+        == 0
+    )
     first = out / "img 0.jpg.safetensors"
     stamp = first.stat().st_mtime_ns
     capsys.readouterr()
-    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out)) == 0
+    assert (
+        extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out))
+        == 0
+    )
     assert "0 written, 5 already done" in capsys.readouterr().out
     assert first.stat().st_mtime_ns == stamp
-    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "none", "--out", str(out)) == 2
+    assert (
+        extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "none", "--out", str(out)) == 2
+    )
     assert "exists with other settings (upsampler: 'bilinear' there, 'none' now" in capsys.readouterr().err
-    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "none", "--out", str(out), "--overwrite") == 0
+    assert (
+        extract(
+            tmp_path,
+            tiny_timm_weights,
+            str(image_tree),
+            "--upsampler",
+            "none",
+            "--out",
+            str(out),
+            "--overwrite",
+        )
+        == 0
+    )
     assert load_features(first)[1]["upsampler"] == "none"
 
 
-def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path, tiny_timm_weights, image_tree, monkeypatch):
+def test_interrupted_run_leaves_no_partial_file_and_resumes(
+    tmp_path, tiny_timm_weights, image_tree, monkeypatch
+):
     out = tmp_path / "out"
     real_save = featlift.extract.save_safetensors_atomic
     calls = []
@@ -128,18 +230,36 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path, tiny_timm_
         if len(calls) == 3:
             from safetensors.torch import save_file
 
-            save_file(tensors, str(path) + ".partial-write-simulated")  # would be a half file without atomic writes
+            save_file(
+                tensors, str(path) + ".partial-write-simulated"
+            )  # would be a half file without atomic writes
             raise KeyboardInterrupt
         real_save(tensors, path, metadata)
 
     monkeypatch.setattr(featlift.extract, "save_safetensors_atomic", crash_on_third)
-    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out), "--batch-size", "2") == 130
+    assert (
+        extract(
+            tmp_path,
+            tiny_timm_weights,
+            str(image_tree),
+            "--upsampler",
+            "bilinear",
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+        )
+        == 130
+    )
     for leftover in out.rglob("*.partial-write-simulated"):
         leftover.unlink()
     done = outputs(out)
     assert len(done) == 2 and all(name.endswith(".safetensors") for name in done)
     monkeypatch.setattr(featlift.extract, "save_safetensors_atomic", real_save)
-    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out)) == 0
+    assert (
+        extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out))
+        == 0
+    )
     assert len(outputs(out)) == 5
 
 
@@ -164,7 +284,18 @@ def test_atomic_write_removes_its_temp_file_on_failure(tmp_path):
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_timm_weights, image_tree, capsys, args, message):
     (tmp_path / "empty").mkdir()
     args = [a.format(tree=image_tree, empty=tmp_path / "empty") for a in args]
-    argv = ["extract", *args, "--backbone", TINY_TIMM_NAME, "--weights", str(tiny_timm_weights), "--upsampler", "bilinear", "--workers", "0"]
+    argv = [
+        "extract",
+        *args,
+        "--backbone",
+        TINY_TIMM_NAME,
+        "--weights",
+        str(tiny_timm_weights),
+        "--upsampler",
+        "bilinear",
+        "--workers",
+        "0",
+    ]
     argv += ["--out", str(tmp_path / "out")]
     if message is None:
         with pytest.raises(SystemExit) as exit_info:
@@ -185,7 +316,10 @@ def test_unwritable_output_folder_fails_before_work(tmp_path, tiny_timm_weights,
     else:
         out = tmp_path / "ro"
         out.mkdir(mode=0o500)
-    assert extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out)) == 2
+    assert (
+        extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "bilinear", "--out", str(out))
+        == 2
+    )
     assert "not writable" in capsys.readouterr().err
 
 
@@ -197,8 +331,31 @@ def test_colliding_relative_paths_are_refused(tmp_path, tiny_timm_weights):
 
 
 def test_workers_decode_in_parallel(tmp_path, tiny_timm_weights, image_tree):
-    argv = ["-q", "extract", str(image_tree), "--backbone", TINY_TIMM_NAME, "--weights", str(tiny_timm_weights)]
-    assert main([*argv, "--size", "32", "--upsampler", "bilinear", "--workers", "2", "--out", str(tmp_path / "out")]) == 0
+    argv = [
+        "-q",
+        "extract",
+        str(image_tree),
+        "--backbone",
+        TINY_TIMM_NAME,
+        "--weights",
+        str(tiny_timm_weights),
+    ]
+    assert (
+        main(
+            [
+                *argv,
+                "--size",
+                "32",
+                "--upsampler",
+                "bilinear",
+                "--workers",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert len(outputs(tmp_path / "out")) == 5
 
 
@@ -228,3 +385,12 @@ def test_kill_9_mid_run_then_rerun_completes(tmp_path, tiny_timm_weights):
     assert main(["-q", *argv[3:]]) == 0
     assert len(list(out.glob("*.safetensors"))) == 30
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    from featlift.fileio import save_json_atomic
+
+    save_json_atomic({"a": 1}, tmp_path / "x.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask

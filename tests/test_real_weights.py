@@ -26,7 +26,14 @@ REAL_IMAGES = ["n01440764_tench.JPEG", "n01443537_goldfish.JPEG", "n01530575_bra
 
 def test_real_backbone_reports_its_shape_from_the_model(dinov2_backbone):
     b = dinov2_backbone
-    assert (b.name, b.channels, b.patch_size, b.num_prefix_tokens, b.layer, b.depth) == (DINOV2_NAME, 384, 14, 1, 11, 12)
+    assert (b.name, b.channels, b.patch_size, b.num_prefix_tokens, b.layer, b.depth) == (
+        DINOV2_NAME,
+        384,
+        14,
+        1,
+        11,
+        12,
+    )
     assert b.fingerprint() == "4da5b7fc0899f8b1"  # sha256 of the ../shared weights, stable across runs
 
 
@@ -51,7 +58,17 @@ def real_image_dir(tmp_path_factory):
 
 
 def run_extract(folder, out, *args):
-    argv = ["-q", "extract", str(folder), "--backbone", DINOV2_NAME, "--weights", str(DINOV2_WEIGHTS), "--size", "224"]
+    argv = [
+        "-q",
+        "extract",
+        str(folder),
+        "--backbone",
+        DINOV2_NAME,
+        "--weights",
+        str(DINOV2_WEIGHTS),
+        "--size",
+        "224",
+    ]
     return main([*argv, "--out", str(out), "--workers", "0", *args])
 
 
@@ -66,15 +83,34 @@ def test_extract_real_images_bilinear_and_lift(tmp_path, real_image_dir, dinov2_
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "ckpt", LiFT(384, 14), dinov2_backbone)
-    assert run_extract(real_image_dir, tmp_path / "lift2", "--checkpoint", str(tmp_path / "ckpt"), "--iters", "2") == 0
+    assert (
+        run_extract(
+            real_image_dir, tmp_path / "lift2", "--checkpoint", str(tmp_path / "ckpt"), "--iters", "2"
+        )
+        == 0
+    )
     features, meta = load_features(tmp_path / "lift2" / f"{REAL_IMAGES[0]}.safetensors")
     assert features.shape == (384, 64, 64) and meta["iters"] == "2"
 
 
-def test_real_checkpoint_for_another_layer_or_facet_is_refused(tmp_path, dinov2_backbone, real_image_dir, capsys):
+def test_real_checkpoint_for_another_layer_or_facet_is_refused(
+    tmp_path, dinov2_backbone, real_image_dir, capsys
+):
     key_backbone = ViTBackbone(dinov2_backbone.model, DINOV2_NAME, layer=11, facet="key")
     save_checkpoint(tmp_path / "ckpt", LiFT(384, 14), key_backbone)
     with pytest.raises(CheckpointMismatchError, match="facet=key .* facet=token"):
         load_checkpoint(tmp_path / "ckpt", backbone=dinov2_backbone)
-    assert run_extract(real_image_dir, tmp_path / "out", "--checkpoint", str(tmp_path / "ckpt"), "--layer", "9", "--facet", "key") == 2
+    assert (
+        run_extract(
+            real_image_dir,
+            tmp_path / "out",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--layer",
+            "9",
+            "--facet",
+            "key",
+        )
+        == 2
+    )
     assert "differs in layer" in capsys.readouterr().err

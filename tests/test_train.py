@@ -37,7 +37,12 @@ def test_train_odd_tree_cache_resume_and_load(tmp_path, weights, monkeypatch, ca
     assert main(train_args(images, run, weights, "--epochs", "1", "--val-fraction", "0.34", "--augment")) == 0
     log = read_log(run)
     start = log[0]
-    assert start["type"] == "start" and start["image_files"] == 7 and start["images"] == 6 and start["skipped_images"] == 1
+    assert (
+        start["type"] == "start"
+        and start["image_files"] == 7
+        and start["images"] == 6
+        and start["skipped_images"] == 1
+    )
     assert start["skipped"][0].endswith("broken image.jpg")
     assert start["train_images"] == 4 and start["val_images"] == 2
     first = [r for r in log if r["type"] == "epoch"][0]
@@ -51,7 +56,14 @@ def test_train_odd_tree_cache_resume_and_load(tmp_path, weights, monkeypatch, ca
         raise AssertionError("backbone called although its features are cached")
 
     monkeypatch.setattr(ViTBackbone, "forward", no_backbone)
-    assert main(train_args(images, run, weights, "--epochs", "2", "--val-fraction", "0.34", "--augment", "--resume")) == 0
+    assert (
+        main(
+            train_args(
+                images, run, weights, "--epochs", "2", "--val-fraction", "0.34", "--augment", "--resume"
+            )
+        )
+        == 0
+    )
     monkeypatch.undo()
     assert "2 epochs on 4 images (1 unreadable skipped)" in capsys.readouterr().out
     epochs = [r for r in read_log(run) if r["type"] == "epoch"]
@@ -79,7 +91,14 @@ def test_existing_run_needs_resume_and_same_settings(tmp_path, weights, capsys):
     assert main(train_args(images, run, weights, "--epochs", "1", "--val-fraction", "0")) == 0
     assert main(train_args(images, run, weights, "--epochs", "1", "--val-fraction", "0")) == 2
     assert "already holds a training run" in capsys.readouterr().err
-    assert main(train_args(images, run, weights, "--epochs", "2", "--val-fraction", "0", "--lr", "0.01", "--resume")) == 2
+    assert (
+        main(
+            train_args(
+                images, run, weights, "--epochs", "2", "--val-fraction", "0", "--lr", "0.01", "--resume"
+            )
+        )
+        == 2
+    )
     assert "lr: was 0.001, now 0.01" in capsys.readouterr().err
 
 

@@ -27,8 +27,15 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
 
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "featlift", *train_args(images, ddp_run, weights, *options),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "featlift",
+        *train_args(images, ddp_run, weights, *options),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -53,7 +60,9 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         assert a["val_cosine_bilinear"] == b["val_cosine_bilinear"]
     ddp_weights = load_file(str(ddp_run / "model.safetensors"))
     single_weights = load_file(str(single_run / "model.safetensors"))
-    diffs = torch.cat([(ddp_weights[k].float() - v.float()).abs().flatten() for k, v in single_weights.items()])
+    diffs = torch.cat(
+        [(ddp_weights[k].float() - v.float()).abs().flatten() for k, v in single_weights.items()]
+    )
     assert diffs.mean() <= 1e-6
     # Adam divides by sqrt(v): a weight whose gradient is ~0 can move by up to lr per step on rounding noise
     # (measured: max 1e-4, mean 3e-8 after 4 steps).

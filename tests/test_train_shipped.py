@@ -27,11 +27,15 @@ def test_shipped_lift_beats_bilinear_on_held_out_images(dinov2_backbone):
     assert config.upsampler_args["residual"] is True
     args = config.training["args"]
     size = args["image_size"]
-    assert config.training["final_val"]["val_cosine_lift"] > config.training["final_val"]["val_cosine_bilinear"]
+    assert (
+        config.training["final_val"]["val_cosine_lift"] > config.training["final_val"]["val_cosine_bilinear"]
+    )
 
     if not IMAGENET_SAMPLE.is_dir():
         return
-    images = [TrainImage(item.path, item.relative.as_posix(), "") for item in collect_images([IMAGENET_SAMPLE])]
+    images = [
+        TrainImage(item.path, item.relative.as_posix(), "") for item in collect_images([IMAGENET_SAMPLE])
+    ]
     _, held_out = split_images(images, args["val_fraction"], args["seed"])
     held_out = held_out[:3]
     lift_scores, bilinear_scores = [], []

@@ -64,7 +64,9 @@ def test_bilinear_is_one_step_interpolation():
     bilinear = create_upsampler("bilinear")
     features = torch.randn(1, 4, 5, 6)
     out = bilinear(features, torch.randn(1, 3, 80, 96), iters=2)
-    torch.testing.assert_close(out, F.interpolate(features, size=(20, 24), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(
+        out, F.interpolate(features, size=(20, 24), mode="bilinear", align_corners=False)
+    )
     assert bilinear(features, torch.randn(1, 3, 80, 96), iters=0) is features
 
 

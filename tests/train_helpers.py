@@ -38,8 +38,22 @@ def write_image_tree(root: Path, count: int = 6, corrupt: bool = True, seed: int
 
 def train_args(images: Path, out: Path, weights: Path, *extra: str) -> list[str]:
     return [
-        "train", str(images), "--backbone", TINY_NAME, "--weights", str(weights), "--out", str(out),
-        "--image-size", "64", "--batch-size", "2", "--device", "cpu", "--no-progress", *extra,
+        "train",
+        str(images),
+        "--backbone",
+        TINY_NAME,
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
     ]
 
 

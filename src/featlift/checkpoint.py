@@ -90,7 +90,9 @@ class CheckpointConfig:
     def from_json(cls, data: dict[str, Any], source: str) -> CheckpointConfig:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise CheckpointError(f"{source}: format_version {version!r} is not supported (this featlift reads {FORMAT_VERSION})")
+            raise CheckpointError(
+                f"{source}: format_version {version!r} is not supported (this featlift reads {FORMAT_VERSION})"
+            )
         try:
             return cls(
                 upsampler=data["upsampler"]["name"],
@@ -101,7 +103,9 @@ class CheckpointConfig:
                 format_version=version,
             )
         except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"{source}: malformed checkpoint config ({type(exc).__name__}: {exc})") from exc
+            raise CheckpointError(
+                f"{source}: malformed checkpoint config ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -110,10 +114,14 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     if path.is_file() and path.name in (WEIGHTS_FILE, CONFIG_FILE):
         path = path.parent
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path}: no such folder (expected a folder with {WEIGHTS_FILE} and {CONFIG_FILE})")
+        raise CheckpointError(
+            f"checkpoint {path}: no such folder (expected a folder with {WEIGHTS_FILE} and {CONFIG_FILE})"
+        )
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path}: {name} is missing (expected {WEIGHTS_FILE} and {CONFIG_FILE})")
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is missing (expected {WEIGHTS_FILE} and {CONFIG_FILE})"
+            )
     return path
 
 
@@ -192,7 +200,9 @@ def load_checkpoint(
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE}: weights do not fit {config.upsampler}{config.upsampler_args}: {exc}") from exc
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE}: weights do not fit {config.upsampler}{config.upsampler_args}: {exc}"
+        ) from exc
     return module.eval(), config
 
 
@@ -218,7 +228,9 @@ def import_original_lift(
     state = convert_original_state_dict(state)
     head = state.get("head.weight")
     if head is None:
-        raise CheckpointError(f"{pth}: not a LiFT state dict (no outc.weight); keys start {sorted(state)[:5]}")
+        raise CheckpointError(
+            f"{pth}: not a LiFT state dict (no outc.weight); keys start {sorted(state)[:5]}"
+        )
     if head.shape[0] != backbone.channels:
         raise CheckpointMismatchError(
             f"{pth} outputs {head.shape[0]} channels, but {backbone.name} layer {backbone.layer} facet "
@@ -229,5 +241,7 @@ def import_original_lift(
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{pth}: does not fit the LiFT architecture: {exc}") from exc
-    save_checkpoint(directory, module, backbone, training={"imported_from": str(pth), "source": "original LiFT code"})
+    save_checkpoint(
+        directory, module, backbone, training={"imported_from": str(pth), "source": "original LiFT code"}
+    )
     return module.eval(), read_checkpoint_config(directory)

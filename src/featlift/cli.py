@@ -16,7 +16,9 @@ from .errors import FeatliftError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featlift", description="Denser dense features for pretrained ViTs.")
+    parser = argparse.ArgumentParser(
+        prog="featlift", description="Denser dense features for pretrained ViTs."
+    )
     parser.add_argument("--version", action="version", version=f"featlift {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

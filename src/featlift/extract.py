@@ -85,7 +85,9 @@ def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: t
         "layer": str(backbone.layer),
         "facet": backbone.facet,
         "upsampler": upsampler.name if upsampler is not None else "none",
-        "upsampler_fingerprint": state_dict_fingerprint(upsampler.state_dict()) if upsampler is not None else "",
+        "upsampler_fingerprint": state_dict_fingerprint(upsampler.state_dict())
+        if upsampler is not None
+        else "",
         "checkpoint": str(getattr(pipeline, "checkpoint", None) or ""),
         "iters": str(pipeline.iters if upsampler is not None else 0),
         "input_size": f"{size[0]}x{size[1]}",
@@ -180,7 +182,11 @@ def extract_to_folder(
         else:
             todo.append(item)
     if report.skipped:
-        logger.info("%d of %d outputs already exist with the same settings; skipping them", len(report.skipped), len(items))
+        logger.info(
+            "%d of %d outputs already exist with the same settings; skipping them",
+            len(report.skipped),
+            len(items),
+        )
     if not todo:
         return report
     pipeline = optimize_pipeline(pipeline.to(device).eval(), options).to(device).eval()
@@ -203,14 +209,20 @@ def extract_to_folder(
             item = todo[index]
             path = output_path(out_dir, item)
             try:
-                save_safetensors_atomic({"features": feature}, path, metadata={**settings, "source": str(item.path)})
+                save_safetensors_atomic(
+                    {"features": feature}, path, metadata={**settings, "source": str(item.path)}
+                )
             except BaseException:
                 write_failed.set()
                 raise
             paths.append(path)
         return paths
 
-    writer = ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="featlift-writer") if writer_threads > 0 else None
+    writer = (
+        ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="featlift-writer")
+        if writer_threads > 0
+        else None
+    )
     pending: deque[tuple[Future, int]] = deque()
 
     def finish_oldest() -> None:

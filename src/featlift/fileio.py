@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -12,6 +13,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it, which is not thread-safe)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -24,6 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

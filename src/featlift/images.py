@@ -100,9 +100,15 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[ImageItem]:
     for raw in inputs:
         entry = Path(raw)
         if entry.is_dir():
-            found = [(p, p.relative_to(entry)) for p in sorted(entry.rglob("*")) if p.is_file() and is_image_file(p)]
+            found = [
+                (p, p.relative_to(entry))
+                for p in sorted(entry.rglob("*"))
+                if p.is_file() and is_image_file(p)
+            ]
             if not found:
-                raise FeatliftError(f"{entry}: folder contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise FeatliftError(
+                    f"{entry}: folder contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
         elif entry.is_file():
             found = [(entry, Path(entry.name))]
         elif glob.has_magic(str(raw)):

@@ -153,6 +153,8 @@ def optimize_pipeline(pipeline: FeaturePipeline, options: InferenceOptions | Non
     if options == PLAIN:
         return pipeline
     if type(pipeline) is not FeaturePipeline:  # a subclass may compute something else: leave it as it is
-        logger.info("%s is not a plain FeaturePipeline; inference options not applied", type(pipeline).__name__)
+        logger.info(
+            "%s is not a plain FeaturePipeline; inference options not applied", type(pipeline).__name__
+        )
         return pipeline
     return OptimizedPipeline(pipeline, optimize_upsampler(pipeline.upsampler, options), options)

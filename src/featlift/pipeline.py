@@ -50,7 +50,9 @@ class FeaturePipeline(nn.Module):
         if self.upsampler is not None:
             features = self.upsampler(features, normalized, iters=self.iters, output_size=self.output_size)
         elif self.output_size is not None:
-            features = nn.functional.interpolate(features, size=self.output_size, mode="bilinear", align_corners=False)
+            features = nn.functional.interpolate(
+                features, size=self.output_size, mode="bilinear", align_corners=False
+            )
         return features
 
 
@@ -69,7 +71,9 @@ def resolve_upsampler(
 
     if upsampler in (None, "none"):
         if checkpoint is not None:
-            raise FeatliftError("a checkpoint was given with upsampler 'none'; pass --upsampler lift (or drop --checkpoint)")
+            raise FeatliftError(
+                "a checkpoint was given with upsampler 'none'; pass --upsampler lift (or drop --checkpoint)"
+            )
         return None, None
     cls = get_upsampler_class(upsampler)
     if not cls.trainable:
@@ -86,7 +90,9 @@ def resolve_upsampler(
         checkpoint = str(shipped)
     module, config = load_checkpoint(checkpoint, backbone=backbone)
     if config.upsampler != upsampler:
-        raise FeatliftError(f"checkpoint {checkpoint} holds a {config.upsampler!r} upsampler, not {upsampler!r}")
+        raise FeatliftError(
+            f"checkpoint {checkpoint} holds a {config.upsampler!r} upsampler, not {upsampler!r}"
+        )
     return module, str(checkpoint)
 
 
@@ -107,6 +113,8 @@ def build_pipeline(
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, weights=weights, layer=layer, facet=facet)
     module, used = resolve_upsampler(backbone, upsampler, checkpoint)
-    pipeline = FeaturePipeline(backbone, module, iters=iters if module is not None else 0, output_size=output_size)
+    pipeline = FeaturePipeline(
+        backbone, module, iters=iters if module is not None else 0, output_size=output_size
+    )
     pipeline.checkpoint = used
     return pipeline

@@ -28,7 +28,9 @@ _INPUT_SCALE = re.compile(r"^input-(\d+)x$")
 class FeatureVariant:
     """A labelled way to turn images into features; ``variant(images)`` on images in ``[0, 1]``."""
 
-    def __init__(self, spec: str, pipeline: FeaturePipeline, input_scale: int = 1, checkpoint: str | None = None):
+    def __init__(
+        self, spec: str, pipeline: FeaturePipeline, input_scale: int = 1, checkpoint: str | None = None
+    ):
         self.spec = spec
         self.label = spec
         self.pipeline = pipeline
@@ -68,7 +70,9 @@ def parse_variant(spec: str, backbone: ViTBackbone) -> FeatureVariant:
         elif checkpoint is None and part:
             checkpoint = part
         else:
-            raise FeatliftError(f"variant {spec!r}: unexpected part {part!r} (grammar: NAME[:CHECKPOINT][:iters=K])")
+            raise FeatliftError(
+                f"variant {spec!r}: unexpected part {part!r} (grammar: NAME[:CHECKPOINT][:iters=K])"
+            )
     unknown = set(options) - {"iters"}
     if unknown:
         raise FeatliftError(f"variant {spec!r}: unknown option(s) {', '.join(sorted(unknown))}; known: iters")
@@ -85,7 +89,9 @@ def parse_variant(spec: str, backbone: ViTBackbone) -> FeatureVariant:
             raise FeatliftError(f"variant {spec!r}: {name} takes no checkpoint or options")
         factor = int(scale.group(1)) if scale else 1
         if factor < 1 or factor & (factor - 1):
-            raise FeatliftError(f"variant {spec!r}: the input scale must be a power of two (input-2x, input-4x)")
+            raise FeatliftError(
+                f"variant {spec!r}: the input scale must be a power of two (input-2x, input-4x)"
+            )
         return FeatureVariant(spec, FeaturePipeline(backbone), input_scale=factor)
     upsampler, used = resolve_upsampler(backbone, name, checkpoint)
     return FeatureVariant(spec, FeaturePipeline(backbone, upsampler, iters=iters), checkpoint=used)

@@ -56,11 +56,15 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for corrupt files
-        raise BackboneError(f"weights file {path}: cannot read it as safetensors or a torch checkpoint ({exc})") from exc
+        raise BackboneError(
+            f"weights file {path}: cannot read it as safetensors or a torch checkpoint ({exc})"
+        ) from exc
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in _STATE_DICT_CONTAINERS if isinstance(state.get(k), Mapping)), None)
         if inner is None:
-            raise BackboneError(f"weights file {path}: holds no tensors (top-level keys: {sorted(state)[:10]})")
+            raise BackboneError(
+                f"weights file {path}: holds no tensors (top-level keys: {sorted(state)[:10]})"
+            )
         state = inner
     if not isinstance(state, Mapping):
         raise BackboneError(f"weights file {path}: expected a state dict, found {type(state).__name__}")
@@ -98,7 +102,11 @@ def _build_timm_model(
             "Without internet, pass a local file with --weights PATH (weights=PATH in Python)."
         ) from exc
     except Exception as exc:  # hub clients raise their own error types for offline/missing files
-        if "hub" in type(exc).__module__ or "requests" in type(exc).__module__ or "urllib" in type(exc).__module__:
+        if (
+            "hub" in type(exc).__module__
+            or "requests" in type(exc).__module__
+            or "urllib" in type(exc).__module__
+        ):
             raise BackboneError(
                 f"cannot download the pretrained weights of {name} ({type(exc).__name__}). "
                 "Without internet, pass a local file with --weights PATH (weights=PATH in Python)."
@@ -140,7 +148,9 @@ class ViTBackbone(nn.Module):
         if layer is None:
             layer = depth - 1
         if not -depth <= layer < depth:
-            raise BackboneError(f"layer {layer}: {name} has {depth} blocks, so layer must be in 0..{depth - 1} (or -1 for the last)")
+            raise BackboneError(
+                f"layer {layer}: {name} has {depth} blocks, so layer must be in 0..{depth - 1} (or -1 for the last)"
+            )
         self.model = model.eval().requires_grad_(False)
         self.name = name
         self.layer = layer % depth
@@ -203,7 +213,12 @@ class ViTBackbone(nn.Module):
         grid_h, grid_w = self.grid_size(images.shape[-2], images.shape[-1])
         if self.facet == "token":
             (tokens,) = self.model.forward_intermediates(
-                images, indices=[self.layer], norm=True, stop_early=True, intermediates_only=True, output_fmt="NCHW"
+                images,
+                indices=[self.layer],
+                norm=True,
+                stop_early=True,
+                intermediates_only=True,
+                output_fmt="NCHW",
             )
             return tokens
         block_input = self._block_input(images)
@@ -221,7 +236,9 @@ class ViTBackbone(nn.Module):
 
         handle = self.model.blocks[self.layer].register_forward_pre_hook(capture)
         try:
-            self.model.forward_intermediates(images, indices=[self.layer], stop_early=True, intermediates_only=True)
+            self.model.forward_intermediates(
+                images, indices=[self.layer], stop_early=True, intermediates_only=True
+            )
         except _StopForward:
             pass
         finally:

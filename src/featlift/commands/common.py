@@ -17,19 +17,27 @@ WEIGHTS_ENV = "FEATLIFT_WEIGHTS"
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("backbone")
-    group.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm ViT name (default {DEFAULT_BACKBONE})")
+    group.add_argument(
+        "--backbone", default=DEFAULT_BACKBONE, help=f"timm ViT name (default {DEFAULT_BACKBONE})"
+    )
     group.add_argument(
         "--weights",
         default=None,
         help=f"local backbone weights (.safetensors/.pth; timm, DINO or DINOv2 layout) instead of timm's download; "
         f"default ${WEIGHTS_ENV} if set",
     )
-    group.add_argument("--layer", type=int, default=None, help="block index, 0-based, negative from the end (default: last)")
-    group.add_argument("--facet", choices=FACETS, default="token", help="token (block output), query, key or value")
+    group.add_argument(
+        "--layer", type=int, default=None, help="block index, 0-based, negative from the end (default: last)"
+    )
+    group.add_argument(
+        "--facet", choices=FACETS, default="token", help="token (block output), query, key or value"
+    )
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+    )
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -34,7 +34,9 @@ def register(subparsers) -> None:
         "Existing outputs with the same settings are skipped; unreadable images are reported and skipped "
         "(exit code 1).",
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns"
+    )
     add_backbone_args(parser)
     parser.add_argument(
         "--upsampler",
@@ -42,17 +44,36 @@ def register(subparsers) -> None:
         choices=["none", *available_upsamplers()],
         help="lift (default; uses the shipped checkpoint for the default backbone), bilinear, or none",
     )
-    parser.add_argument("--checkpoint", default=None, help="upsampler checkpoint folder (model.safetensors + config.json)")
-    parser.add_argument("--iters", type=positive_int, default=1, help="upsampling passes, each 2x (default 1)")
-    parser.add_argument("--size", type=size_arg, default=(224, 224), help="input size S or HxW, a multiple of the patch (default 224)")
-    parser.add_argument("--output-size", type=size_arg, default=None, help="resize the final feature map to S or HxW")
+    parser.add_argument(
+        "--checkpoint", default=None, help="upsampler checkpoint folder (model.safetensors + config.json)"
+    )
+    parser.add_argument(
+        "--iters", type=positive_int, default=1, help="upsampling passes, each 2x (default 1)"
+    )
+    parser.add_argument(
+        "--size",
+        type=size_arg,
+        default=(224, 224),
+        help="input size S or HxW, a multiple of the patch (default 224)",
+    )
+    parser.add_argument(
+        "--output-size", type=size_arg, default=None, help="resize the final feature map to S or HxW"
+    )
     parser.add_argument("--out", default="features", help="output folder (default ./features)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored feature dtype")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (0: decode in the main process)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="image-decoding worker processes (0: decode in the main process)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="re-extract outputs that already exist")
     parser.add_argument(
-        "--write-threads", type=int, default=1, help="threads writing files while the next batch is computed (0: write inline)"
+        "--write-threads",
+        type=int,
+        default=1,
+        help="threads writing files while the next batch is computed (0: write inline)",
     )
     add_inference_args(parser)
     add_device_arg(parser)
@@ -67,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     upsampler, checkpoint = resolve_upsampler(backbone, args.upsampler, args.checkpoint)
     if checkpoint:
         logger.info("upsampler checkpoint: %s", checkpoint)
-    pipeline = FeaturePipeline(backbone, upsampler, iters=args.iters if upsampler is not None else 0, output_size=args.output_size)
+    pipeline = FeaturePipeline(
+        backbone, upsampler, iters=args.iters if upsampler is not None else 0, output_size=args.output_size
+    )
     pipeline.checkpoint = checkpoint
     grid = pipeline.output_grid(*args.size)
     logger.info("%d images -> %s, features [%d, %d, %d]", len(items), args.out, backbone.channels, *grid)

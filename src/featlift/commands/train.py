@@ -36,30 +36,54 @@ def register(subparsers) -> None:
     add_backbone_args(parser)
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoint, state, log")
     trainable = [name for name in available_upsamplers() if get_upsampler_class(name).trainable]
-    parser.add_argument("--upsampler", default="lift", choices=trainable, help="upsampler to train (default lift)")
     parser.add_argument(
-        "--no-residual", dest="residual", action="store_false",
+        "--upsampler", default="lift", choices=trainable, help="upsampler to train (default lift)"
+    )
+    parser.add_argument(
+        "--no-residual",
+        dest="residual",
+        action="store_false",
         help="the paper-exact LiFT (no bilinear skip); default: residual LiFT (bilinear skip, zero-init head), "
         "which learns much faster from few images",
     )
     parser.add_argument("--epochs", type=positive_int, default=5, help="default 5")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="global batch (split over DDP ranks), default 8")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="global batch (split over DDP ranks), default 8"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, default 1e-3")
     parser.add_argument("--loss", choices=LOSSES, default="cosine", help="default cosine")
     parser.add_argument(
-        "--image-size", type=positive_int, default=448,
+        "--image-size",
+        type=positive_int,
+        default=448,
         help="training image size S (square); S, S/2 and S/4 must be multiples of the patch (default 448)",
     )
     parser.add_argument(
-        "--augment", action="store_true",
+        "--augment",
+        action="store_true",
         help="photometric jitter (ColorJitter 0.2 x4) of the guide images only; cached features stay valid",
     )
-    parser.add_argument("--cache", default=None, metavar="DIR", help="backbone feature cache folder (default RUN_DIR/cache)")
-    parser.add_argument("--no-cache", dest="use_cache", action="store_false", help="compute backbone features every epoch")
-    parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR after its last completed epoch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, split, data order and jitter (default 0)")
-    parser.add_argument("--val-fraction", type=_fraction, default=0.1, help="held-out fraction of the images (default 0.1)")
-    parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0: in the main process)")
+    parser.add_argument(
+        "--cache", default=None, metavar="DIR", help="backbone feature cache folder (default RUN_DIR/cache)"
+    )
+    parser.add_argument(
+        "--no-cache", dest="use_cache", action="store_false", help="compute backbone features every epoch"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in RUN_DIR after its last completed epoch"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of init, split, data order and jitter (default 0)"
+    )
+    parser.add_argument(
+        "--val-fraction", type=_fraction, default=0.1, help="held-out fraction of the images (default 0.1)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="image-loading worker processes (default 0: in the main process)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_device_arg(parser)
     parser.set_defaults(run=run)
@@ -98,7 +122,11 @@ def run(args: argparse.Namespace) -> int:
     final = result.final
     if int(os.environ.get("RANK", "0")) == 0:
         lift, bilinear = final.get("val_cosine_lift"), final.get("val_cosine_bilinear")
-        val = f"; validation cosine to the {args.image_size} px features: LiFT {lift}, bilinear {bilinear}" if lift else ""
+        val = (
+            f"; validation cosine to the {args.image_size} px features: LiFT {lift}, bilinear {bilinear}"
+            if lift
+            else ""
+        )
         print(
             f"featlift train: {result.epochs} epochs on {result.train_images} images "
             f"({result.skipped_images} unreadable skipped) in {result.wall_time_s:.1f} s{val} -> {result.run_dir}"

@@ -8,7 +8,9 @@ PRETRAINED_DIR = Path(__file__).resolve().parent
 
 
 def shipped_checkpoints() -> list[Path]:
-    return sorted(p.parent for p in PRETRAINED_DIR.glob("*/config.json") if (p.parent / "model.safetensors").is_file())
+    return sorted(
+        p.parent for p in PRETRAINED_DIR.glob("*/config.json") if (p.parent / "model.safetensors").is_file()
+    )
 
 
 def find_shipped_checkpoint(backbone: str, layer: int, facet: str, upsampler: str = "lift") -> Path | None:

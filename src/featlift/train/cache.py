@@ -33,9 +33,7 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.
 
 def cache_key(backbone: ViTBackbone, image_size: int, resize: str, dtype: str) -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", backbone.name)
-    return (
-        f"{name}-{backbone.fingerprint()}-layer{backbone.layer}-{backbone.facet}-{image_size}px-{resize}-{dtype}-v{CACHE_FORMAT}"
-    )
+    return f"{name}-{backbone.fingerprint()}-layer{backbone.layer}-{backbone.facet}-{image_size}px-{resize}-{dtype}-v{CACHE_FORMAT}"
 
 
 class FeatureCache:
@@ -63,7 +61,9 @@ class FeatureCache:
         return out
 
     def put(self, digest: str, features: list[torch.Tensor]) -> None:
-        save_safetensors_atomic({k: f.to(self.dtype) for k, f in zip(SCALE_KEYS, features, strict=True)}, self.path(digest))
+        save_safetensors_atomic(
+            {k: f.to(self.dtype) for k, f in zip(SCALE_KEYS, features, strict=True)}, self.path(digest)
+        )
 
     def size_bytes(self) -> tuple[int, int]:
         """(number of files, total bytes) under this key."""

@@ -84,7 +84,9 @@ def scan_images(folder: str | os.PathLike) -> ImageScan:
     return scan
 
 
-def split_images(images: list[TrainImage], val_fraction: float, seed: int) -> tuple[list[TrainImage], list[TrainImage]]:
+def split_images(
+    images: list[TrainImage], val_fraction: float, seed: int
+) -> tuple[list[TrainImage], list[TrainImage]]:
     """Deterministic split by (seed, relative file name): the same folder and seed give the same split.
 
     ``round(n * val_fraction)`` images (at least 1 when the fraction is > 0 and there are 2+ images)

@@ -80,7 +80,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (
+            self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
@@ -94,7 +96,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                momentum = (
+                    self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                )
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(var.detach() * total / (total - 1).clamp_min(1), momentum)
         out = (x - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)

@@ -102,8 +102,13 @@ class TrainConfig:
     command: str | None = None
 
 
-_FLAGS = {"residual": (False, "--no-residual"), "augment": (True, "--augment"), "use_cache": (False, "--no-cache"),
-          "resume": (True, "--resume"), "progress": (False, "--no-progress")}
+_FLAGS = {
+    "residual": (False, "--no-residual"),
+    "augment": (True, "--augment"),
+    "use_cache": (False, "--no-cache"),
+    "resume": (True, "--resume"),
+    "progress": (False, "--no-progress"),
+}
 
 
 def config_command(config: TrainConfig) -> str:
@@ -244,7 +249,9 @@ def _guides(backbone, images: list[torch.Tensor], device, jitter_seeds: list[int
 def _build_upsampler(config: TrainConfig, backbone: ViTBackbone) -> Upsampler:
     cls = get_upsampler_class(config.upsampler)
     if not getattr(cls, "trainable", False):
-        raise FeatliftError(f"--upsampler {config.upsampler}: has no weights to train; use a trainable upsampler such as lift")
+        raise FeatliftError(
+            f"--upsampler {config.upsampler}: has no weights to train; use a trainable upsampler such as lift"
+        )
     args: dict[str, Any] = {"channels": backbone.channels, "patch_size": backbone.patch_size}
     if "residual" in inspect.signature(cls.__init__).parameters:
         args["residual"] = config.residual
@@ -313,7 +320,9 @@ def train(config: TrainConfig, backbone: ViTBackbone | None = None) -> TrainResu
         teardown(info)
 
 
-def _train(config: TrainConfig, device: torch.device, info: DistInfo, backbone: ViTBackbone | None) -> TrainResult:
+def _train(
+    config: TrainConfig, device: torch.device, info: DistInfo, backbone: ViTBackbone | None
+) -> TrainResult:
     _check_config(config, info.world_size)
     run_dir = check_writable_dir(config.out, "output folder --out")
     cache_root = None
@@ -326,15 +335,20 @@ def _train(config: TrainConfig, device: torch.device, info: DistInfo, backbone: 
             "or choose another --out"
         )
     if backbone is None:
-        backbone = create_backbone(config.backbone, weights=config.weights, layer=config.layer, facet=config.facet)
+        backbone = create_backbone(
+            config.backbone, weights=config.weights, layer=config.layer, facet=config.facet
+        )
     check_image_size(config.image_size, backbone.patch_size)
     backbone = backbone.to(device)
 
     scan = scan_images(config.images)
     train_images, val_images = split_images(scan.images, config.val_fraction, config.seed)
     logger.info(
-        "%d images (%d train, %d validation), %d unreadable skipped", len(scan.images), len(train_images),
-        len(val_images), len(scan.skipped),
+        "%d images (%d train, %d validation), %d unreadable skipped",
+        len(scan.images),
+        len(train_images),
+        len(val_images),
+        len(scan.skipped),
     )
 
     torch.manual_seed(config.seed)
@@ -380,16 +394,30 @@ def _train(config: TrainConfig, device: torch.device, info: DistInfo, backbone: 
 
     cache = None
     if cache_root is not None:
-        cache = FeatureCache(cache_root, cache_key(backbone, config.image_size, RESIZE_METHOD, config.cache_dtype), config.cache_dtype)
-    loader = _Batches(backbone, train_images, config.image_size, cache, config.cache_dtype, device, config.workers)
-    val_loader = _Batches(backbone, val_images, config.image_size, cache, config.cache_dtype, device, config.workers)
+        cache = FeatureCache(
+            cache_root,
+            cache_key(backbone, config.image_size, RESIZE_METHOD, config.cache_dtype),
+            config.cache_dtype,
+        )
+    loader = _Batches(
+        backbone, train_images, config.image_size, cache, config.cache_dtype, device, config.workers
+    )
+    val_loader = _Batches(
+        backbone, val_images, config.image_size, cache, config.cache_dtype, device, config.workers
+    )
     log = _Log(run_dir / LOG_FILE, info.is_main, keep_before_epoch=start_epoch if saved is not None else None)
     if start_epoch == 0:
         log.write(
             {
-                "type": "start", "epoch": -1, "image_files": len(scan.images) + len(scan.skipped), "images": len(scan.images), "train_images": len(train_images),
-                "val_images": len(val_images), "skipped_images": len(scan.skipped),
-                "skipped": [path for path, _ in scan.skipped], "world_size": info.world_size,
+                "type": "start",
+                "epoch": -1,
+                "image_files": len(scan.images) + len(scan.skipped),
+                "images": len(scan.images),
+                "train_images": len(train_images),
+                "val_images": len(val_images),
+                "skipped_images": len(scan.skipped),
+                "skipped": [path for path, _ in scan.skipped],
+                "world_size": info.world_size,
                 "settings": {k: v for k, v in settings.items() if k != "train_digests"},
             }
         )
@@ -405,8 +433,11 @@ def _train(config: TrainConfig, device: torch.device, info: DistInfo, backbone: 
             batches = epoch_order(len(train_images), config.batch_size, config.seed, epoch)
             local = [b[info.rank * local_batch : (info.rank + 1) * local_batch] for b in batches]
             bar = tqdm(
-                total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-                disable=not (info.is_main and config.progress), dynamic_ncols=True,
+                total=len(batches),
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                unit="step",
+                disable=not (info.is_main and config.progress),
+                dynamic_ncols=True,
             )
             loss_sum, loss_count = 0.0, 0
             for step, loaded in enumerate(loader.iterate(local)):
@@ -416,7 +447,9 @@ def _train(config: TrainConfig, device: torch.device, info: DistInfo, backbone: 
                 positions, raw2, raw4, f1, f2, f4 = loaded
                 seeds = None
                 if config.augment:  # slot = position in the global batch, so DDP jitters as one process does
-                    seeds = [jitter_seed(config.seed, epoch, step, info.rank * local_batch + k) for k in positions]
+                    seeds = [
+                        jitter_seed(config.seed, epoch, step, info.rank * local_batch + k) for k in positions
+                    ]
                 guide2 = _guides(backbone, raw2, device, seeds)
                 guide4 = _guides(backbone, raw4, device, [s + 1 for s in seeds] if seeds else None)
                 loss = objective(guide2, guide4, f1, f2, f4)
@@ -432,30 +465,51 @@ def _train(config: TrainConfig, device: torch.device, info: DistInfo, backbone: 
             bar.close()
             metrics = _validate(upsampler, val_loader, info)
             counts = torch.tensor(
-                [loader.hits + val_loader.hits, loader.misses + val_loader.misses, loader.failed + val_loader.failed],
+                [
+                    loader.hits + val_loader.hits,
+                    loader.misses + val_loader.misses,
+                    loader.failed + val_loader.failed,
+                ],
                 dtype=torch.float64,
             )
             counts = all_reduce_sum(counts, info)
             record = {
-                "type": "epoch", "epoch": epoch, "train_loss": loss_sum / max(loss_count, 1), **metrics,
-                "cache_hits": int(counts[0]), "cache_misses": int(counts[1]), "unreadable_images": int(counts[2]),
+                "type": "epoch",
+                "epoch": epoch,
+                "train_loss": loss_sum / max(loss_count, 1),
+                **metrics,
+                "cache_hits": int(counts[0]),
+                "cache_misses": int(counts[1]),
+                "unreadable_images": int(counts[2]),
                 "seconds": round(time.perf_counter() - epoch_start, 2),
             }
             history.append(record)
             log.write(record)
             logger.info(
                 "epoch %d/%d: loss %.4f, val cosine LiFT %s vs bilinear %s (cache %d hits, %d misses)",
-                epoch + 1, config.epochs, record["train_loss"], metrics.get("val_cosine_lift"),
-                metrics.get("val_cosine_bilinear"), record["cache_hits"], record["cache_misses"],
+                epoch + 1,
+                config.epochs,
+                record["train_loss"],
+                metrics.get("val_cosine_lift"),
+                metrics.get("val_cosine_bilinear"),
+                record["cache_hits"],
+                record["cache_misses"],
             )
             wall = wall_before + time.perf_counter() - started
             if info.is_main:
-                summary = _summary(config, commands, settings, scan, train_images, val_images, history, wall, info, epoch + 1)
+                summary = _summary(
+                    config, commands, settings, scan, train_images, val_images, history, wall, info, epoch + 1
+                )
                 save_state(
                     run_dir,
                     {
-                        "epoch": epoch + 1, "model": upsampler.state_dict(), "optimizer": optimizer.state_dict(),
-                        "history": history, "wall_time_s": wall, "settings": settings, "commands": commands,
+                        "epoch": epoch + 1,
+                        "model": upsampler.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "history": history,
+                        "wall_time_s": wall,
+                        "settings": settings,
+                        "commands": commands,
                     },
                 )
                 save_checkpoint(run_dir, upsampler, backbone, training=summary)
@@ -467,17 +521,28 @@ def _train(config: TrainConfig, device: torch.device, info: DistInfo, backbone: 
         if cache is not None:
             files, size = cache.size_bytes()
             if files:
-                logger.info("feature cache %s: %d files, %.2f MB per image", cache.folder, files, size / files / 1e6)
-        summary = _summary(config, commands, settings, scan, train_images, val_images, history, wall, info, config.epochs)
+                logger.info(
+                    "feature cache %s: %d files, %.2f MB per image", cache.folder, files, size / files / 1e6
+                )
+        summary = _summary(
+            config, commands, settings, scan, train_images, val_images, history, wall, info, config.epochs
+        )
         save_checkpoint(run_dir, upsampler, backbone, training=summary)
     return TrainResult(
-        run_dir=run_dir, epochs=config.epochs, train_images=len(train_images), val_images=len(val_images),
-        skipped_images=len(scan.skipped), wall_time_s=wall, history=history,
+        run_dir=run_dir,
+        epochs=config.epochs,
+        train_images=len(train_images),
+        val_images=len(val_images),
+        skipped_images=len(scan.skipped),
+        wall_time_s=wall,
+        history=history,
     )
 
 
 @torch.no_grad()
-def _validate(upsampler: Upsampler, loader: _Batches, info: DistInfo, batch_size: int = 8) -> dict[str, float]:
+def _validate(
+    upsampler: Upsampler, loader: _Batches, info: DistInfo, batch_size: int = 8
+) -> dict[str, float]:
     """Mean over held-out images of the cosine to f(img) of LiFT(img/2, f(img/2)) and of bilinear(f(img/2))."""
     images = list(range(len(loader.dataset)))[info.rank :: info.world_size]
     sums = torch.zeros(3, dtype=torch.float64)
@@ -502,7 +567,9 @@ def _validate(upsampler: Upsampler, loader: _Batches, info: DistInfo, batch_size
     }
 
 
-def _summary(config, commands, settings, scan, train_images, val_images, history, wall, info, epochs_done) -> dict[str, Any]:
+def _summary(
+    config, commands, settings, scan, train_images, val_images, history, wall, info, epochs_done
+) -> dict[str, Any]:
     args = asdict(config)
     args.pop("command", None)
     return {
@@ -520,7 +587,8 @@ def _summary(config, commands, settings, scan, train_images, val_images, history
         "world_size": info.world_size,
         "wall_time_s": round(wall, 1),
         "val": [
-            {k: r[k] for k in ("epoch", "train_loss", "val_cosine_lift", "val_cosine_bilinear") if k in r} for r in history
+            {k: r[k] for k in ("epoch", "train_loss", "val_cosine_lift", "val_cosine_bilinear") if k in r}
+            for r in history
         ],
         "final_val": {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
         "backbone_fingerprint": settings["fingerprint"],

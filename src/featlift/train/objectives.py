@@ -41,7 +41,10 @@ def lift_objective(
     """The two-scale objective. Guides are normalised images at ``S/2`` and ``S/4``; returns (loss, parts)."""
     loss_2x = feature_loss(upsampler.upsample_once(f2, guide2), f1, kind)
     loss_4x = feature_loss(upsampler.upsample_once(f4, guide4), f2, kind)
-    return loss_2x + loss_4x, {"loss_half_to_full": float(loss_2x.detach()), "loss_quarter_to_half": float(loss_4x.detach())}
+    return loss_2x + loss_4x, {
+        "loss_half_to_full": float(loss_2x.detach()),
+        "loss_quarter_to_half": float(loss_4x.detach()),
+    }
 
 
 def cosine_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,8 +53,12 @@ def cosine_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_sums(upsampler: Upsampler, guide2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+def validation_sums(
+    upsampler: Upsampler, guide2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor
+) -> torch.Tensor:
     """Summed per-image mean cosine to ``f1`` of LiFT(img/2, f2) and of bilinear(f2): tensor ``[2]``."""
     lifted = upsampler.upsample_once(f2, guide2)
     bilinear = F.interpolate(f2, size=f1.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.stack([cosine_map(lifted, f1).mean(dim=(1, 2)).sum(), cosine_map(bilinear, f1).mean(dim=(1, 2)).sum()])
+    return torch.stack(
+        [cosine_map(lifted, f1).mean(dim=(1, 2)).sum(), cosine_map(bilinear, f1).mean(dim=(1, 2)).sum()]
+    )

@@ -46,7 +46,9 @@ def load_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise FeatliftError(f"{path}: cannot read the training state ({exc}); start a new run with another --out") from exc
+        raise FeatliftError(
+            f"{path}: cannot read the training state ({exc}); start a new run with another --out"
+        ) from exc
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike) -> None:

@@ -53,7 +53,11 @@ class Upsampler(nn.Module):
         if iters < 0:
             raise ValueError(f"iters must be >= 0, got {iters}")
         for step in range(iters):
-            guide = image if step == 0 else F.interpolate(image, scale_factor=2**step, mode="bilinear", align_corners=False)
+            guide = (
+                image
+                if step == 0
+                else F.interpolate(image, scale_factor=2**step, mode="bilinear", align_corners=False)
+            )
             features = self.upsample_once(features, guide)
         if output_size is not None and tuple(features.shape[-2:]) != tuple(output_size):
             features = F.interpolate(features, size=tuple(output_size), mode="bilinear", align_corners=False)

@@ -21,7 +21,11 @@ class Bilinear(Upsampler):
 
     def forward(self, features, image, iters: int = 1, output_size=None):
         check_features_and_image(features, image)
-        size = tuple(output_size) if output_size is not None else (features.shape[-2] * 2**iters, features.shape[-1] * 2**iters)
+        size = (
+            tuple(output_size)
+            if output_size is not None
+            else (features.shape[-2] * 2**iters, features.shape[-1] * 2**iters)
+        )
         if tuple(features.shape[-2:]) == size:
             return features
         return F.interpolate(features, size=size, mode="bilinear", align_corners=False)

@@ -59,7 +59,8 @@ class LiFT(Upsampler):
         self.residual = bool(residual)
         merged = channels + IMAGE_CHANNELS
         self.image_stem = nn.Sequential(
-            *conv_bn_relu(3, IMAGE_CHANNELS, stride=2), *conv_bn_relu(IMAGE_CHANNELS, IMAGE_CHANNELS, stride=2)
+            *conv_bn_relu(3, IMAGE_CHANNELS, stride=2),
+            *conv_bn_relu(IMAGE_CHANNELS, IMAGE_CHANNELS, stride=2),
         )
         self.image_down = nn.Sequential(*conv_bn_relu(IMAGE_CHANNELS, IMAGE_CHANNELS, stride=2))
         self.up = nn.ConvTranspose2d(merged, merged // 2, kernel_size=2, stride=2)
@@ -77,7 +78,9 @@ class LiFT(Upsampler):
 
     def upsample_once(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         if features.shape[1] != self.channels:
-            raise InputSizeError(f"LiFT was built for {self.channels} channels, got features with {features.shape[1]}")
+            raise InputSizeError(
+                f"LiFT was built for {self.channels} channels, got features with {features.shape[1]}"
+            )
         height, width = features.shape[-2:]
         stem = self.image_stem(image)
         if stem.shape[-2] < 2 * height or stem.shape[-1] < 2 * width:

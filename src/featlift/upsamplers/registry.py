@@ -16,7 +16,9 @@ def register_upsampler(name: str):
 
     def decorate(cls: T) -> T:
         if name in _UPSAMPLERS and _UPSAMPLERS[name] is not cls:
-            raise FeatliftError(f"upsampler {name!r} is already registered by {_UPSAMPLERS[name].__qualname__}")
+            raise FeatliftError(
+                f"upsampler {name!r} is already registered by {_UPSAMPLERS[name].__qualname__}"
+            )
         cls.name = name
         _UPSAMPLERS[name] = cls
         return cls
@@ -32,7 +34,9 @@ def get_upsampler_class(name: str) -> type:
     try:
         return _UPSAMPLERS[name]
     except KeyError:
-        raise FeatliftError(f"unknown upsampler {name!r}; available: {', '.join(available_upsamplers())}") from None
+        raise FeatliftError(
+            f"unknown upsampler {name!r}; available: {', '.join(available_upsamplers())}"
+        ) from None
 
 
 def create_upsampler(name: str, **args):
