@@ -34,6 +34,20 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+VARIANT_GRAMMAR = "none | bilinear[:iters=K] | input-2x | lift[:CKPT][:iters=K]"
+
+
+def add_variant_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--variant SPEC``, repeatable and/or comma-separated (see `featlift.variants`)."""
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help=f"feature variant, repeatable and/or comma-separated: {VARIANT_GRAMMAR} (default: {default})",
+    )
+
+
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"

@@ -12,6 +12,7 @@ from ..variants import parse_variants
 from .common import (
     add_backbone_args,
     add_device_arg,
+    add_variant_arg,
     backbone_from_args,
     positive_int,
     resolve_device,
@@ -38,14 +39,9 @@ def point_arg(text: str) -> tuple[float, float]:
 def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("image", metavar="IMAGE", help="an image file")
     add_backbone_args(parser)
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=None,
-        metavar="SPEC",
-        help="feature variant, repeatable and/or comma-separated: none | bilinear[:iters=K] | input-2x | "
-        "lift[:CKPT][:iters=K] (default: none, bilinear, input-2x, and lift, lift:iters=2 when featlift "
-        "ships a checkpoint for the backbone)",
+    add_variant_arg(
+        parser,
+        "none, bilinear, input-2x, and lift, lift:iters=2 when featlift ships a checkpoint for the backbone",
     )
     parser.add_argument(
         "--size", type=size_arg, default=(224, 224), help="base input size S or HxW (default 224)"

@@ -43,17 +43,11 @@ BASE_VARIANTS = ("none", "bilinear", "input-2x")
 
 def add_eval_args(parser: argparse.ArgumentParser, default_size: tuple[int, int] | None = (224, 224)) -> None:
     """Add the arguments every eval task shares: backbone, ``--variant``, ``--size``, ``--device``, ``--out``."""
-    from ..commands.common import add_backbone_args, add_device_arg, size_arg
+    from ..commands.common import add_backbone_args, add_device_arg, add_variant_arg, size_arg
 
     add_backbone_args(parser)
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=None,
-        metavar="SPEC",
-        help="feature variant, repeatable and/or comma-separated: none | bilinear[:iters=K] | input-2x | "
-        "lift[:CKPT][:iters=K] (default: none, bilinear, input-2x, plus lift when featlift ships a checkpoint "
-        "for the backbone)",
+    add_variant_arg(
+        parser, "none, bilinear, input-2x, plus lift when featlift ships a checkpoint for the backbone"
     )
     size_help = "base input size S or HxW in pixels, a multiple of the patch size"
     if default_size is not None:
