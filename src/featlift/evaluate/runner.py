@@ -68,13 +68,19 @@ def default_variant_specs(backbone: ViTBackbone) -> list[str]:
 def variants_from_args(
     args: argparse.Namespace, device: torch.device | str = "cpu"
 ) -> tuple[ViTBackbone, list[FeatureVariant]]:
-    """Build the backbone from the backbone args and the variants of ``--variant`` (or the defaults), on `device`."""
+    """Build the backbone from the backbone args and the variants of ``--variant`` (or the defaults), on `device`.
+
+    Each variant runs with featlift's default inference transforms (BN folding, channels-last), as
+    ``featlift extract`` does, so its cost is what a user pays; its outputs are unchanged (to ~1e-6).
+    """
     from ..commands.common import backbone_from_args
+    from ..inference import optimize_pipeline
 
     backbone = backbone_from_args(args)
     specs = args.variant or default_variant_specs(backbone)
     variants = parse_variants(specs, backbone)
     for variant in variants:
+        variant.pipeline = optimize_pipeline(variant.pipeline)
         variant.to(device)
     return backbone, variants
 
