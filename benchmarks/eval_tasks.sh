@@ -8,10 +8,10 @@
 # Knobs (environment): SIZE (base input, default 224), DAVIS_FRAMES (first N frames per sequence; default all),
 #   WARP_IMAGES (default 50), PROBE_EPOCHS (default 40), PROBE_TRAIN / PROBE_VAL (first N images; default all), THREADS (torch threads, default 2), LIFT (checkpoint
 #   folder; default: the shipped one), PYTHON (default .venv/bin/python), SHARED (default ../shared).
-# Cost on the 2-core CPU shared with other jobs (load ~4): DAVIS with DAVIS_FRAMES=25 ~13 min for the 5 variants
-# (lift:iters=2 propagation on a 64x64 grid ~2-3 s/frame); the full CamVid probe (123 train images, 40 epochs)
-# ~6.5 min per variant, mostly the probe training. The committed results in benchmarks/eval_results came from
-#   DAVIS_FRAMES=25 (davis); PROBE_TRAIN=30 PROBE_VAL=15 PROBE_EPOCHS=10 (probe); WARP_IMAGES=20 (warp).
+# Cost on the 2-core CPU (other jobs running): DAVIS on all frames ~20 min for the 5 variants (lift:iters=2 propagation
+# on a 64x64 grid ~1-3 s/frame); the full CamVid probe (123 train / 51 val images, 40 epochs) ~4-6 min per variant.
+# The committed results in benchmarks/eval_results came from: davis and probe-camvid with the defaults (all frames,
+# all images, 40 epochs; davis and probe ran at the same time) and warp with the defaults (50 images + stereo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
