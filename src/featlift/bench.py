@@ -38,8 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 from .fileio import atomic_path, save_json_atomic
-from .inference import InferenceOptions, autocast, optimize_pipeline
+from .inference import InferenceOptions, optimize_pipeline
 from .measure import measure
+from .pipeline import autocast
 from .variants import FeatureVariant
 
 logger = logging.getLogger(__name__)

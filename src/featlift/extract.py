@@ -88,7 +88,7 @@ def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: t
         "upsampler_fingerprint": state_dict_fingerprint(upsampler.state_dict())
         if upsampler is not None
         else "",
-        "checkpoint": str(getattr(pipeline, "checkpoint", None) or ""),
+        "checkpoint": pipeline.checkpoint or "",
         "iters": str(pipeline.iters if upsampler is not None else 0),
         "input_size": f"{size[0]}x{size[1]}",
         "dtype": str(dtype).replace("torch.", ""),

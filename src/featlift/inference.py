@@ -18,22 +18,18 @@ you pass is left untouched, so it can still be trained or saved with its origina
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .pipeline import FeaturePipeline
+from .pipeline import FeaturePipeline, check_amp
 from .upsamplers import Upsampler
 
 logger = logging.getLogger(__name__)
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -75,8 +71,7 @@ class InferenceOptions:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.amp not in (None, *AMP_DTYPES):
-            raise ValueError(f"amp {self.amp!r}: expected None or one of {', '.join(AMP_DTYPES)}")
+        check_amp(self.amp)
 
     def describe(self) -> str:
         parts = [
@@ -93,46 +88,6 @@ class InferenceOptions:
 
 
 PLAIN = InferenceOptions(fold_bn=False, channels_last=False)  # no transform at all
-
-
-def autocast(device: str | torch.device, amp: str | None):
-    """``torch.autocast`` for `amp` ("bf16"/"fp16") on `device`'s type, or a no-op context for None."""
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
-
-
-class OptimizedPipeline(FeaturePipeline):
-    """A `FeaturePipeline` that runs under autocast (if asked) and always returns float32 features.
-
-    It shares the backbone with the pipeline it was made from; its upsampler may be a transformed copy.
-    """
-
-    def __init__(self, source: FeaturePipeline, upsampler: Upsampler | None, options: InferenceOptions):
-        super().__init__(source.backbone, upsampler, iters=source.iters, output_size=source.output_size)
-        self.options = options
-        self.checkpoint = getattr(source, "checkpoint", None)
-        # Parameters of the upsampler as trained (folding BN changes the count, not the function).
-        self.upsampler_parameter_count = (
-            sum(p.numel() for p in source.upsampler.parameters()) if source.upsampler is not None else 0
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), autocast(images.device, self.options.amp):
-            normalized = self.backbone.normalize(images)
-            features = self.backbone(normalized)
-            if self.upsampler is not None:
-                if self.options.channels_last:
-                    features = features.contiguous(memory_format=torch.channels_last)
-                    normalized = normalized.contiguous(memory_format=torch.channels_last)
-                features = self.upsampler(
-                    features, normalized, iters=self.iters, output_size=self.output_size
-                )
-            elif self.output_size is not None:
-                features = F.interpolate(
-                    features, size=self.output_size, mode="bilinear", align_corners=False
-                )
-            return features.float().contiguous()
 
 
 def optimize_upsampler(upsampler: Upsampler | None, options: InferenceOptions) -> Upsampler | None:
@@ -157,4 +112,17 @@ def optimize_pipeline(pipeline: FeaturePipeline, options: InferenceOptions | Non
             "%s is not a plain FeaturePipeline; inference options not applied", type(pipeline).__name__
         )
         return pipeline
-    return OptimizedPipeline(pipeline, optimize_upsampler(pipeline.upsampler, options), options)
+    optimized = FeaturePipeline(
+        pipeline.backbone,
+        optimize_upsampler(pipeline.upsampler, options),
+        iters=pipeline.iters,
+        output_size=pipeline.output_size,
+        amp=options.amp,
+        channels_last=options.channels_last,
+        checkpoint=pipeline.checkpoint,
+    )
+    # Parameters of the upsampler as trained (folding BN changes the count, not the function).
+    optimized.upsampler_parameter_count = (
+        sum(p.numel() for p in pipeline.upsampler.parameters()) if pipeline.upsampler is not None else 0
+    )
+    return optimized

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .backbones import ViTBackbone
 from .upsamplers import Upsampler
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(amp: str | None) -> None:
+    if amp not in (None, *AMP_DTYPES):
+        raise ValueError(f"amp {amp!r}: expected None or one of {', '.join(AMP_DTYPES)}")
+
+
+def autocast(device: str | torch.device, amp: str | None):
+    """``torch.autocast`` for `amp` ("bf16"/"fp16") on `device`'s type, or a no-op context for None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
 
 class FeaturePipeline(nn.Module):
     """``[B, 3, H, W]`` images in ``[0, 1]`` -> ``[B, C, h', w']`` features.
 
     Without an upsampler, ``h' = H / patch``. With one, ``h' = 2**iters * H / patch``, or ``output_size``
-    when given. The upsampler is guided by the same normalised image the backbone sees.
+    when given. The upsampler is guided by the same normalised image the backbone sees. ``amp``
+    ("bf16"/"fp16") runs both under autocast and ``channels_last`` feeds the upsampler NHWC tensors
+    (see `featlift.inference`); the output is always float32. ``checkpoint`` records where the
+    upsampler's weights came from.
 
     Example:
         >>> pipe = FeaturePipeline(backbone, load_checkpoint("lift_ckpt", backbone)[0], iters=2)
@@ -26,14 +45,22 @@ class FeaturePipeline(nn.Module):
         upsampler: Upsampler | None = None,
         iters: int = 1,
         output_size: tuple[int, int] | None = None,
+        *,
+        amp: str | None = None,
+        channels_last: bool = False,
+        checkpoint: str | None = None,
     ):
         super().__init__()
         if iters < 0:
             raise ValueError(f"iters must be >= 0, got {iters}")
+        check_amp(amp)
         self.backbone = backbone
         self.upsampler = upsampler.eval() if upsampler is not None else None
         self.iters = iters
         self.output_size = tuple(output_size) if output_size is not None else None
+        self.amp = amp
+        self.channels_last = channels_last
+        self.checkpoint = checkpoint
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         grid = self.backbone.grid_size(height, width)
@@ -43,17 +70,22 @@ class FeaturePipeline(nn.Module):
             return grid
         return grid[0] * 2**self.iters, grid[1] * 2**self.iters
 
-    @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        normalized = self.backbone.normalize(images)
-        features = self.backbone(normalized)
-        if self.upsampler is not None:
-            features = self.upsampler(features, normalized, iters=self.iters, output_size=self.output_size)
-        elif self.output_size is not None:
-            features = nn.functional.interpolate(
-                features, size=self.output_size, mode="bilinear", align_corners=False
-            )
-        return features
+        with torch.inference_mode(), autocast(images.device, self.amp):
+            normalized = self.backbone.normalize(images)
+            features = self.backbone(normalized)
+            if self.upsampler is not None:
+                if self.channels_last:
+                    features = features.contiguous(memory_format=torch.channels_last)
+                    normalized = normalized.contiguous(memory_format=torch.channels_last)
+                features = self.upsampler(
+                    features, normalized, iters=self.iters, output_size=self.output_size
+                )
+            elif self.output_size is not None:
+                features = nn.functional.interpolate(
+                    features, size=self.output_size, mode="bilinear", align_corners=False
+                )
+            return features.float().contiguous()
 
 
 def resolve_upsampler(
@@ -113,8 +145,6 @@ def build_pipeline(
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, weights=weights, layer=layer, facet=facet)
     module, used = resolve_upsampler(backbone, upsampler, checkpoint)
-    pipeline = FeaturePipeline(
-        backbone, module, iters=iters if module is not None else 0, output_size=output_size
+    return FeaturePipeline(
+        backbone, module, iters=iters if module is not None else 0, output_size=output_size, checkpoint=used
     )
-    pipeline.checkpoint = used
-    return pipeline

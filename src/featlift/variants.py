@@ -94,7 +94,9 @@ def parse_variant(spec: str, backbone: ViTBackbone) -> FeatureVariant:
             )
         return FeatureVariant(spec, FeaturePipeline(backbone), input_scale=factor)
     upsampler, used = resolve_upsampler(backbone, name, checkpoint)
-    return FeatureVariant(spec, FeaturePipeline(backbone, upsampler, iters=iters), checkpoint=used)
+    return FeatureVariant(
+        spec, FeaturePipeline(backbone, upsampler, iters=iters, checkpoint=used), checkpoint=used
+    )
 
 
 def parse_variants(specs: list[str], backbone: ViTBackbone) -> list[FeatureVariant]:

@@ -9,7 +9,8 @@ import torch
 
 from ..bench import BenchSettings, environment, find_max_size, run_benchmark, write_bench_results
 from ..errors import FeatliftError
-from ..inference import AMP_DTYPES, InferenceOptions
+from ..inference import InferenceOptions
+from ..pipeline import AMP_DTYPES
 from ..variants import parse_variants
 from .common import add_backbone_args, add_device_arg, backbone_from_args, positive_int, resolve_device
 

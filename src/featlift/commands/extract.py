@@ -89,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
     if checkpoint:
         logger.info("upsampler checkpoint: %s", checkpoint)
     pipeline = FeaturePipeline(
-        backbone, upsampler, iters=args.iters if upsampler is not None else 0, output_size=args.output_size
+        backbone,
+        upsampler,
+        iters=args.iters if upsampler is not None else 0,
+        output_size=args.output_size,
+        checkpoint=checkpoint,
     )
-    pipeline.checkpoint = checkpoint
     grid = pipeline.output_grid(*args.size)
     logger.info("%d images -> %s, features [%d, %d, %d]", len(items), args.out, backbone.channels, *grid)
     report = extract_to_folder(
