@@ -93,8 +93,8 @@ def tiny_files(tmp_path_factory):
     return root, weights
 
 
-def extract(root, weights, out, *extra):
-    argv = [
+def extract_argv(root, weights, out, *extra):
+    return [
         "extract",
         str(root / "images"),
         "--backbone",
@@ -117,7 +117,10 @@ def extract(root, weights, out, *extra):
         str(out),
         *extra,
     ]
-    assert main(argv) == 0
+
+
+def extract(root, weights, out, *extra):
+    assert main(extract_argv(root, weights, out, *extra)) == 0
     return {p.relative_to(out): load_features(p) for p in sorted(out.rglob("*.safetensors"))}
 
 
@@ -146,28 +149,7 @@ def test_extract_amp_is_recorded_and_close(tiny_files, tmp_path, capsys):
         cosine = torch.nn.functional.cosine_similarity(amp[key][0], features, dim=0)
         assert cosine.min() > 0.98
     # outputs computed in bf16 are not taken for float32 ones on resume
-    code = main(
-        [
-            "extract",
-            str(root / "images"),
-            "--backbone",
-            NAME,
-            "--weights",
-            str(weights),
-            "--checkpoint",
-            str(root / "lift"),
-            "--size",
-            "64",
-            "--iters",
-            "2",
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ]
-    )
+    code = main(extract_argv(root, weights, out))
     assert code == 2 and "amp" in capsys.readouterr().err
 
 
