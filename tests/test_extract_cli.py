@@ -359,31 +359,46 @@ def test_workers_decode_in_parallel(tmp_path, tiny_timm_weights, image_tree):
     assert len(outputs(tmp_path / "out")) == 5
 
 
-def test_kill_9_mid_run_then_rerun_completes(tmp_path, tiny_timm_weights):
-    """A real `kill -9` of a running extraction: every file on disk is complete, and a re-run finishes the rest."""
+KILL_MID_WRITE = """
+import os, signal, sys
+import featlift.fileio
+from featlift.cli import main
+original, calls = featlift.fileio.save_file, [0]
+def save_file(tensors, filename, metadata=None):
+    calls[0] += 1
+    if calls[0] == {kill_at}:  # half a file in the temp path, then the process dies
+        with open(filename, "wb") as handle:
+            handle.write(b"half a safetensors file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(tensors, filename, metadata=metadata)
+featlift.fileio.save_file = save_file
+sys.exit(main({argv!r}))
+"""
+
+
+def test_kill_9_mid_write_then_rerun_completes(tmp_path, tiny_timm_weights):
+    """A real `kill -9` while the 6th output is half written: every output on disk is complete, the
+    dead process's temp file is removed by the re-run, and the re-run extracts exactly the rest."""
     import signal
     import subprocess
     import sys
-    import time
 
     folder = tmp_path / "many"
-    write_images(folder, count=30, size=(32, 32))
+    write_images(folder, count=12, size=(32, 32))
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "featlift", "-q", "extract", str(folder), "--backbone", TINY_TIMM_NAME]
-    argv += ["--weights", str(tiny_timm_weights), "--size", "64", "--upsampler", "bilinear", "--iters", "3"]
-    argv += ["--batch-size", "1", "--workers", "0", "--out", str(out)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.safetensors"))) < 5 and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = list(out.glob("*.safetensors"))
-    assert 5 <= len(done) < 30, "the run should have been killed part-way"
+    argv = ["-q", "extract", str(folder), "--backbone", TINY_TIMM_NAME, "--weights", str(tiny_timm_weights)]
+    argv += ["--size", "64", "--upsampler", "bilinear", "--batch-size", "2", "--workers", "0"]
+    argv += ["--out", str(out)]
+    code = KILL_MID_WRITE.format(kill_at=6, argv=argv)
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    done = sorted(out.glob("*.safetensors"))
+    temps = [p for p in out.iterdir() if p.name.startswith(".")]
+    assert len(done) == 5 and len(temps) == 1, (done, temps)
     for path in done:
-        assert load_features(path)[0].shape == (192, 32, 32)
-    assert main(["-q", *argv[3:]]) == 0
-    assert len(list(out.glob("*.safetensors"))) == 30
+        assert load_features(path)[0].shape == (192, 8, 8)
+    assert main(argv) == 0
+    assert len(list(out.glob("*.safetensors"))) == 12
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import FeatliftError, ImageReadError
-from .fileio import check_writable_dir, save_safetensors_atomic
+from .fileio import check_writable_dir, remove_stale_temp_files, save_safetensors_atomic
 from .fingerprint import state_dict_fingerprint
 from .images import ImageItem, image_to_tensor, load_image
 from .inference import InferenceOptions, optimize_pipeline
@@ -123,15 +123,6 @@ def _collate(batch):
     return indices, images, failed
 
 
-def remove_stale_temp_files(folders: set[Path]) -> None:
-    """Delete temp files that a killed run (e.g. ``kill -9``) left beside its outputs."""
-    for folder in folders:
-        if folder.is_dir():
-            for stale in folder.glob(".*.safetensors.*.tmp"):
-                logger.info("removing a temp file left by an interrupted run: %s", stale)
-                stale.unlink(missing_ok=True)
-
-
 def _is_done(path: Path, settings: dict[str, str], overwrite: bool) -> bool:
     if not path.exists() or overwrite:
         return False
@@ -175,6 +166,8 @@ def extract_to_folder(
     options = options or InferenceOptions()
     settings = {**pipeline_metadata(pipeline, size, dtype), "amp": options.amp or "none"}
     report = ExtractionReport()
+    for folder in {output_path(out_dir, item).parent for item in items}:
+        remove_stale_temp_files(folder)
     todo = []
     for item in items:
         if _is_done(output_path(out_dir, item), settings, overwrite):

@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -23,12 +27,20 @@ def _umask() -> int:
     return mask
 
 
+TEMP_SUFFIX = ".featlift-tmp"
+STALE_TEMP_AGE_S = 3600.0
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
+
+    The temp name is ``.<name>.<pid>.<random>.featlift-tmp``: the writer's process id lets
+    `remove_stale_temp_files` tell a file left by a killed process from one still being written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -38,6 +50,48 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def is_stale_temp_file(path: Path) -> bool:
+    """True for an `atomic_path` temp file whose writer is gone.
+
+    The writer is gone when its process no longer exists on this machine, or when the file has not
+    been touched for `STALE_TEMP_AGE_S` (covers a writer on another host of a shared file system).
+    """
+    parts = path.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+    if not path.name.startswith(".") or not path.name.endswith(TEMP_SUFFIX) or len(parts) != 3:
+        return False
+    try:
+        if time.time() - path.stat().st_mtime > STALE_TEMP_AGE_S:
+            return True
+    except FileNotFoundError:
+        return False  # its writer just renamed or removed it
+    return parts[1].isdigit() and int(parts[1]) != os.getpid() and not _process_alive(int(parts[1]))
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Delete the temp files that killed writers (e.g. ``kill -9``) left in `folder`; return them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f"**/.*{TEMP_SUFFIX}" if recursive else f".*{TEMP_SUFFIX}"
+    removed = []
+    for candidate in folder.glob(pattern):
+        if candidate.is_file() and is_stale_temp_file(candidate):
+            logger.info("removing a temp file left by an interrupted run: %s", candidate)
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 
 def save_safetensors_atomic(

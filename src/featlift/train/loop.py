@@ -45,7 +45,7 @@ from tqdm import tqdm
 from ..backbones import ViTBackbone, create_backbone
 from ..checkpoint import save_checkpoint
 from ..errors import FeatliftError
-from ..fileio import atomic_path, check_writable_dir
+from ..fileio import atomic_path, check_writable_dir, remove_stale_temp_files
 from ..upsamplers import Upsampler, get_upsampler_class
 from .augment import color_jitter, jitter_seed
 from .cache import DTYPES, FeatureCache, cache_key
@@ -328,6 +328,8 @@ def _train(
     cache_root = None
     if config.use_cache:
         cache_root = check_writable_dir(config.cache or run_dir / "cache", "cache folder --cache")
+        remove_stale_temp_files(cache_root, recursive=True)
+    remove_stale_temp_files(run_dir)
     saved = load_state(run_dir)
     if saved is not None and not config.resume:
         raise FeatliftError(
