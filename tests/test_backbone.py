@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import timm
 import torch
@@ -124,15 +126,20 @@ def test_local_weights_in_safetensors_and_wrapped_pth(tiny_timm_checkpoint):
     state = model.state_dict()
     save_file(state, tmp / "w.safetensors")
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp / "w.pth")
+    # a DINO-style training checkpoint: the ViT under backbone., a projection head beside it, other entries
+    teacher = {f"backbone.{k}": v for k, v in state.items()}
+    teacher |= {"head.mlp.0.weight": torch.zeros(8, 192), "head.last_layer.weight_g": torch.ones(16, 1)}
+    torch.save({"teacher": teacher, "epoch": 100, "args": None}, tmp / "teacher.pth")
     x = torch.rand(1, 3, 32, 48)
     outputs = []
-    for file in ("w.safetensors", "w.pth"):
+    for file in ("w.safetensors", "w.pth", "teacher.pth"):
         backbone = create_backbone("vit_tiny_patch16_224", weights=tmp / file, layer=5, facet="key")
         assert backbone.name == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's default tag is recorded
         assert (backbone.channels, backbone.patch_size, backbone.num_prefix_tokens) == (192, 16, 1)
         outputs.append((backbone.fingerprint(), backbone(x)))
-    assert outputs[0][0] == outputs[1][0]
-    torch.testing.assert_close(outputs[0][1], outputs[1][1])
+    for fingerprint, features in outputs[1:]:
+        assert fingerprint == outputs[0][0]
+        torch.testing.assert_close(features, outputs[0][1])
     reference = ViTBackbone(
         timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True),
         "ref",
@@ -161,9 +168,21 @@ def test_bad_weights_files_are_named(tiny_timm_checkpoint):
     (tmp / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match="junk.pth: cannot read"):
         create_backbone("vit_tiny_patch16_224", weights=tmp / "junk.pth")
+    torch.save({"model": {"a": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp / "full.pth")
+    with pytest.raises(BackboneError, match="full.pth: it also holds pickled Python objects"):
+        create_backbone("vit_tiny_patch16_224", weights=tmp / "full.pth")
     save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), tmp / "tiny.safetensors")
-    with pytest.raises(BackboneError, match="does not fit vit_small_patch16_224"):
+    with pytest.raises(BackboneError, match="does not fit vit_small_patch16_224") as error:
         create_backbone("vit_small_patch16_224", weights=tmp / "tiny.safetensors")
+    message = str(error.value)  # counts and examples, not torch's list of every key
+    assert "cls_token is [1, 1, 192] in the file, [1, 1, 384] in the model" in message
+    assert "in all)" in message and len(message) < 1000
+    state = timm.create_model("vit_tiny_patch16_224").state_dict()
+    state.pop("norm.weight")
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, tmp / "edited.safetensors")
+    with pytest.raises(BackboneError, match="lacks norm.weight, which would stay randomly initialised"):
+        create_backbone("vit_tiny_patch16_224", weights=tmp / "edited.safetensors")
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,8 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,8 @@ FACETS = ("token", "query", "key", "value")
 
 # Containers that training code wraps a backbone state dict in, and prefixes it adds to the keys.
 _STATE_DICT_CONTAINERS = ("state_dict", "model", "teacher", "model_ema", "state_dict_ema")
-_KEY_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+_BACKBONE_PREFIX = "backbone."
 
 
 class _StopForward(Exception):
@@ -43,7 +46,8 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a backbone state dict from .safetensors or .pth/.pt/.bin, unwrapping training containers.
 
     Accepts timm layout and the original DINO / DINOv2 layouts (timm converts those when loading),
-    bare or inside ``{"state_dict"|"model"|"teacher": ...}``, with ``module.``/``backbone.`` prefixes.
+    bare or inside ``{"state_dict"|"model"|"teacher": ...}``, with ``module.`` prefixes; when the tensors
+    sit under ``backbone.`` (a DINO/DINOv2 training checkpoint), only those are kept and their heads dropped.
     """
     path = Path(path)
     if not path.is_file():
@@ -56,6 +60,13 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for corrupt files
+        if "Unsupported global" in str(exc):  # torch refused to unpickle a class
+            raise BackboneError(
+                f"weights file {path}: it also holds pickled Python objects (e.g. a training run's args), which "
+                "featlift does not unpickle (torch.load(weights_only=True), for safety). If you trust the file, "
+                f"save its state dict alone: torch.save(torch.load({str(path)!r}, weights_only=False)['teacher'], "
+                "'weights.pth') (or ['model'], ['state_dict'])"
+            ) from exc
         raise BackboneError(
             f"weights file {path}: cannot read it as safetensors or a torch checkpoint ({exc})"
         ) from exc
@@ -70,11 +81,63 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise BackboneError(f"weights file {path}: expected a state dict, found {type(state).__name__}")
     cleaned = {}
     for key, value in state.items():
-        for prefix in _KEY_PREFIXES:
+        for prefix in _WRAPPER_PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix) :]
         cleaned[key] = value
+    if any(key.startswith(_BACKBONE_PREFIX) for key in cleaned):
+        # a training wrapper (DINO/DINOv2 teacher): the ViT is under backbone., heads beside it are not ours
+        cleaned = {
+            k[len(_BACKBONE_PREFIX) :]: v for k, v in cleaned.items() if k.startswith(_BACKBONE_PREFIX)
+        }
     return cleaned
+
+
+def summarize_load_error(message: str, examples: int = 3) -> str:
+    """Shorten torch's ``load_state_dict`` error (which lists every key) to counts and a few examples."""
+    found = {
+        "missing": re.search(r"Missing key\(s\) in state_dict: (.*?)\.\s*$", message, re.M),
+        "unexpected": re.search(r"Unexpected key\(s\) in state_dict: (.*?)\.\s*$", message, re.M),
+    }
+    parts = []
+    for kind, match in found.items():
+        if match:
+            keys = re.findall(r'"([^"]+)"', match.group(1))
+            more = f", ... ({len(keys)} in all)" if len(keys) > examples else ""
+            parts.append(f"{kind} keys {', '.join(keys[:examples])}{more}")
+    shapes = re.findall(
+        r"size mismatch for ([^:]+): copying a param with shape torch.Size\((\[.*?\])\) from checkpoint, "
+        r"the shape in current model is torch.Size\((\[.*?\])\)",
+        message,
+    )
+    if shapes:
+        listed = "; ".join(
+            f"{key} is {file} in the file, {model} in the model" for key, file, model in shapes[:examples]
+        )
+        more = f"; ... ({len(shapes)} in all)" if len(shapes) > examples else ""
+        parts.append(f"shape mismatches: {listed}{more}")
+    if not parts:
+        return message[:800]
+    return "; ".join(parts) + ". Is the file for another model (size, patch, registers)?"
+
+
+def check_all_tensors_loaded(model: nn.Module, state: Mapping[str, torch.Tensor], weights, name: str) -> None:
+    """Refuse a weights file that lacks some of the model's tensors.
+
+    timm loads non-strictly whenever the classifier is dropped (``num_classes=0``, as here), so a file
+    without, say, the final norm would leave it at random init with only a log line. The file's keys are
+    converted to timm's names by the model family's own ``checkpoint_filter_fn`` (as timm does when
+    loading), and every tensor the model has must be among them.
+    """
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    keys = set(filter_fn(dict(state), model) if filter_fn is not None else state)
+    missing = [key for key in model.state_dict() if key not in keys]
+    if missing:
+        more = f", ... ({len(missing)} in all)" if len(missing) > 3 else ""
+        raise BackboneError(
+            f"weights file {weights} does not fit {name}: it lacks {', '.join(missing[:3])}{more}, "
+            "which would stay randomly initialised. Is the file for another model, or only part of one?"
+        )
 
 
 def _build_timm_model(
@@ -88,13 +151,17 @@ def _build_timm_model(
         if weights is not None:
             state = load_weights_file(weights)
             overlay = dict(state_dict=state, source="", file=None)
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            check_all_tensors_loaded(model, state, weights, name)
+            return model
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except BackboneError:
         raise
     except RuntimeError as exc:
         if weights is not None:
-            raise BackboneError(f"weights file {weights} does not fit {name}: {str(exc)[:800]}") from exc
+            raise BackboneError(
+                f"weights file {weights} does not fit {name}: {summarize_load_error(str(exc))}"
+            ) from exc
         raise BackboneError(f"cannot build {name}: {exc}") from exc
     except (OSError, ConnectionError, TimeoutError) as exc:
         raise BackboneError(
