@@ -210,3 +210,26 @@ def test_listed_timm_families_build_and_tap(name, channels, patch, prefix):
         with torch.no_grad():
             out = backbone(backbone.normalize(torch.rand(1, 3, patch * 2, patch * 3)))
         assert out.shape == (1, channels, 2, 3)
+
+
+def test_original_dinov2_layout_with_registers_loads_like_timm_layout(tmp_path):
+    """The facebookresearch/dinov2 layout (mask_token, register_tokens, CLS position in pos_embed), as in
+    its released .pth files, converted by timm on load: the same features as the timm-layout file."""
+    name = "vit_small_patch14_reg4_dinov2.lvd142m"
+    model = timm.create_model(name, pretrained=False, num_classes=0, depth=2)
+    timm_state = model.state_dict()
+    save_file(timm_state, tmp_path / "timm.safetensors")
+    original = {k: v for k, v in timm_state.items() if k not in ("reg_token", "pos_embed")}
+    original["register_tokens"] = timm_state["reg_token"]
+    original["pos_embed"] = torch.cat([torch.zeros(1, 1, 384), timm_state["pos_embed"]], dim=1)
+    original["mask_token"] = torch.zeros(1, 384)
+    torch.save(original, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    x = torch.rand(1, 3, 28, 42)
+    features = []
+    for file in ("timm.safetensors", "dinov2_vits14_reg4_pretrain.pth"):
+        backbone = create_backbone(name, weights=tmp_path / file, depth=2, layer=1, facet="query")
+        assert backbone.num_prefix_tokens == 5
+        with torch.no_grad():
+            features.append((backbone.fingerprint(), backbone(backbone.normalize(x))))
+    assert features[0][0] == features[1][0]  # the fingerprint is of the loaded model, not of the file
+    torch.testing.assert_close(features[0][1], features[1][1])

@@ -150,7 +150,7 @@ def _build_timm_model(
     try:
         if weights is not None:
             state = load_weights_file(weights)
-            overlay = dict(state_dict=state, source="", file=None)
+            overlay = dict(state_dict=dict(state), source="", file=None)  # timm may pop keys from it
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
             check_all_tensors_loaded(model, state, weights, name)
             return model
