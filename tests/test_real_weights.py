@@ -114,3 +114,17 @@ def test_real_checkpoint_for_another_layer_or_facet_is_refused(
         == 2
     )
     assert "differs in layer" in capsys.readouterr().err
+
+
+def test_in_memory_features_equal_the_files_extract_writes(tmp_path, real_image_dir, dinov2_backbone):
+    """The Python API on PIL images and `featlift extract` on their files: the same features (shipped LiFT)."""
+    from featlift import build_pipeline, extract_features, load_image
+
+    assert run_extract(real_image_dir, tmp_path / "files") == 0  # default upsampler: the shipped LiFT
+    pipeline = build_pipeline(dinov2_backbone, upsampler="lift")
+    images = [load_image(real_image_dir / name) for name in REAL_IMAGES]
+    in_memory = extract_features(pipeline, images, size=224, batch_size=2)
+    for name, features in zip(REAL_IMAGES, in_memory, strict=True):
+        written, _ = load_features(tmp_path / "files" / f"{name}.safetensors")
+        assert written.shape == features.shape == (384, 32, 32)
+        torch.testing.assert_close(features, written, atol=1e-4, rtol=1e-4)  # extract folds BN: float rounding

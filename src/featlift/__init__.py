@@ -21,6 +21,7 @@ from .errors import (  # noqa: E402
 )
 from .extract import ExtractionReport, extract_to_folder, load_features  # noqa: E402
 from .images import collect_images, image_to_tensor, load_image  # noqa: E402
+from .in_memory import extract_features  # noqa: E402
 from .pipeline import FeaturePipeline, build_pipeline  # noqa: E402
 from .upsamplers import (  # noqa: E402
     LiFT,
@@ -52,6 +53,7 @@ __all__ = [
     "collect_images",
     "create_backbone",
     "create_upsampler",
+    "extract_features",
     "extract_to_folder",
     "image_to_tensor",
     "import_original_lift",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .backbones import ViTBackbone
+from .errors import InputSizeError
 from .upsamplers import Upsampler
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,6 +72,11 @@ class FeaturePipeline(nn.Module):
         return grid[0] * 2**self.iters, grid[1] * 2**self.iters
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.is_floating_point():
+            raise InputSizeError(
+                f"expected float images in [0, 1], got {images.dtype}; divide uint8 pixels by 255 "
+                "(featlift.extract_features does that, and batches)"
+            )
         with torch.inference_mode(), autocast(images.device, self.amp):
             normalized = self.backbone.normalize(images)
             features = self.backbone(normalized)

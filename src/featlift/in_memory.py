@@ -1,0 +1,104 @@
+"""Features for images already in memory: the Python counterpart of `featlift extract`.
+
+`extract_features` takes a batch tensor or a list of PIL images / tensors, resizes them to one size if
+asked (PIL images exactly as `featlift extract` does), runs the pipeline `batch_size` images at a time on
+the chosen device, and returns one CPU tensor, so a caller never has to batch or move data by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .errors import InputSizeError
+from .images import image_to_tensor, parse_size
+from .pipeline import FeaturePipeline
+
+ImageLike = torch.Tensor | Image.Image
+
+
+def _as_unit_float(image: torch.Tensor, where: str) -> torch.Tensor:
+    if image.dtype == torch.uint8:
+        return image.float().div_(255.0)
+    if not image.is_floating_point():
+        raise InputSizeError(f"{where}: expected uint8 (0-255) or float (0-1) pixels, got {image.dtype}")
+    return image.float()
+
+
+def _one_image(image: ImageLike, index: int, size: tuple[int, int] | None) -> torch.Tensor:
+    where = f"image {index}"
+    if isinstance(image, Image.Image):
+        return image_to_tensor(image.convert("RGB"), size)
+    if not isinstance(image, torch.Tensor):
+        raise InputSizeError(
+            f"{where}: expected a PIL image or a [3, H, W] tensor, got {type(image).__name__}"
+        )
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise InputSizeError(f"{where}: expected a [3, H, W] tensor, got shape {list(image.shape)}")
+    return _resize(_as_unit_float(image, where)[None], size)[0]
+
+
+def _resize(batch: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    if size is None or tuple(batch.shape[-2:]) == size:
+        return batch
+    resized = F.interpolate(batch, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return resized.clamp_(0.0, 1.0)
+
+
+def extract_features(
+    pipeline: FeaturePipeline,
+    images: torch.Tensor | Sequence[ImageLike],
+    *,
+    size: int | str | tuple[int, int] | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Features ``[N, C, h, w]`` (CPU, `dtype`) for `images`, computed `batch_size` at a time on `device`.
+
+    `images` is a ``[N, 3, H, W]`` tensor or a sequence of PIL images / ``[3, H, W]`` tensors; tensors hold
+    float pixels in ``[0, 1]`` or uint8 pixels in ``[0, 255]``. `size` (``224``, ``"224x320"`` or
+    ``(H, W)``) resizes every image first (bicubic, aspect ratio ignored); without it all images must
+    already share one size, a multiple of the backbone's patch. `device` defaults to the pipeline's.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    size = parse_size(size) if size is not None else None
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputSizeError(f"expected images of shape [N, 3, H, W], got {list(images.shape)}")
+        count = images.shape[0]
+    else:
+        count = len(images)
+    if count == 0:
+        raise InputSizeError("no images given")
+    if device is None:
+        device = next(pipeline.parameters()).device
+    first_shape = None
+    outputs = []
+    with tqdm(total=count, unit="img", desc="features", disable=not progress) as bar:
+        for start in range(0, count, batch_size):
+            if isinstance(images, torch.Tensor):
+                batch = _resize(_as_unit_float(images[start : start + batch_size], "images"), size)
+            else:
+                tensors = [
+                    _one_image(image, start + offset, size)
+                    for offset, image in enumerate(images[start : start + batch_size])
+                ]
+                if size is None:
+                    for offset, tensor in enumerate(tensors):
+                        first_shape = first_shape or tuple(tensor.shape[-2:])
+                        if tuple(tensor.shape[-2:]) != first_shape:
+                            raise InputSizeError(
+                                f"image {start + offset} is {tensor.shape[-2]}x{tensor.shape[-1]}, image 0 is "
+                                f"{first_shape[0]}x{first_shape[1]}: pass size= to resize them to one size"
+                            )
+                batch = torch.stack(tensors)
+            outputs.append(pipeline(batch.to(device, non_blocking=True)).to("cpu", dtype))
+            bar.update(batch.shape[0])
+    return torch.cat(outputs)
