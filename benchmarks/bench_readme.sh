@@ -2,7 +2,7 @@
 # The speed and memory numbers of the README, in one go (CPU, $THREADS threads, default 2; ~10-25 min on a 2-core machine).
 #   benchmarks/bench_readme.sh [OUT_DIR] [LIFT_CHECKPOINT]
 # Without LIFT_CHECKPOINT the checkpoint featlift ships for DINOv2 ViT-S/14 is used.
-# Writes OUT_DIR/{variants,options,extract}/ with JSON + markdown, and OUT_DIR/load.txt (machine load).
+# Writes OUT_DIR/{variants,rss,options,extract}/ with JSON + markdown, and OUT_DIR/load.txt (machine load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench-readme}
@@ -18,6 +18,11 @@ mkdir -p "$OUT"
 $PY -m featlift bench --weights "$WEIGHTS" --sizes 224 --threads "$THREADS" --batch-sizes 1,4 --repeats 10 --warmup 2 \
   --variants "none,bilinear,$LIFT,$LIFT:iters=2,$LIFT:iters=3,input-2x" --out "$OUT/variants"
 echo "after bench: $(date -u +%FT%TZ) $(uptime)" >> "$OUT/load.txt"
+
+# Peak RSS of fresh processes per variant (loaded, and with one call at batch 1).
+$PY -m featlift bench --weights "$WEIGHTS" --sizes 224 --threads "$THREADS" --batch-sizes 1 --repeats 1 --warmup 0 \
+  --variants "none,bilinear,$LIFT,$LIFT:iters=2,$LIFT:iters=3,input-2x" --process-rss --out "$OUT/rss"
+echo "after rss: $(date -u +%FT%TZ) $(uptime)" >> "$OUT/load.txt"
 
 # Each speed option side by side (time ratios and output error).
 $PY benchmarks/speed_options.py --threads "$THREADS" --repeats 20 --compile ${CKPT:+--checkpoint "$CKPT"} --out "$OUT/options"

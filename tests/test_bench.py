@@ -177,3 +177,43 @@ def test_flops_and_memory_helpers():
         b = torch.empty(512, 1024)  # 2 MiB, after the first is freed
     assert tracker.peak == 4 * 2**20 and tracker.live == 2 * 2**20
     del b
+
+
+def test_peak_rss_reset_and_read_see_what_a_fresh_process_allocates():
+    """The child's own numbers, not the parent's: pytest with torch loaded is far bigger than a bare child."""
+    import sys
+
+    from featlift.process_memory import run_child
+
+    code = """
+import json
+from featlift.process_memory import peak_rss_mib, reset_peak_rss, rss_mib
+x = bytearray(400 * 2**20); x[::4096] = b"1" * (400 * 256); del x
+load_peak, before = peak_rss_mib(), rss_mib()
+reset_peak_rss()
+y = bytearray(100 * 2**20); y[::4096] = b"1" * (100 * 256)
+print(json.dumps([load_peak, before, peak_rss_mib()]))
+"""
+    load_peak, before, call_peak = run_child([sys.executable, "-c", code])
+    assert load_peak - before > 390  # the 400 MiB were freed before the call, but the peak remembers them
+    assert 98 < call_peak - before < 110  # after the reset, the peak sees only the call's 100 MiB
+    with pytest.raises(Exception, match="exit 3"):
+        run_child([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_bench_process_rss_runs_fresh_processes(tiny_setup, tmp_path):
+    weights, ckpt, _, _ = tiny_setup
+    out = tmp_path / "rss"
+    argv = ["bench", "--backbone", NAME, "--weights", str(weights), "--sizes", "64", "--batch-sizes", "1"]
+    argv += ["--variants", f"none,lift:{ckpt}:iters=2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert main([*argv, "--process-rss", "--out", str(out)]) == 0
+    rss = json.loads((out / "bench.json").read_text())["process_rss"]
+    assert [(r["variant"], r["size"], r["batch"]) for r in rss] == [
+        ("none", 64, 1),
+        (f"lift:{ckpt}:iters=2", 64, 1),
+    ]
+    for r in rss:
+        assert r["before_call_mib"] > 100  # a fresh process with torch and the model in it
+        assert r["load_peak_mib"] >= r["before_call_mib"] and r["call_peak_mib"] >= r["before_call_mib"]
+        assert r["process_peak_mib"] == max(r["load_peak_mib"], r["call_peak_mib"])
+    assert "Peak RSS of a fresh process (batch 1)" in (out / "bench.md").read_text()

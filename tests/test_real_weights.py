@@ -127,4 +127,6 @@ def test_in_memory_features_equal_the_files_extract_writes(tmp_path, real_image_
     for name, features in zip(REAL_IMAGES, in_memory, strict=True):
         written, _ = load_features(tmp_path / "files" / f"{name}.safetensors")
         assert written.shape == features.shape == (384, 32, 32)
-        torch.testing.assert_close(features, written, atol=1e-4, rtol=1e-4)  # extract folds BN: float rounding
+        torch.testing.assert_close(
+            features, written, atol=1e-4, rtol=1e-4
+        )  # extract folds BN: float rounding

@@ -6,7 +6,8 @@ random images of ``variant.input_size((S, S))``:
 - latency: median wall time per image at batch 1 over ``repeats`` calls, after ``warmup`` calls;
 - throughput: images/s at each batch size (batch / median time of one call);
 - peak memory of one call: ``max_memory_allocated`` on CUDA; on CPU the peak of live tensors the call
-  creates (`TensorMemoryTracker`; RSS barely moves once the allocator has cached memory from warm-up);
+  creates (`TensorMemoryTracker`; RSS barely moves once the allocator has cached memory from warm-up;
+  ``--process-rss`` measures RSS in a fresh process per variant instead, see `featlift.process_memory`);
 - FLOPs of one image (``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and
   attention; elementwise ops are not counted) and parameter counts;
 - stages, measured alone: the backbone on the variant's input, and the upsampler given precomputed
@@ -575,6 +576,19 @@ def markdown_report(
         ]
         for item in extra["max_size"]:
             lines.append(f"| `{item['variant']}` | {item['largest']} | {item['failed'] or '-'} |")
+    if extra and extra.get("process_rss"):
+        lines += [
+            "",
+            f"### Peak RSS of a fresh process (batch {extra['process_rss'][0]['batch']})",
+            "",
+            "| size | variant | peak while loading MiB | before the call MiB | peak during the call MiB | the call adds MiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for item in extra["process_rss"]:
+            lines.append(
+                f"| {item['size']} | `{item['variant']}` | {item['load_peak_mib']:.0f} | {item['before_call_mib']:.0f} | "
+                f"{item['call_peak_mib']:.0f} | {item['call_adds_mib']:.0f} |"
+            )
     lines += [
         "",
         "Peak memory: max allocated on CUDA; on CPU the peak of live tensor storages during one call (a dispatch-mode tracker), inputs and weights excluded. FLOPs: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import torch
 
@@ -11,8 +12,16 @@ from ..bench import BenchSettings, environment, find_max_size, run_benchmark, wr
 from ..errors import FeatliftError
 from ..inference import InferenceOptions
 from ..pipeline import AMP_DTYPES
+from ..process_memory import measure_process_rss
 from ..variants import parse_variants
-from .common import add_backbone_args, add_device_arg, backbone_from_args, positive_int, resolve_device
+from .common import (
+    WEIGHTS_ENV,
+    add_backbone_args,
+    add_device_arg,
+    backbone_from_args,
+    positive_int,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +68,21 @@ def inference_options(args: argparse.Namespace) -> InferenceOptions:
     )
 
 
+def inference_argv(options: InferenceOptions) -> list[str]:
+    """The command-line flags that give `options` (the inverse of `inference_options`)."""
+    argv = [] if options.fold_bn else ["--no-fold-bn"]
+    argv += [] if options.channels_last else ["--no-channels-last"]
+    argv += ["--amp", options.amp] if options.amp else []
+    return argv + (["--compile"] if options.compile else [])
+
+
+def backbone_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--backbone", args.backbone, "--facet", args.facet]
+    weights = args.weights or os.environ.get(WEIGHTS_ENV)
+    argv += ["--weights", str(weights)] if weights else []
+    return argv + (["--layer", str(args.layer)] if args.layer is not None else [])
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -102,6 +126,12 @@ def register(subparsers) -> None:
         default=None,
         help="largest size --find-max-size tries (default: 16384 on CUDA, 1792 on CPU)",
     )
+    parser.add_argument(
+        "--process-rss",
+        action="store_true",
+        help="also measure, per size and variant at the first batch size, the RSS of a fresh process that loads "
+        "the variant and runs it once: peak while loading, before the call, peak during it (CPU, Linux)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_inference_args(parser)
     add_device_arg(parser)
@@ -137,6 +167,20 @@ def run(args: argparse.Namespace) -> int:
             ) from exc
         raise
     extra = {}
+    if args.process_rss:
+        if device.type != "cpu":
+            raise FeatliftError("--process-rss measures CPU runs; use --device cpu")
+        extra["process_rss"] = [
+            measure_process_rss(
+                backbone_argv(args) + inference_argv(settings.options),
+                variant.spec,
+                size,
+                settings.batch_sizes[0],
+                args.threads,
+            ).to_dict()
+            for size in args.sizes
+            for variant in variants
+        ]
     if args.find_max_size:
         cap = args.max_size_cap or (16384 if device.type == "cuda" else 1792)
         note = (
