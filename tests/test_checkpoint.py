@@ -39,7 +39,7 @@ def test_round_trip_records_everything(tmp_path, tiny_backbone):
     assert config["format_version"] == 1
     assert config["upsampler"] == {
         "name": "lift",
-        "args": {"channels": 32, "patch_size": 14, "residual": False},
+        "args": {"channels": 32, "patch_size": 14, "residual": False, "output_scale": 1.0},
     }
     assert config["backbone"] == {
         "name": "tiny_vit_p14",

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_TIMM_NAME, write_images
 
 import featlift.extract
-from featlift import LiFT, create_backbone, load_features, save_checkpoint
+from featlift import LiFT, create_backbone, load_checkpoint, load_features, save_checkpoint
 from featlift.cli import main
 
 
@@ -102,7 +102,7 @@ def test_features_equal_the_python_api(tmp_path, tiny_timm_weights, image_tree):
     assert meta["upsampler"] == "none" and meta["iters"] == "0"
 
 
-def test_lift_checkpoint_float16_and_glob(tmp_path, tiny_timm_weights, image_tree):
+def test_lift_checkpoint_float16_and_glob(tmp_path, tiny_timm_weights, image_tree, capsys):
     backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights)
     save_checkpoint(tmp_path / "ckpt", LiFT(backbone.channels, backbone.patch_size), backbone)
     out = tmp_path / "out"
@@ -143,6 +143,13 @@ def test_lift_checkpoint_float16_and_glob(tmp_path, tiny_timm_weights, image_tre
         == 0
     )
     assert load_features(out / "img'1.png.safetensors")[1]["checkpoint"] == str(tmp_path / "ckpt")
+    # the same weights with another output_scale give other features: not the same settings
+    module = load_checkpoint(tmp_path / "moved", backbone=backbone)[0]
+    module.output_scale = 0.5
+    save_checkpoint(tmp_path / "rescaled", module, backbone)
+    argv = [pattern, "--checkpoint", str(tmp_path / "rescaled"), "--dtype", "float16", "--out", str(out)]
+    assert extract(tmp_path, tiny_timm_weights, *argv) == 2
+    assert "exists with other settings (upsampler_fingerprint:" in capsys.readouterr().err
 
 
 def test_checkpoint_for_another_layer_is_refused(tmp_path, tiny_timm_weights, image_tree, capsys):

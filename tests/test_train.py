@@ -14,6 +14,7 @@ from featlift.backbones import ViTBackbone
 from featlift.cli import main
 from featlift.train.augment import color_jitter
 from featlift.train.data import scan_images, split_images
+from featlift.train.loop import validate_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,14 @@ def test_train_odd_tree_cache_resume_and_load(tmp_path, weights, monkeypatch, ca
     with torch.no_grad():
         out = module(backbone(backbone.normalize(image)), backbone.normalize(image))
     assert out.shape == (1, backbone.channels, 8, 8)
+
+    # output_scale: fitted every epoch, saved in the checkpoint, and a least-squares fixed point: fitting
+    # again on the same held-out images gives the same scale, and scaling keeps the cosine
+    assert module.output_scale == epochs[1]["output_scale"] != 1.0
+    held_out = split_images(scan_images(images).images, 0.34, 0)[1]
+    refit = validate_checkpoint(module, backbone, held_out, config.training["args"]["image_size"])
+    assert abs(refit["output_scale"] - module.output_scale) < 1e-4
+    assert abs(refit["val_cosine_lift"] - epochs[1]["val_cosine_lift"]) < 1e-4
     cache_files = list((run / "cache").rglob("*.safetensors"))
     assert len(cache_files) == 6 and all(f.stat().st_size > 0 for f in cache_files)
 

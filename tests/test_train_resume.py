@@ -70,3 +70,9 @@ def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.allclose(straight[key].float(), resumed[key].float(), atol=1e-6, rtol=0), key
+    # the fitted output scale too: the resumed run refits it from the same weights and held-out images
+    scales = [
+        json.loads((run / "config.json").read_text())["upsampler"]["args"]["output_scale"]
+        for run in (tmp_path / "straight", killed)
+    ]
+    assert scales[0] != 1.0 and abs(scales[0] - scales[1]) <= 1e-5

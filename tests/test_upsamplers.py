@@ -48,6 +48,21 @@ def test_residual_lift_starts_as_bilinear():
     torch.testing.assert_close(out, expected)
 
 
+def test_output_scale_multiplies_every_pass():
+    """An untrained residual LiFT is bilinear, so with a scale each pass is bilinear times the scale,
+    and the second pass sees the scaled first output."""
+    lift = LiFT(channels=8, patch_size=16, residual=True, output_scale=0.5).eval()
+    features = torch.randn(1, 8, 3, 4)
+    image = torch.randn(1, 3, 48, 64)
+    once = F.interpolate(features, scale_factor=2, mode="bilinear", align_corners=False)
+    twice = F.interpolate(once, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(lift(features, image), 0.5 * once)
+    torch.testing.assert_close(lift(features, image, iters=2), 0.25 * twice)
+    assert lift.config()["output_scale"] == 0.5
+    with pytest.raises(ValueError, match="output_scale must be > 0"):
+        LiFT(8, 16, output_scale=0.0)
+
+
 def test_iterative_passes_use_a_2x_guide_image_each_time():
     seen = []
 

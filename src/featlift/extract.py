@@ -85,7 +85,7 @@ def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: t
         "layer": str(backbone.layer),
         "facet": backbone.facet,
         "upsampler": upsampler.name if upsampler is not None else "none",
-        "upsampler_fingerprint": state_dict_fingerprint(upsampler.state_dict())
+        "upsampler_fingerprint": state_dict_fingerprint(upsampler.state_dict(), upsampler.config())
         if upsampler is not None
         else "",
         "checkpoint": pipeline.checkpoint or "",

@@ -361,7 +361,8 @@ def _train(
         "layer": backbone.layer,
         "facet": backbone.facet,
         "upsampler": config.upsampler,
-        "upsampler_args": upsampler.config(),
+        # output_scale is fitted during training, not chosen: it is no setting a resume must match
+        "upsampler_args": {k: v for k, v in upsampler.config().items() if k != "output_scale"},
         "image_size": config.image_size,
         "batch_size": config.batch_size,
         "lr": config.lr,
@@ -389,6 +390,9 @@ def _train(
         upsampler.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         start_epoch, history, wall_before = saved["epoch"], saved["history"], saved["wall_time_s"]
+        fitted = [r["output_scale"] for r in history if "output_scale" in r]
+        if fitted and hasattr(upsampler, "output_scale"):
+            upsampler.output_scale = fitted[-1]
         commands = [*saved.get("commands", []), command]
         logger.info("resuming %s after epoch %d", run_dir, start_epoch)
     elif config.resume:
@@ -466,6 +470,8 @@ def _train(
                 bar.update(1)
             bar.close()
             metrics = _validate(upsampler, val_loader, info)
+            if "output_scale" in metrics:
+                upsampler.output_scale = metrics["output_scale"]  # saved with the checkpoint's config below
             counts = torch.tensor(
                 [
                     loader.hits + val_loader.hits,
@@ -541,13 +547,28 @@ def _train(
     )
 
 
+def validate_checkpoint(
+    upsampler: Upsampler,
+    backbone: ViTBackbone,
+    images: list[TrainImage],
+    image_size: int,
+    cache: FeatureCache | None = None,
+    cache_dtype: str = "float16",
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """`featlift train`'s validation of `upsampler` on `images` (cosine of LiFT and of bilinear to the
+    backbone's 2x features, and the least-squares ``output_scale``), outside a training run."""
+    loader = _Batches(backbone, images, image_size, cache, cache_dtype, torch.device(device), 0)
+    return _validate(upsampler.to(device), loader, DistInfo())
+
+
 @torch.no_grad()
 def _validate(
     upsampler: Upsampler, loader: _Batches, info: DistInfo, batch_size: int = 8
 ) -> dict[str, float]:
     """Mean over held-out images of the cosine to f(img) of LiFT(img/2, f(img/2)) and of bilinear(f(img/2))."""
     images = list(range(len(loader.dataset)))[info.rank :: info.world_size]
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(5, dtype=torch.float64)
     was_training = upsampler.training
     upsampler.eval()
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
@@ -556,17 +577,21 @@ def _validate(
             continue
         positions, raw2, _, f1, f2, _ = loaded
         guide2 = _guides(loader.backbone, raw2, loader.device, None)
-        sums[:2] += validation_sums(upsampler, guide2, f1, f2).double().cpu()
-        sums[2] += len(positions)
+        sums[:4] += validation_sums(upsampler, guide2, f1, f2).cpu()
+        sums[4] += len(positions)
     upsampler.train(was_training)
     sums = all_reduce_sum(sums, info)
-    if sums[2] == 0:
+    if sums[4] == 0:
         return {}
-    return {
-        "val_cosine_lift": round(float(sums[0] / sums[2]), 5),
-        "val_cosine_bilinear": round(float(sums[1] / sums[2]), 5),
-        "val_images": int(sums[2]),
+    metrics = {
+        "val_cosine_lift": round(float(sums[0] / sums[4]), 5),
+        "val_cosine_bilinear": round(float(sums[1] / sums[4]), 5),
+        "val_images": int(sums[4]),
     }
+    if hasattr(upsampler, "output_scale") and sums[3] > 0:
+        # least squares: the scale s minimising |s * LiFT_unscaled - f(img)|^2 (the current scale cancels out)
+        metrics["output_scale"] = round(float(upsampler.output_scale * sums[2] / sums[3]), 5)
+    return metrics
 
 
 def _summary(

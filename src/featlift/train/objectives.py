@@ -56,9 +56,17 @@ def cosine_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def validation_sums(
     upsampler: Upsampler, guide2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor
 ) -> torch.Tensor:
-    """Summed per-image mean cosine to ``f1`` of LiFT(img/2, f2) and of bilinear(f2): tensor ``[2]``."""
+    """Sums over the images of: the mean cosine to ``f1`` of LiFT(img/2, f2) and of bilinear(f2), and
+    ``<LiFT, f1>`` and ``<LiFT, LiFT>`` (whose ratio is the least-squares rescaling of LiFT's output):
+    tensor ``[4]``."""
     lifted = upsampler.upsample_once(f2, guide2)
     bilinear = F.interpolate(f2, size=f1.shape[-2:], mode="bilinear", align_corners=False)
+    lifted64, target64 = lifted.double(), f1.double()
     return torch.stack(
-        [cosine_map(lifted, f1).mean(dim=(1, 2)).sum(), cosine_map(bilinear, f1).mean(dim=(1, 2)).sum()]
+        [
+            cosine_map(lifted, f1).mean(dim=(1, 2)).sum().double(),
+            cosine_map(bilinear, f1).mean(dim=(1, 2)).sum().double(),
+            (lifted64 * target64).sum(),
+            (lifted64 * lifted64).sum(),
+        ]
     )

@@ -13,6 +13,12 @@ Layers, for ``C`` feature channels and a 32-channel image branch:
 ``residual=True`` (featlift's addition, off in the paper) adds the bilinear upsampling of the input
 features to the output, and zero-initialises the last conv so that an untrained module equals
 bilinear. The module then only learns a correction, which trains much faster from few images.
+
+``output_scale`` (featlift's addition) multiplies each pass's output. The cosine loss leaves the scale
+of the prediction free, and a trained module inflates feature norms (the shipped one by ~1.25x per
+pass, so 1.5x after two); `featlift train` fits the scale by least squares to the backbone's own 2x
+features on the held-out images after every epoch. Cosine-based uses of one pass are unaffected; the
+features keep the backbone's scale, and a further pass gets inputs on the scale it was trained on.
 """
 
 from __future__ import annotations
@@ -50,13 +56,16 @@ class LiFT(Upsampler):
 
     trainable = True
 
-    def __init__(self, channels: int, patch_size: int, residual: bool = False):
+    def __init__(self, channels: int, patch_size: int, residual: bool = False, output_scale: float = 1.0):
         super().__init__()
         if channels < 2 or patch_size < 1:
             raise ValueError(f"LiFT needs channels >= 2 and patch_size >= 1, got {channels}, {patch_size}")
+        if not output_scale > 0:
+            raise ValueError(f"LiFT output_scale must be > 0, got {output_scale}")
         self.channels = int(channels)
         self.patch_size = int(patch_size)
         self.residual = bool(residual)
+        self.output_scale = float(output_scale)
         merged = channels + IMAGE_CHANNELS
         self.image_stem = nn.Sequential(
             *conv_bn_relu(3, IMAGE_CHANNELS, stride=2),
@@ -74,7 +83,12 @@ class LiFT(Upsampler):
             nn.init.zeros_(self.head.bias)
 
     def config(self) -> dict[str, Any]:
-        return {"channels": self.channels, "patch_size": self.patch_size, "residual": self.residual}
+        return {
+            "channels": self.channels,
+            "patch_size": self.patch_size,
+            "residual": self.residual,
+            "output_scale": self.output_scale,
+        }
 
     def upsample_once(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         if features.shape[1] != self.channels:
@@ -94,6 +108,8 @@ class LiFT(Upsampler):
         out = self.head(self.fuse(torch.cat([merged, fine], dim=1)))
         if self.residual:
             out = out + F.interpolate(features, scale_factor=2, mode="bilinear", align_corners=False)
+        if self.output_scale != 1.0:
+            out = out * self.output_scale
         return out
 
 

@@ -1,0 +1,67 @@
+"""Fit LiFT's ``output_scale`` for a checkpoint trained before `featlift train` fitted it every epoch.
+
+Rebuilds the checkpoint's own held-out split (its image folder, ``val_fraction`` and ``seed`` from
+config.json, or the folder given), runs the same validation as ``featlift train``
+(`featlift.train.loop.validate_checkpoint`) and writes the fitted scale, with the validation numbers,
+back into the checkpoint (model.safetensors is rewritten unchanged; config.json gains the argument).
+
+    python benchmarks/fit_output_scale.py CHECKPOINT [--images DIR] --weights W [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from featlift import create_backbone, load_checkpoint, read_checkpoint_config, save_checkpoint
+from featlift.train.cache import FeatureCache, cache_key
+from featlift.train.data import scan_images, split_images
+from featlift.train.loop import RESIZE_METHOD, validate_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument(
+        "--images", default=None, help="the training folder (default: the one in config.json)"
+    )
+    parser.add_argument("--weights", default=None, help="backbone weights file (default: timm's download)")
+    parser.add_argument(
+        "--cache", default=None, help="the training run's feature cache folder, to skip the backbone"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = read_checkpoint_config(args.checkpoint)
+    training = dict(config.training)
+    run_args = training["args"]
+    backbone = create_backbone(
+        config.backbone.name, weights=args.weights, layer=config.backbone.layer, facet=config.backbone.facet
+    )
+    module, config = load_checkpoint(args.checkpoint, backbone=backbone)
+    scan = scan_images(args.images or run_args["images"])
+    _, val_images = split_images(scan.images, run_args["val_fraction"], run_args["seed"])
+    cache = None
+    if args.cache:
+        dtype = run_args.get("cache_dtype", "float16")
+        cache = FeatureCache(
+            args.cache, cache_key(backbone, run_args["image_size"], RESIZE_METHOD, dtype), dtype
+        )
+    before = module.output_scale
+    metrics = validate_checkpoint(module, backbone, val_images, run_args["image_size"], cache)
+    module.output_scale = metrics["output_scale"]
+    training["output_scale_fit"] = {
+        "how": "least squares to the backbone's 2x features on the held-out images, after training "
+        "(benchmarks/fit_output_scale.py)",
+        "previous": before,
+        **metrics,
+    }
+    save_checkpoint(args.checkpoint, module, backbone, training=training, normalization=config.normalization)
+    print(json.dumps(training["output_scale_fit"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
