@@ -8,10 +8,10 @@
 # Knobs (environment): SIZE (base input, default 224), DAVIS_FRAMES (first N frames per sequence; default all),
 #   WARP_IMAGES (default 50), PROBE_EPOCHS (default 40), PROBE_TRAIN / PROBE_VAL (first N images; default all), THREADS (torch threads, default 2), LIFT (checkpoint
 #   folder; default: the shipped one), PYTHON (default .venv/bin/python), SHARED (default ../shared).
-# Cost on the 2-core CPU (other jobs running): DAVIS on all frames ~20 min for the 5 variants (lift:iters=2 propagation
-# on a 64x64 grid ~1-3 s/frame); the full CamVid probe (123 train / 51 val images, 40 epochs) ~4-6 min per variant.
-# The committed results in benchmarks/eval_results came from: davis and probe-camvid with the defaults (all frames,
-# all images, 40 epochs; davis and probe ran at the same time) and warp with the defaults (50 images + stereo).
+# Cost on the 2-core CPU for the 5 variants: DAVIS on all frames 11 min quiet, ~20 min with other jobs running;
+# the full CamVid probe (123 train / 51 val images, 40 epochs) 3 min quiet, up to ~25 min busy; warp ~1.5 min.
+# The committed results in benchmarks/eval_results came from one run of this script with the defaults (all frames,
+# all images, 40 epochs, 50 warp images + stereo): 15 min in all on a mostly quiet 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
