@@ -416,3 +416,12 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_quiet_hides_the_progress_bar(tmp_path, tiny_timm_weights, image_tree, capsys):
+    argv = [str(image_tree), "--upsampler", "bilinear", "--out"]
+    assert extract(tmp_path, tiny_timm_weights, *argv, str(tmp_path / "quiet")) == 0  # extract() passes -q
+    assert "img/s" not in capsys.readouterr().err
+    loud = ["extract", *argv, str(tmp_path / "loud"), "--backbone", TINY_TIMM_NAME, "--size", "32x48"]
+    assert main([*loud, "--weights", str(tiny_timm_weights), "--workers", "0"]) == 0
+    assert "img/s" in capsys.readouterr().err

@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         options=inference_options(args),
         writer_threads=max(0, args.write_threads),
+        progress=not args.quiet,
     )
     print(f"featlift extract: {report.summary()} -> {args.out}")
     for _path, message in report.failed:

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         device=args.device,
         workers=max(0, args.workers),
-        progress=args.progress,
+        progress=args.progress and not args.quiet,
     )
     result = train(config)
     final = result.final
