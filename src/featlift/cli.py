@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"featlift {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         command = importlib.import_module(f"{commands.__name__}.{module.name}")

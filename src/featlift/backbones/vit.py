@@ -12,12 +12,12 @@ Prefix tokens (CLS, registers) are dropped; the result is ``[B, C, H / patch, W 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
 import re
-import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,23 +121,39 @@ def summarize_load_error(message: str, examples: int = 3) -> str:
     return "; ".join(parts) + ". Is the file for another model (size, patch, registers)?"
 
 
-def check_all_tensors_loaded(model: nn.Module, state: Mapping[str, torch.Tensor], weights, name: str) -> None:
-    """Refuse a weights file that lacks some of the model's tensors.
+class _MissingKeysRecorder(logging.Handler):
+    """Catches timm's report of the model tensors a non-strict load left untouched."""
+
+    PATTERN = re.compile(r"Missing keys \((.*)\) discovered while loading pretrained weights")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.missing: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.PATTERN.match(record.getMessage())
+        if match:
+            self.missing += [key.strip() for key in match.group(1).split(",") if key.strip()]
+
+
+@contextlib.contextmanager
+def missing_keys_of_timm_load() -> Iterator[_MissingKeysRecorder]:
+    """Record the keys timm's pretrained load leaves missing.
 
     timm loads non-strictly whenever the classifier is dropped (``num_classes=0``, as here), so a file
-    without, say, the final norm would leave it at random init with only a log line. The file's keys are
-    converted to timm's names by the model family's own ``checkpoint_filter_fn`` (as timm does when
-    loading), and every tensor the model has must be among them.
+    without, say, the final norm would leave it at random init with only an INFO log line. Listening to
+    that line gives exactly timm's own load result, after its layout conversion for the model family.
     """
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    keys = set(filter_fn(dict(state), model) if filter_fn is not None else state)
-    missing = [key for key in model.state_dict() if key not in keys]
-    if missing:
-        more = f", ... ({len(missing)} in all)" if len(missing) > 3 else ""
-        raise BackboneError(
-            f"weights file {weights} does not fit {name}: it lacks {', '.join(missing[:3])}{more}, "
-            "which would stay randomly initialised. Is the file for another model, or only part of one?"
-        )
+    timm_logger = logging.getLogger("timm.models._builder")
+    recorder, level = _MissingKeysRecorder(), timm_logger.level
+    timm_logger.addHandler(recorder)
+    if not timm_logger.isEnabledFor(logging.INFO):
+        timm_logger.setLevel(logging.INFO)
+    try:
+        yield recorder
+    finally:
+        timm_logger.removeHandler(recorder)
+        timm_logger.setLevel(level)
 
 
 def _build_timm_model(
@@ -151,8 +167,14 @@ def _build_timm_model(
         if weights is not None:
             state = load_weights_file(weights)
             overlay = dict(state_dict=dict(state), source="", file=None)  # timm may pop keys from it
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-            check_all_tensors_loaded(model, state, weights, name)
+            with missing_keys_of_timm_load() as load:
+                model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            if load.missing:
+                more = f", ... ({len(load.missing)} in all)" if len(load.missing) > 3 else ""
+                raise BackboneError(
+                    f"weights file {weights} does not fit {name}: it lacks {', '.join(load.missing[:3])}{more}, "
+                    "which would stay randomly initialised. Is the file for another model, or only part of one?"
+                )
             return model
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except BackboneError:
