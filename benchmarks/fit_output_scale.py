@@ -1,7 +1,8 @@
 """Fit LiFT's ``output_scale`` for a checkpoint trained before `featlift train` fitted it every epoch.
 
 Rebuilds the checkpoint's own held-out split (its image folder, ``val_fraction`` and ``seed`` from
-config.json, or the folder given), runs the same validation as ``featlift train``
+config.json; for a checkpoint with no training run, e.g. one imported from the original LiFT code, all
+images of ``--images``), runs the same validation as ``featlift train``
 (`featlift.train.loop.validate_checkpoint`) and writes the fitted scale, with the validation numbers,
 back into the checkpoint (model.safetensors is rewritten unchanged; config.json gains the argument).
 
@@ -31,19 +32,27 @@ def main() -> None:
     parser.add_argument(
         "--cache", default=None, help="the training run's feature cache folder, to skip the backbone"
     )
+    parser.add_argument(
+        "--image-size", type=int, default=448, help="S when the checkpoint records none (default 448)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     config = read_checkpoint_config(args.checkpoint)
-    training = dict(config.training)
-    run_args = training["args"]
+    training = dict(config.training or {})
+    run_args = training.get("args") or {"images": args.images, "image_size": args.image_size}
+    if not (args.images or run_args["images"]):
+        parser.error("the checkpoint records no training run (e.g. imported): pass --images DIR")
     backbone = create_backbone(
         config.backbone.name, weights=args.weights, layer=config.backbone.layer, facet=config.backbone.facet
     )
     module, config = load_checkpoint(args.checkpoint, backbone=backbone)
     scan = scan_images(args.images or run_args["images"])
-    _, val_images = split_images(scan.images, run_args["val_fraction"], run_args["seed"])
+    if "val_fraction" in run_args:  # the run's own held-out split
+        _, val_images = split_images(scan.images, run_args["val_fraction"], run_args["seed"])
+    else:  # no training run recorded (an imported checkpoint): every image of --images
+        val_images = scan.images
     cache = None
     if args.cache:
         dtype = run_args.get("cache_dtype", "float16")
