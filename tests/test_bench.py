@@ -17,6 +17,11 @@ from featlift.variants import parse_variant
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
 
 
+def bench(weights, *args: str) -> int:
+    """`featlift bench` on the tiny ViT with local `weights`, on the CPU."""
+    return main(["bench", "--backbone", NAME, "--weights", str(weights), "--device", "cpu", *args])
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A random vit_tiny state dict on disk and a residual LiFT checkpoint for it."""
@@ -35,29 +40,19 @@ def test_bench_cli_writes_json_and_markdown(tiny_setup, tmp_path):
     weights, ckpt, lift_params, backbone = tiny_setup
     out = tmp_path / "out"
     variants = f"none,bilinear,lift:{ckpt},lift:{ckpt}:iters=2,input-2x"
-    code = main(
-        [
-            "bench",
-            "--backbone",
-            NAME,
-            "--weights",
-            str(weights),
-            "--sizes",
-            "32,64",
-            "--variants",
-            variants,
-            "--batch-sizes",
-            "1,2",
-            "--repeats",
-            "2",
-            "--warmup",
-            "1",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ]
-    )
+    args = [
+        "--sizes",
+        "32,64",
+        "--variants",
+        variants,
+        "--batch-sizes",
+        "1,2",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+    ]
+    code = bench(weights, *args, "--out", str(out))
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
     assert {"settings", "environment", "results", "comparisons"} <= set(data)
@@ -95,32 +90,19 @@ def test_bench_cli_writes_json_and_markdown(tiny_setup, tmp_path):
 def test_bench_cli_find_max_size_is_bounded_on_cpu(tiny_setup, tmp_path):
     weights, _, _, _ = tiny_setup
     out = tmp_path / "out"
-    code = main(
-        [
-            "bench",
-            "--backbone",
-            NAME,
-            "--weights",
-            str(weights),
-            "--sizes",
-            "32",
-            "--variants",
-            "none,bilinear",
-            "--batch-sizes",
-            "1",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--find-max-size",
-            "--max-size-cap",
-            "128",
-        ]
-    )
+    args = [
+        "--sizes",
+        "32",
+        "--variants",
+        "none,bilinear",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    code = bench(weights, *args, "--out", str(out), "--find-max-size", "--max-size-cap", "128")
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
     assert [(m["variant"], m["largest"], m["failed"]) for m in data["max_size"]] == [
@@ -146,23 +128,7 @@ def test_find_max_size_stops_at_out_of_memory(tiny_setup):
 
 def test_bench_rejects_a_size_that_does_not_fit_the_patch(tiny_setup, tmp_path, capsys):
     weights, _, _, _ = tiny_setup
-    code = main(
-        [
-            "bench",
-            "--backbone",
-            NAME,
-            "--weights",
-            str(weights),
-            "--sizes",
-            "30",
-            "--variants",
-            "none",
-            "--out",
-            str(tmp_path / "o"),
-            "--device",
-            "cpu",
-        ]
-    )
+    code = bench(weights, "--sizes", "30", "--variants", "none", "--out", str(tmp_path / "o"))
     assert code == 2
     assert "30" in capsys.readouterr().err
 
@@ -204,9 +170,17 @@ print(json.dumps([load_peak, before, peak_rss_mib()]))
 def test_bench_process_rss_runs_fresh_processes(tiny_setup, tmp_path):
     weights, ckpt, _, _ = tiny_setup
     out = tmp_path / "rss"
-    argv = ["bench", "--backbone", NAME, "--weights", str(weights), "--sizes", "64", "--batch-sizes", "1"]
-    argv += ["--variants", f"none,lift:{ckpt}:iters=2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
-    assert main([*argv, "--process-rss", "--out", str(out)]) == 0
+    args = [
+        "--sizes",
+        "64",
+        "--batch-sizes",
+        "1",
+        "--variants",
+        f"none,lift:{ckpt}:iters=2",
+        "--repeats",
+        "1",
+    ]
+    assert bench(weights, *args, "--warmup", "0", "--threads", "1", "--process-rss", "--out", str(out)) == 0
     rss = json.loads((out / "bench.json").read_text())["process_rss"]
     assert [(r["variant"], r["size"], r["batch"]) for r in rss] == [
         ("none", 64, 1),

@@ -166,12 +166,13 @@ def extract_to_folder(
     options = options or InferenceOptions()
     settings = {**pipeline_metadata(pipeline, size, dtype), "amp": options.amp or "none"}
     report = ExtractionReport()
-    for folder in {output_path(out_dir, item).parent for item in items}:
+    outputs = [output_path(out_dir, item) for item in items]
+    for folder in {path.parent for path in outputs}:
         remove_stale_temp_files(folder)
     todo = []
-    for item in items:
-        if _is_done(output_path(out_dir, item), settings, overwrite):
-            report.skipped.append(output_path(out_dir, item))
+    for item, path in zip(items, outputs, strict=True):
+        if _is_done(path, settings, overwrite):
+            report.skipped.append(path)
         else:
             todo.append(item)
     if report.skipped:

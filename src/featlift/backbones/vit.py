@@ -93,6 +93,12 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return cleaned
 
 
+def _some(items: list[str], examples: int = 3, sep: str = ", ") -> str:
+    """The first `examples` of `items`, and how many there are in all when some are left out."""
+    more = f"{sep}... ({len(items)} in all)" if len(items) > examples else ""
+    return sep.join(items[:examples]) + more
+
+
 def summarize_load_error(message: str, examples: int = 3) -> str:
     """Shorten torch's ``load_state_dict`` error (which lists every key) to counts and a few examples."""
     found = {
@@ -103,19 +109,15 @@ def summarize_load_error(message: str, examples: int = 3) -> str:
     for kind, match in found.items():
         if match:
             keys = re.findall(r'"([^"]+)"', match.group(1))
-            more = f", ... ({len(keys)} in all)" if len(keys) > examples else ""
-            parts.append(f"{kind} keys {', '.join(keys[:examples])}{more}")
+            parts.append(f"{kind} keys {_some(keys, examples)}")
     shapes = re.findall(
         r"size mismatch for ([^:]+): copying a param with shape torch.Size\((\[.*?\])\) from checkpoint, "
         r"the shape in current model is torch.Size\((\[.*?\])\)",
         message,
     )
     if shapes:
-        listed = "; ".join(
-            f"{key} is {file} in the file, {model} in the model" for key, file, model in shapes[:examples]
-        )
-        more = f"; ... ({len(shapes)} in all)" if len(shapes) > examples else ""
-        parts.append(f"shape mismatches: {listed}{more}")
+        listed = [f"{key} is {file} in the file, {model} in the model" for key, file, model in shapes]
+        parts.append(f"shape mismatches: {_some(listed, examples, sep='; ')}")
     if not parts:
         return message[:800]
     return "; ".join(parts) + ". Is the file for another model (size, patch, registers)?"
@@ -170,9 +172,8 @@ def _build_timm_model(
             with missing_keys_of_timm_load() as load:
                 model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
             if load.missing:
-                more = f", ... ({len(load.missing)} in all)" if len(load.missing) > 3 else ""
                 raise BackboneError(
-                    f"weights file {weights} does not fit {name}: it lacks {', '.join(load.missing[:3])}{more}, "
+                    f"weights file {weights} does not fit {name}: it lacks {_some(load.missing)}, "
                     "which would stay randomly initialised. Is the file for another model, or only part of one?"
                 )
             return model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 import torch
 
@@ -15,12 +14,12 @@ from ..pipeline import AMP_DTYPES
 from ..process_memory import measure_process_rss
 from ..variants import parse_variants
 from .common import (
-    WEIGHTS_ENV,
     add_backbone_args,
     add_device_arg,
     backbone_from_args,
     positive_int,
     resolve_device,
+    weights_from_args,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def inference_argv(options: InferenceOptions) -> list[str]:
 
 def backbone_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--backbone", args.backbone, "--facet", args.facet]
-    weights = args.weights or os.environ.get(WEIGHTS_ENV)
+    weights = weights_from_args(args)
     argv += ["--weights", str(weights)] if weights else []
     return argv + (["--layer", str(args.layer)] if args.layer is not None else [])
 

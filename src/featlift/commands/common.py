@@ -66,9 +66,13 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def weights_from_args(args: argparse.Namespace) -> str | None:
+    """``--weights``, else ``$FEATLIFT_WEIGHTS``, else None (timm downloads)."""
+    return args.weights or os.environ.get(WEIGHTS_ENV) or None
+
+
 def backbone_from_args(args: argparse.Namespace) -> ViTBackbone:
-    weights = args.weights or os.environ.get(WEIGHTS_ENV) or None
-    return create_backbone(args.backbone, weights=weights, layer=args.layer, facet=args.facet)
+    return create_backbone(args.backbone, weights=weights_from_args(args), layer=args.layer, facet=args.facet)
 
 
 def size_arg(text: str) -> tuple[int, int]:

@@ -15,8 +15,8 @@ features to the output, and zero-initialises the last conv so that an untrained 
 bilinear. The module then only learns a correction, which trains much faster from few images.
 
 ``output_scale`` (featlift's addition) multiplies each pass's output. The cosine loss leaves the scale
-of the prediction free, and a trained module inflates feature norms (the shipped one by ~1.25x per
-pass, so 1.5x after two); `featlift train` fits the scale by least squares to the backbone's own 2x
+of the prediction free, and a trained module inflates feature norms (the shipped one by 1.21x per
+pass, so 1.50x after two); `featlift train` fits the scale by least squares to the backbone's own 2x
 features on the held-out images after every epoch. Cosine-based uses of one pass are unaffected; the
 features keep the backbone's scale, and a further pass gets inputs on the scale it was trained on.
 """
