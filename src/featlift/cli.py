@@ -1,6 +1,7 @@
 """The ``featlift`` command: parses arguments and calls the library. ``main(argv) -> exit code``.
 
-Exit codes: 0 success; 1 finished, but some inputs failed (reported); 2 bad usage or input; 130 interrupted.
+Exit codes: 0 success; 1 finished, but some inputs failed (reported); 2 bad usage or input; 3 internal
+error (a bug: the traceback is printed); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,9 +11,16 @@ import importlib
 import logging
 import pkgutil
 import sys
+import traceback
 
 from . import __version__, commands
 from .errors import FeatliftError
+
+EXIT_OK = 0
+EXIT_SOME_INPUTS_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,13 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
-        return int(args.run(args) or 0)
+        return int(args.run(args) or EXIT_OK)
     except FeatliftError as exc:
         print(f"featlift {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"featlift {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug, not bad input: its own exit code, so scripts can tell the two apart
+        traceback.print_exc(file=sys.stderr)
+        print(
+            f"featlift {args.command}: internal error ({type(exc).__name__}: {exc}); this is a bug in featlift, "
+            f"please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":
