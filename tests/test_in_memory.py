@@ -46,9 +46,18 @@ def test_a_list_of_differently_sized_tensors_needs_a_size(pipeline):
 @pytest.mark.parametrize(
     "images, message",
     [
-        (torch.rand(3, 32, 32), r"expected images of shape \[N, 3, H, W\]"),
-        ([torch.rand(1, 32, 32)], r"image 0: expected a \[3, H, W\] tensor"),
-        ([torch.ones(3, 32, 32, dtype=torch.int64)], "image 0: expected uint8 .* or float"),
+        (
+            torch.rand(3, 32, 32),
+            r"images: expected a \[B, 3, H, W\] tensor .* got shape \[3, 32, 32\]; add the batch",
+        ),
+        (
+            [torch.rand(1, 32, 32)],
+            r"image 0: expected 3 \(RGB\) channels, .* got shape \[1, 32, 32\]: greyscale",
+        ),
+        (
+            [torch.ones(3, 32, 32, dtype=torch.int64)],
+            r"image 0: expected uint8 pixels \(0-255\) or float .* torch.int64",
+        ),
         (["photo.jpg"], "image 0: expected a PIL image or a"),
         ([], "no images given"),
         (torch.rand(1, 3, 30, 32), "not a multiple of .* patch size 16"),
@@ -60,5 +69,5 @@ def test_bad_inputs_are_named(pipeline, images, message):
 
 
 def test_the_pipeline_refuses_integer_pixels(pipeline):
-    with pytest.raises(InputSizeError, match="expected float images in \\[0, 1\\], got torch.uint8"):
+    with pytest.raises(InputSizeError, match=r"expected float pixels in \[0, 1\], got torch.uint8; divide"):
         pipeline(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
