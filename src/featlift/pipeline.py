@@ -71,12 +71,12 @@ class FeaturePipeline(nn.Module):
         device; float16, bfloat16 and float64 pixels are converted to the backbone's dtype.
         """
         check_layout(images, "images", batched=True)
-        check_values(images, "images", uint8=False)
         weight = next(self.backbone.parameters())
         if images.device != weight.device:
             raise InputSizeError(
                 f"images are on {images.device}, the pipeline on {weight.device}: move them with .to({str(weight.device)!r})"
             )
+        check_values(images, "images", uint8=False)
         return images.to(weight.dtype)
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
