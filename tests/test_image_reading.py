@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TIMM_NAME
+from conftest import IMAGENET_SAMPLE, TINY_TIMM_NAME
 from PIL import Image
 
-from featlift import load_features, load_image
+from featlift import FeaturePipeline, image_to_tensor, load_features, load_image
 from featlift.cli import main
 from featlift.errors import ImageReadError
 from featlift.train.data import load_pyramid, scan_images
@@ -208,3 +208,17 @@ def test_training_reads_images_as_extract_does(tmp_path):
     for pyramid in pyramids[:2]:
         for level, expected in zip(pyramid, pyramids[2], strict=True):
             torch.testing.assert_close(level, expected)
+
+
+def test_a_real_16bit_scan_gives_the_dinov2_features_of_its_8bit_version(tmp_path, dinov2_backbone):
+    """A real photo as 8-bit and as 16-bit greyscale PNG: the same DINOv2 features (they were far apart before)."""
+    photo = sorted(IMAGENET_SAMPLE.glob("*"))[0]
+    grey = np.asarray(Image.open(photo).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    pipeline = FeaturePipeline(dinov2_backbone)
+    eight, sixteen = (
+        pipeline(image_to_tensor(load_image(tmp_path / name), (224, 224))[None])
+        for name in ("grey8.png", "grey16.png")
+    )
+    torch.testing.assert_close(sixteen, eight)
