@@ -1,4 +1,4 @@
-"""Image files of every mode Pillow opens, and EXIF-rotated photos, read as the 8-bit upright picture they show."""
+"""Files of every mode Pillow opens, and EXIF-rotated photos, read as the upright 8-bit picture they show."""
 
 from __future__ import annotations
 
@@ -67,6 +67,12 @@ def write_mode(folder: Path, mode: str) -> tuple[Path, np.ndarray]:
             Image.fromarray(grey.astype(np.int32) * 257),
             as_rgb(grey),
         )
+    elif mode == "I 16-bit PGM":
+        path, image, expected = (
+            folder / "grey16.pgm",
+            Image.fromarray(grey.astype(np.uint16) * 257),
+            as_rgb(grey),
+        )
     elif mode == "F TIFF 0-1":
         path, image, expected = (
             folder / "float.tif",
@@ -107,6 +113,7 @@ MODES = [
     "I;16 PNG",
     "I;16 TIFF",
     "I TIFF",
+    "I 16-bit PGM",
     "F TIFF 0-1",
     "F TIFF 0-255",
     "LA PNG",
@@ -211,7 +218,7 @@ def test_training_reads_images_as_extract_does(tmp_path):
 
 
 def test_a_real_16bit_scan_gives_the_dinov2_features_of_its_8bit_version(tmp_path, dinov2_backbone):
-    """A real photo as 8-bit and as 16-bit greyscale PNG: the same DINOv2 features (they were far apart before)."""
+    """A real photo as 8-bit and as 16-bit greyscale PNG: the same DINOv2 features (not before the fix)."""
     photo = sorted(IMAGENET_SAMPLE.glob("*"))[0]
     grey = np.asarray(Image.open(photo).convert("L"))
     Image.fromarray(grey).save(tmp_path / "grey8.png")

@@ -1,4 +1,4 @@
-"""One resize everywhere: files, PIL images and tensors give the same features; the training pyramid resizes once."""
+"""One resize: a file, PIL image or tensor gives the same features; the training pyramid resizes once."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_real_photos_give_the_same_dinov2_features_as_file_pil_image_and_tensor(
 
 
 def test_the_resize_stays_within_a_rounding_step_of_pils_on_real_photos(real_photos):
-    """featlift's resize is torch's antialiased bicubic; on real photos it differs from PIL's by rounding, on average."""
+    """featlift's resize (torch's antialiased bicubic) is PIL's to within rounding on real photos, on average."""
     for path in real_photos:
         image = load_image(path)
         ours = image_to_tensor(image, (224, 224))

@@ -29,7 +29,7 @@ _ORIENTATION = 0x0112  # the EXIF tag `ImageOps.exif_transpose` reads
 
 
 def load_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
-    """Open and fully decode an image as 8-bit RGB (see `rgb_image`); raise `ImageReadError` naming the file otherwise.
+    """Open and fully decode an image as upright 8-bit RGB (`rgb_image`); else `ImageReadError` naming the file.
 
     `data` is the file's content when the caller has read it already (training hashes it); `path` then
     only names the file in errors.
@@ -106,7 +106,7 @@ def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
 
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL image -> float tensor [3, H, W] in [0, 1] (8-bit RGB by `rgb_image`), resized to `size` by `resize_images`."""
+    """PIL image -> float tensor [3, H, W] in [0, 1]: 8-bit RGB by `rgb_image`, resized by `resize_images`."""
     array = np.asarray(rgb_image(image), dtype=np.uint8)
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
     return resize_images(pixels[None], size)[0]

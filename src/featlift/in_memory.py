@@ -1,9 +1,10 @@
 """Features for images already in memory: the Python counterpart of `featlift extract`.
 
 `extract_features` takes a batch tensor or a list of PIL images / tensors, checks them (`featlift.pixels`),
-resizes them to one size if asked (with `featlift.images.resize_images`, as `featlift extract` resizes
-files, so a picture gives the same features as a file, a PIL image or a tensor), runs the pipeline `batch_size` images at a time on
-the chosen device, and returns one CPU tensor, so a caller never has to batch or move data by hand.
+resizes them to one size if asked (with `featlift.images.resize_images`, as `featlift extract` resizes files,
+so a picture gives the same features as a file, a PIL image or a tensor), runs the pipeline `batch_size`
+images at a time on the chosen device, and returns one CPU tensor, so a caller never has to batch or move
+data by hand.
 """
 
 from __future__ import annotations

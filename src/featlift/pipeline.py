@@ -65,7 +65,7 @@ class FeaturePipeline(nn.Module):
         self.checkpoint = checkpoint
 
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
-        """`images` as the backbone takes them (its device and dtype), or `InputSizeError` saying what is wrong.
+        """`images` as the backbone takes them (its device, dtype), else `InputSizeError` saying what is wrong.
 
         Expected: RGB ``[B, 3, H, W]`` float pixels in ``[0, 1]`` (see `featlift.pixels`) on the pipeline's
         device; float16, bfloat16 and float64 pixels are converted to the backbone's dtype.
@@ -74,7 +74,8 @@ class FeaturePipeline(nn.Module):
         weight = next(self.backbone.parameters())
         if images.device != weight.device:
             raise InputSizeError(
-                f"images are on {images.device}, the pipeline on {weight.device}: move them with .to({str(weight.device)!r})"
+                f"images are on {images.device}, the pipeline on {weight.device}: "
+                f"move them with .to({str(weight.device)!r})"
             )
         check_values(images, "images", uint8=False)
         return images.to(weight.dtype)

@@ -51,7 +51,7 @@ def check_layout(images: object, where: str, *, batched: bool) -> None:
 
 
 def check_values(images: torch.Tensor, where: str, *, uint8: bool) -> None:
-    """Float pixels must be finite and lie in ``[0, 1]``; uint8 pixels (0-255) pass when `uint8` is allowed."""
+    """Float pixels must be finite and in ``[0, 1]``; uint8 pixels (0-255) pass when `uint8` is allowed."""
     accepted = "uint8 pixels (0-255) or float pixels in [0, 1]" if uint8 else "float pixels in [0, 1]"
     if images.dtype == torch.uint8:
         if uint8:
@@ -77,6 +77,5 @@ def check_values(images: torch.Tensor, where: str, *, uint8: bool) -> None:
         hints.append("normalised pixels? pass them unnormalised: featlift normalises for the backbone itself")
     if not hints:
         hints.append("clamp them with .clamp(0, 1)")
-    raise InputSizeError(
-        f"{where}: expected {accepted}, got values from {low:.4g} to {high:.4g} ({images.dtype}): {'; '.join(hints)}"
-    )
+    got = f"got values from {low:.4g} to {high:.4g} ({images.dtype})"
+    raise InputSizeError(f"{where}: expected {accepted}, {got}: {'; '.join(hints)}")
