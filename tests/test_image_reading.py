@@ -45,46 +45,23 @@ def left_half(shape=(HEIGHT, WIDTH)) -> np.ndarray:
     return mask
 
 
+GREY_ENCODINGS = {  # mode: the file and how it stores the 8-bit grey picture
+    "I;16 PNG": ("grey16.png", lambda grey: grey.astype(np.uint16) * 257),
+    "I;16 TIFF": ("grey16.tif", lambda grey: grey.astype(np.uint16) * 257),
+    "I TIFF": ("grey32.tif", lambda grey: grey.astype(np.int32) * 257),
+    "I 16-bit PGM": ("grey16.pgm", lambda grey: grey.astype(np.uint16) * 257),
+    "F TIFF 0-1": ("float.tif", lambda grey: grey.astype(np.float32) / 255),
+    "F TIFF 0-255": ("float255.tif", lambda grey: grey.astype(np.float32)),
+}
+
+
 def write_mode(folder: Path, mode: str) -> tuple[Path, np.ndarray]:
     """A file holding the picture in Pillow mode `mode`, and the 8-bit RGB picture it shows."""
     grey, rgb = picture(), picture(3)
     save_options = {}
-    if mode == "I;16 PNG":
-        path, image, expected = (
-            folder / "grey16.png",
-            Image.fromarray(grey.astype(np.uint16) * 257),
-            as_rgb(grey),
-        )
-    elif mode == "I;16 TIFF":
-        path, image, expected = (
-            folder / "grey16.tif",
-            Image.fromarray(grey.astype(np.uint16) * 257),
-            as_rgb(grey),
-        )
-    elif mode == "I TIFF":
-        path, image, expected = (
-            folder / "grey32.tif",
-            Image.fromarray(grey.astype(np.int32) * 257),
-            as_rgb(grey),
-        )
-    elif mode == "I 16-bit PGM":
-        path, image, expected = (
-            folder / "grey16.pgm",
-            Image.fromarray(grey.astype(np.uint16) * 257),
-            as_rgb(grey),
-        )
-    elif mode == "F TIFF 0-1":
-        path, image, expected = (
-            folder / "float.tif",
-            Image.fromarray(grey.astype(np.float32) / 255),
-            as_rgb(grey),
-        )
-    elif mode == "F TIFF 0-255":
-        path, image, expected = (
-            folder / "float255.tif",
-            Image.fromarray(grey.astype(np.float32)),
-            as_rgb(grey),
-        )
+    if mode in GREY_ENCODINGS:
+        name, encode = GREY_ENCODINGS[mode]
+        path, image, expected = folder / name, Image.fromarray(encode(grey)), as_rgb(grey)
     elif mode == "LA PNG":
         alpha = np.where(left_half(), 0, 255).astype(np.uint8)
         image = Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
@@ -110,12 +87,7 @@ def write_mode(folder: Path, mode: str) -> tuple[Path, np.ndarray]:
 
 
 MODES = [
-    "I;16 PNG",
-    "I;16 TIFF",
-    "I TIFF",
-    "I 16-bit PGM",
-    "F TIFF 0-1",
-    "F TIFF 0-255",
+    *GREY_ENCODINGS,
     "LA PNG",
     "RGBA PNG",
     "P PNG with transparency",
