@@ -36,9 +36,8 @@ def check_layout(images: object, where: str, *, batched: bool) -> None:
             order = "0, 3, 1, 2" if batched else "2, 0, 1"
             hint = f"it looks channels-last: use .permute({order})"
         elif channels == 1:
-            hint = "greyscale: repeat it to RGB, e.g. .expand(" + (
-                "-1, 3, -1, -1)" if batched else "3, -1, -1)"
-            )
+            expand = "-1, 3, -1, -1" if batched else "3, -1, -1"
+            hint = f"greyscale: repeat it to RGB, e.g. .expand({expand})"
         elif channels == 4:
             hint = "RGBA: composite or drop the alpha channel first"
         else:
