@@ -1,8 +1,8 @@
 """Why featlift trains on antialiased downsamplings instead of the original LiFT's strided subsampling.
 
 For N held-out images resized to S (default 448), compares the backbone features of img/2 made two ways:
-PIL's antialiased bicubic resize (what `featlift train` does, and what `featlift extract` feeds the
-backbone at inference) and the original code's ``img[..., ::2, ::2]`` (aliased). Prints the mean
+featlift's antialiased bicubic resize of the original (what `featlift train` does, and what `featlift extract`
+feeds the backbone at inference) and the original code's ``img[..., ::2, ::2]`` (aliased). Prints the mean
 cosine between the two feature maps, and for each the cosine of its bilinear 2x upsampling to f(img).
 
     python benchmarks/train_downsampling.py --count 16
@@ -64,7 +64,7 @@ def main() -> None:
     print()
     print("| img/2 made by | cos(f(img/2), f(antialiased img/2)) | cos(bilinear 2x of f(img/2), f(img)) |")
     print("|---|---:|---:|")
-    print(f"| PIL bicubic, antialiased (featlift) | 1.0000 | {sum(up_aa) / n:.4f} |")
+    print(f"| bicubic, antialiased (featlift) | 1.0000 | {sum(up_aa) / n:.4f} |")
     print(f"| strided [::2, ::2] (original LiFT) | {sum(same) / n:.4f} | {sum(up_strided) / n:.4f} |")
 
 

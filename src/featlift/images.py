@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FeatliftError, ImageReadError
 
@@ -22,17 +24,62 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB; raise `ImageReadError` naming the file otherwise."""
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown over white, as on a web page
+_ORIENTATION = 0x0112  # the EXIF tag `ImageOps.exif_transpose` reads
+
+
+def load_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
+    """Open and fully decode an image as upright 8-bit RGB (`rgb_image`); else `ImageReadError` naming the file.
+
+    `data` is the file's content when the caller has read it already (training hashes it); `path` then
+    only names the file in errors.
+    """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             img.load()
-            return img.convert("RGB")
+            return rgb_image(img)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
+    except ImageReadError as exc:
+        raise ImageReadError(f"{path}: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """`image` upright and as 8-bit RGB, the picture an image viewer shows.
+
+    The EXIF orientation is applied (phone photos are stored sideways). Pixel values are rescaled, not
+    clipped: 16-bit greyscale (``I;16*``, and ``I``, taken as 16-bit) divides by 257; float (``F``) is
+    read in the smallest of the ranges 0-1, 0-255, 0-65535 that holds its pixels. Transparent pixels
+    (alpha, or a palette's transparent colour) are composited over `ALPHA_BACKGROUND`. Every other mode
+    (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ...) uses Pillow's own RGB conversion. Returns `image`
+    itself when it is already upright RGB.
+    """
+    if image.getexif().get(_ORIENTATION, 1) not in (0, 1):
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode == "I" or image.mode.startswith("I;16") or image.mode == "F":
+        return Image.fromarray(_grey_to_uint8(np.asarray(image), image.mode)).convert("RGB")
+    if image.has_transparency_data:
+        background = Image.new("RGBA", image.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _grey_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit or float greyscale pixels -> uint8, rescaled to 0-255 (see `rgb_image`)."""
+    pixels = pixels.astype(np.float64)
+    if mode == "F":
+        if not np.isfinite(pixels).all():
+            raise ImageReadError("float image has NaN or infinite pixels")
+        peak = pixels.max(initial=0.0)
+        full_scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+    else:
+        full_scale = 65535.0
+    return np.rint(np.clip(pixels, 0.0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
 
 
 def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
@@ -59,15 +106,25 @@ def parse_size(text: str | int | tuple[int, int]) -> tuple[int, int]:
 
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL RGB image -> float tensor [3, H, W] in [0, 1], resized to `size` (H, W) with bicubic filtering.
+    """PIL image -> float tensor [3, H, W] in [0, 1]: 8-bit RGB by `rgb_image`, resized by `resize_images`."""
+    array = np.asarray(rgb_image(image), dtype=np.uint8)
+    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return resize_images(pixels[None], size)[0]
 
-    Resizing ignores aspect ratio, as the LiFT and DINO evaluation code do; pass a size with the
-    image's own aspect ratio to keep it.
+
+def resize_images(images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Float images ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, *size]``: the one resize of featlift.
+
+    Bicubic with antialiasing (torch's, whose filter is PIL's), clamped back to [0, 1]. Every image
+    featlift resizes goes through here: files in `featlift extract` and the evaluations, tensors and PIL
+    images in `featlift.extract_features`, and each level of the training pyramid. Resizing ignores
+    aspect ratio, as the LiFT and DINO evaluation code do; pass a size with the image's own aspect
+    ratio to keep it. `size` None or equal to the images' size returns `images` unchanged.
     """
-    if size is not None and (image.height, image.width) != tuple(size):
-        image = image.resize((size[1], size[0]), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    if size is None or tuple(images.shape[-2:]) == tuple(size):
+        return images
+    resized = F.interpolate(images, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    return resized.clamp_(0.0, 1.0)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Features for images already in memory: the Python counterpart of `featlift extract`.
 
-`extract_features` takes a batch tensor or a list of PIL images / tensors, resizes them to one size if
-asked (PIL images exactly as `featlift extract` does), runs the pipeline `batch_size` images at a time on
-the chosen device, and returns one CPU tensor, so a caller never has to batch or move data by hand.
+`extract_features` takes a batch tensor or a list of PIL images / tensors, checks them (`featlift.pixels`),
+resizes them to one size if asked (with `featlift.images.resize_images`, as `featlift extract` resizes files,
+so a picture gives the same features as a file, a PIL image or a tensor), runs the pipeline `batch_size`
+images at a time on the chosen device, and returns one CPU tensor, so a caller never has to batch or move
+data by hand.
 """
 
 from __future__ import annotations
@@ -10,43 +12,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import InputSizeError
-from .images import image_to_tensor, parse_size
+from .images import image_to_tensor, parse_size, resize_images
 from .pipeline import FeaturePipeline
+from .pixels import check_layout, check_values
 
 ImageLike = torch.Tensor | Image.Image
 
 
-def _as_unit_float(image: torch.Tensor, where: str) -> torch.Tensor:
-    if image.dtype == torch.uint8:
-        return image.float().div_(255.0)
-    if not image.is_floating_point():
-        raise InputSizeError(f"{where}: expected uint8 (0-255) or float (0-1) pixels, got {image.dtype}")
-    return image.float()
+def _as_unit_float(images: torch.Tensor, where: str, *, batched: bool) -> torch.Tensor:
+    """A checked image tensor (see `featlift.pixels`) as float32 pixels in ``[0, 1]``."""
+    check_layout(images, where, batched=batched)
+    check_values(images, where, uint8=True)
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images.float()
 
 
 def _one_image(image: ImageLike, index: int, size: tuple[int, int] | None) -> torch.Tensor:
     where = f"image {index}"
     if isinstance(image, Image.Image):
-        return image_to_tensor(image.convert("RGB"), size)
+        return image_to_tensor(image, size)
     if not isinstance(image, torch.Tensor):
         raise InputSizeError(
             f"{where}: expected a PIL image or a [3, H, W] tensor, got {type(image).__name__}"
         )
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise InputSizeError(f"{where}: expected a [3, H, W] tensor, got shape {list(image.shape)}")
-    return _resize(_as_unit_float(image, where)[None], size)[0]
-
-
-def _resize(batch: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    if size is None or tuple(batch.shape[-2:]) == size:
-        return batch
-    resized = F.interpolate(batch, size=size, mode="bicubic", antialias=True, align_corners=False)
-    return resized.clamp_(0.0, 1.0)
+    return resize_images(_as_unit_float(image, where, batched=False)[None], size)[0]
 
 
 def extract_features(
@@ -62,16 +56,18 @@ def extract_features(
     """Features ``[N, C, h, w]`` (CPU, `dtype`) for `images`, computed `batch_size` at a time on `device`.
 
     `images` is a ``[N, 3, H, W]`` tensor or a sequence of PIL images / ``[3, H, W]`` tensors; tensors hold
-    float pixels in ``[0, 1]`` or uint8 pixels in ``[0, 255]``. `size` (``224``, ``"224x320"`` or
-    ``(H, W)``) resizes every image first (bicubic, aspect ratio ignored); without it all images must
-    already share one size, a multiple of the backbone's patch. `device` defaults to the pipeline's.
+    float pixels in ``[0, 1]`` (float16/bfloat16/float64 are converted) or uint8 pixels in ``[0, 255]``,
+    channels first; other layouts, dtypes or values raise `InputSizeError`. PIL images are read as
+    `featlift.images.rgb_image` reads files (EXIF orientation, any mode to 8-bit RGB). `size` (``224``,
+    ``"224x320"`` or ``(H, W)``) resizes every image first (`featlift.images.resize_images`: bicubic,
+    aspect ratio ignored); without it all images must already share one size, a multiple of the
+    backbone's patch. `device` defaults to the pipeline's.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = parse_size(size) if size is not None else None
     if isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise InputSizeError(f"expected images of shape [N, 3, H, W], got {list(images.shape)}")
+        check_layout(images, "images", batched=True)
         count = images.shape[0]
     else:
         count = len(images)
@@ -84,7 +80,10 @@ def extract_features(
     with tqdm(total=count, unit="img", desc="features", disable=not progress) as bar:
         for start in range(0, count, batch_size):
             if isinstance(images, torch.Tensor):
-                batch = _resize(_as_unit_float(images[start : start + batch_size], "images"), size)
+                where = f"images[{start}:{start + batch_size}]"
+                batch = resize_images(
+                    _as_unit_float(images[start : start + batch_size], where, batched=True), size
+                )
             else:
                 tensors = [
                     _one_image(image, start + offset, size)

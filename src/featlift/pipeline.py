@@ -9,6 +9,7 @@ from torch import nn
 
 from .backbones import ViTBackbone
 from .errors import InputSizeError
+from .pixels import check_layout, check_values
 from .upsamplers import Upsampler
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,6 +64,22 @@ class FeaturePipeline(nn.Module):
         self.channels_last = channels_last
         self.checkpoint = checkpoint
 
+    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """`images` as the backbone takes them (its device, dtype), else `InputSizeError` saying what is wrong.
+
+        Expected: RGB ``[B, 3, H, W]`` float pixels in ``[0, 1]`` (see `featlift.pixels`) on the pipeline's
+        device; float16, bfloat16 and float64 pixels are converted to the backbone's dtype.
+        """
+        check_layout(images, "images", batched=True)
+        weight = next(self.backbone.parameters())
+        if images.device != weight.device:
+            raise InputSizeError(
+                f"images are on {images.device}, the pipeline on {weight.device}: "
+                f"move them with .to({str(weight.device)!r})"
+            )
+        check_values(images, "images", uint8=False)
+        return images.to(weight.dtype)
+
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         grid = self.backbone.grid_size(height, width)
         if self.output_size is not None:
@@ -72,11 +89,7 @@ class FeaturePipeline(nn.Module):
         return grid[0] * 2**self.iters, grid[1] * 2**self.iters
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not images.is_floating_point():
-            raise InputSizeError(
-                f"expected float images in [0, 1], got {images.dtype}; divide uint8 pixels by 255 "
-                "(featlift.extract_features does that, and batches)"
-            )
+        images = self.check_images(images)
         with torch.inference_mode(), autocast(images.device, self.amp):
             normalized = self.backbone.normalize(images)
             features = self.backbone(normalized)

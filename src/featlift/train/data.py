@@ -1,27 +1,25 @@
 """Training images: discovery, a deterministic train/validation split, and the 3-scale image pyramid.
 
 Every image is read once up front (`scan_images`): its bytes are hashed (the feature-cache key) and
-decoded, so unreadable files are skipped and counted before any training starts. Each later load
-resizes the image to ``S x S`` (bicubic, like `featlift extract`) and then to ``S/2`` and ``S/4``
-with PIL's antialiased bicubic resize.
+decoded (`featlift.images.load_image`: EXIF orientation, any mode to 8-bit RGB), so unreadable files are
+skipped and counted before any training starts. Each later load resizes the original image once to each of
+``S x S``, ``S/2`` and ``S/4`` with `featlift.images.resize_images`, the resize of `featlift extract`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import FeatliftError, ImageReadError
-from ..images import IMAGE_EXTENSIONS, collect_images
+from ..images import IMAGE_EXTENSIONS, collect_images, image_to_tensor, load_image, resize_images
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +41,14 @@ class ImageScan:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def _decode(data: bytes, source: Path) -> Image.Image:
+def _decode(path: Path, data: bytes) -> Image.Image:
+    """`load_image` of the bytes `data` read from `path`; any decoder failure becomes an `ImageReadError`."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
+        return load_image(path, data)
+    except ImageReadError:
+        raise
     except Exception as exc:  # PIL raises many types for broken files
-        raise ImageReadError(f"{source}: cannot decode image ({exc})") from exc
+        raise ImageReadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
 def scan_images(folder: str | os.PathLike) -> ImageScan:
@@ -70,7 +69,7 @@ def scan_images(folder: str | os.PathLike) -> ImageScan:
     for item in items:
         try:
             data = item.path.read_bytes()
-            _decode(data, item.path)
+            _decode(item.path, data)
         except (OSError, ImageReadError) as exc:
             scan.skipped.append((str(item.path), str(exc)))
             logger.warning("skipping unreadable image %s", exc)
@@ -117,15 +116,17 @@ def check_image_size(image_size: int, patch_size: int) -> None:
 
 
 def load_pyramid(image: TrainImage, image_size: int) -> list[torch.Tensor]:
-    """The image at ``S``, ``S/2``, ``S/4`` as uint8 tensors ``[3, s, s]`` (aspect ratio not kept, as in LiFT)."""
-    data = image.path.read_bytes()
-    pil = _decode(data, image.path)
-    pil = pil.resize((image_size, image_size), Image.BICUBIC)
+    """The image at ``S``, ``S/2``, ``S/4`` as uint8 tensors ``[3, s, s]`` (aspect ratio not kept, as in LiFT).
+
+    Each level is resized from the original image once, by the resize `featlift extract` uses, and
+    rounded to uint8.
+    """
+    pixels = image_to_tensor(_decode(image.path, image.path.read_bytes()))[None]
     out = []
     for scale in SCALES:
         size = image_size // scale
-        scaled = pil if scale == 1 else pil.resize((size, size), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(scaled, dtype=np.uint8).copy()).permute(2, 0, 1))
+        scaled = resize_images(pixels, (size, size))[0]
+        out.append(scaled.mul_(255.0).round_().to(torch.uint8))
     return out
 
 

@@ -65,10 +65,10 @@ from .state import check_resumable, load_state, save_state
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.jsonl"
-RESIZE_METHOD = "pil-bicubic-aa"
+RESIZE_METHOD = "upright-rgb8-torch-bicubic-aa-once"
 OBJECTIVE = (
-    "L(LiFT(img/2, f(img/2)), f(img)) + L(LiFT(img/4, f(img/4)), f(img/2)); img resized to S x S (PIL bicubic), "
-    "img/2 and img/4 by PIL's antialiased bicubic resize of it; frozen backbone; Adam"
+    "L(LiFT(img/2, f(img/2)), f(img)) + L(LiFT(img/4, f(img/4)), f(img/2)); img, img/2 and img/4 each resized "
+    "once from the original (S x S, S/2, S/4) by torch's antialiased bicubic resize, as extract; frozen backbone; Adam"
 )
 
 
