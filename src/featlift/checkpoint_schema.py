@@ -78,6 +78,8 @@ UPSAMPLER_OPTIONAL = ("args",)
 
 def _shown(value: Any) -> str:
     """A field's value as JSON, shortened, with its JSON type: ``"11" (a string)``."""
+    if value is None:
+        return "null"
     text = json.dumps(value, allow_nan=True, default=repr)
     if len(text) > 60:
         text = text[:57] + "..."
