@@ -33,11 +33,10 @@ def weights_file_format(path: str | os.PathLike) -> str | None:
     """``"safetensors"``, ``"torch"`` (a torch.save file) or None (neither), from the file's first bytes."""
     with open(path, "rb") as handle:
         head = handle.read(_HEAD_BYTES)
-        size = os.fstat(handle.fileno()).st_size
     if head.startswith(_ZIP_MAGIC) or (head[:1] == _PICKLE_PROTOCOL and len(head) > 1 and 2 <= head[1] <= 5):
         return TORCH
-    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
-        return SAFETENSORS  # an 8-byte little-endian header length, then the JSON header
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 1:
+        return SAFETENSORS  # an 8-byte little-endian header length, then the JSON header (maybe cut short)
     return None
 
 
@@ -66,7 +65,8 @@ def read_weights_file(path: str | os.PathLike, error: type[FeatliftError], what:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:  # a file object: torch.load picks no reader by the suffix
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for corrupt files
         if "Unsupported global" in str(exc):  # torch refused to unpickle a class
             raise error(
