@@ -169,6 +169,11 @@ def test_bad_weights_files_are_named(tiny_timm_checkpoint):
     (tmp / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match="junk.pth: not a PyTorch or safetensors weights file"):
         create_backbone("vit_tiny_patch16_224", weights=tmp / "junk.pth")
+    (tmp / "empty.pth").write_bytes(b"")
+    with pytest.raises(
+        BackboneError, match=r"empty.pth: not a PyTorch or safetensors weights file \(it is empty\)"
+    ):
+        create_backbone("vit_tiny_patch16_224", weights=tmp / "empty.pth")
     torch.save({"model": {"a": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp / "full.pth")
     with pytest.raises(BackboneError, match="full.pth: it also holds pickled Python objects"):
         create_backbone("vit_tiny_patch16_224", weights=tmp / "full.pth")

@@ -85,9 +85,8 @@ class CheckpointConfig:
     normalization: dict[str, list[float]]
     training: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
-    weights_sha256: str | None = (
-        None  # of model.safetensors; None in checkpoints saved before it was recorded
-    )
+    # SHA-256 of model.safetensors; None in checkpoints saved before featlift recorded it
+    weights_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {

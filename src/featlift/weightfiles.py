@@ -56,8 +56,9 @@ def read_weights_file(path: str | os.PathLike, error: type[FeatliftError], what:
     if kind is None:
         with open(path, "rb") as handle:
             head = handle.read(_HEAD_BYTES)
+        seen = f"it starts with {head!r}" if head else "it is empty"
         raise error(
-            f"{what} {path}: not a PyTorch or safetensors weights file (it starts with {head!r}); "
+            f"{what} {path}: not a PyTorch or safetensors weights file ({seen}); "
             "expected a .safetensors file or a file written by torch.save"
         )
     try:
