@@ -224,7 +224,10 @@ def setting(path: str, value):
         (setting("backbone.facet", "keys"), "backbone.facet must be one of token, query, key, value"),
         (setting("backbone.extra", 1), "backbone has unknown field(s) extra (expected name, fingerprint,"),
         (lambda c: c["backbone"].pop("channels") and c, "backbone.channels is missing"),
-        (setting("upsampler.args.output_scale", -1), "upsampler.args {'channels': 32"),
+        (
+            setting("upsampler.args.output_scale", -1),
+            'upsampler.args {"channels": 32, "patch_size": 16, "residual": false, "output_scale": -1}: ',
+        ),
         (setting("upsampler.args.output_scale", -1), "LiFT output_scale must be > 0 and finite, got -1"),
         (setting("upsampler.args.output_scale", 0.0), "LiFT output_scale must be > 0 and finite, got 0.0"),
         (

@@ -119,7 +119,9 @@ class CheckpointConfig:
         try:
             return create_upsampler(self.upsampler, **self.upsampler_args)
         except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"{source}: upsampler.args {self.upsampler_args}: {exc}") from exc
+            raise CheckpointError(
+                f"{source}: upsampler.args {json.dumps(self.upsampler_args)}: {exc}"
+            ) from exc
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
