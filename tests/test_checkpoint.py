@@ -301,6 +301,9 @@ def test_non_finite_weights_are_refused_on_save_naming_the_tensors(tmp_path, tin
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.filterwarnings(
+    "ignore:checkpoint .* was trained against"
+)  # save_tiny_timm_checkpoint's fingerprint
 def test_extract_refuses_a_checkpoint_with_nan_weights(tmp_path, tiny_timm_weights, capsys):
     """A NaN tensor in model.safetensors (with a matching hash) is refused by name, nothing extracted."""
     ckpt = save_tiny_timm_checkpoint(tmp_path / "ckpt")
