@@ -7,10 +7,11 @@ import argparse
 import pytest
 import timm
 import torch
-from conftest import tiny_vit
+from conftest import DINOV2_NAME, DINOV2_WEIGHTS, TINY_TIMM_NAME, requires_shared, tiny_vit, write_images
 from safetensors.torch import save_file
 
 from featlift import BackboneError, InputSizeError, ViTBackbone, create_backbone
+from featlift.cli import main
 
 
 def hand_block_inputs(model, x):
@@ -166,8 +167,13 @@ def test_bad_weights_files_are_named(tiny_timm_checkpoint):
     with pytest.raises(BackboneError, match="no such file"):
         create_backbone("vit_tiny_patch16_224", weights=tmp / "missing.safetensors")
     (tmp / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(BackboneError, match="junk.pth: cannot read"):
+    with pytest.raises(BackboneError, match="junk.pth: not a PyTorch or safetensors weights file"):
         create_backbone("vit_tiny_patch16_224", weights=tmp / "junk.pth")
+    (tmp / "empty.pth").write_bytes(b"")
+    with pytest.raises(
+        BackboneError, match=r"empty.pth: not a PyTorch or safetensors weights file \(it is empty\)"
+    ):
+        create_backbone("vit_tiny_patch16_224", weights=tmp / "empty.pth")
     torch.save({"model": {"a": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp / "full.pth")
     with pytest.raises(BackboneError, match="full.pth: it also holds pickled Python objects"):
         create_backbone("vit_tiny_patch16_224", weights=tmp / "full.pth")
@@ -233,3 +239,82 @@ def test_original_dinov2_layout_with_registers_loads_like_timm_layout(tmp_path):
             features.append((backbone.fingerprint(), backbone(backbone.normalize(x))))
     assert features[0][0] == features[1][0]  # the fingerprint is of the loaded model, not of the file
     torch.testing.assert_close(features[0][1], features[1][1])
+
+
+def extract_with_weights(tmp_path, weights) -> int:
+    """`featlift extract` of one tiny image with backbone weights `weights`."""
+    write_images(tmp_path / "images", count=1)
+    argv = [
+        "-q",
+        "extract",
+        str(tmp_path / "images"),
+        "--backbone",
+        TINY_TIMM_NAME,
+        "--weights",
+        str(weights),
+    ]
+    return main(
+        argv
+        + ["--upsampler", "bilinear", "--size", "32x48", "--workers", "0", "--out", str(tmp_path / "out")]
+    )
+
+
+def test_a_text_file_as_weights_is_named_as_not_a_weights_file(tmp_path, capsys):
+    (tmp_path / "x.pth").write_text("this is a text file\n")
+    assert extract_with_weights(tmp_path, tmp_path / "x.pth") == 2
+    err = capsys.readouterr().err
+    assert f"weights file {tmp_path / 'x.pth'}: not a PyTorch or safetensors weights file" in err
+    assert "(it starts with b'this is a text f')" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_weights_format_is_told_by_content_not_suffix(tmp_path):
+    state = timm.create_model(TINY_TIMM_NAME, pretrained=False, num_classes=0, depth=2).state_dict()
+    save_file(state, tmp_path / "saved_by_safetensors.pth")
+    torch.save(state, tmp_path / "saved_by_torch.safetensors")
+    fingerprints = {
+        create_backbone(TINY_TIMM_NAME, weights=tmp_path / name, depth=2).fingerprint()
+        for name in ("saved_by_safetensors.pth", "saved_by_torch.safetensors")
+    }
+    assert len(fingerprints) == 1
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "saved_by_safetensors.pth").read_bytes()[:5000])
+    with pytest.raises(
+        BackboneError, match="cut.safetensors: cannot read this safetensors file; is it truncated"
+    ):
+        create_backbone(TINY_TIMM_NAME, weights=tmp_path / "cut.safetensors", depth=2)
+
+
+def test_backbone_weights_with_nan_are_refused_naming_the_tensors(tmp_path, capsys):
+    state = timm.create_model(TINY_TIMM_NAME, pretrained=False).state_dict()
+    state["blocks.3.attn.qkv.weight"][7, 7] = float("nan")
+    state["pos_embed"][0, 0, 0] = float("-inf")
+    save_file(state, tmp_path / "nan.safetensors")
+    assert extract_with_weights(tmp_path, tmp_path / "nan.safetensors") == 2
+    err = capsys.readouterr().err
+    assert f"weights file {tmp_path / 'nan.safetensors'}: NaN or infinite values in" in err
+    assert "blocks.3.attn.qkv.weight" in err and "pos_embed" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_for_another_patch_size_are_refused_naming_both(tmp_path):
+    """timm would resample a patch-16 kernel to 14x14 and load it silently."""
+    model = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, depth=2, patch_size=16
+    )
+    save_file(model.state_dict(), tmp_path / "dinov2_s16.safetensors")
+    with pytest.raises(BackboneError) as error:
+        create_backbone(
+            "vit_small_patch14_dinov2.lvd142m", weights=tmp_path / "dinov2_s16.safetensors", depth=2
+        )
+    message = str(error.value)
+    assert "dinov2_s16.safetensors does not fit vit_small_patch14_dinov2.lvd142m" in message
+    assert "patch_embed.proj.weight is [384, 3, 16, 16] (patch 16x16)" in message
+    assert "has [384, 3, 14, 14] (patch 14x14)" in message
+
+
+@requires_shared
+def test_real_patch_14_weights_are_refused_for_a_patch_16_model():
+    with pytest.raises(
+        BackboneError, match=r"is \[384, 3, 14, 14\] \(patch 14x14\), but .* has \[384, 3, 16, 16\]"
+    ):
+        create_backbone(DINOV2_NAME, weights=DINOV2_WEIGHTS, patch_size=16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from original_lift import ORIGINAL_LIFT_32_CHANNELS, original_lift_state
 
 from featlift import (
     InputSizeError,
@@ -15,7 +16,7 @@ from featlift import (
     register_upsampler,
 )
 from featlift.upsamplers import registry
-from featlift.upsamplers.lift import ORIGINAL_KEY_PREFIXES
+from featlift.upsamplers.lift import convert_original_state_dict
 
 
 @pytest.mark.parametrize("patch", [8, 14, 16])
@@ -118,7 +119,9 @@ def test_registry_adds_a_method_by_decorating_one_class():
         create_upsampler("nope")
 
 
-def test_every_lift_parameter_has_an_original_name():
-    ours = {key for key in LiFT(16, 8).state_dict()}
-    prefixes = tuple(ORIGINAL_KEY_PREFIXES.values())
-    assert all(key.startswith(prefixes) for key in ours)
+def test_original_lift_key_names_convert_to_ours():
+    """The original code's keys (a literal table, `module.` prefixed) map onto every LiFT parameter, shapes equal."""
+    converted = convert_original_state_dict(original_lift_state())
+    assert sorted(converted) == sorted(ours for _, ours, _ in ORIGINAL_LIFT_32_CHANNELS)
+    shapes = {name: tuple(value.shape) for name, value in LiFT(32, 16).state_dict().items()}
+    assert shapes == {ours: shape for _, ours, shape in ORIGINAL_LIFT_32_CHANNELS}

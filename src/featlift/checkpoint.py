@@ -8,8 +8,14 @@
       "backbone": {"name": "vit_small_patch14_dinov2.lvd142m", "fingerprint": "…", "layer": 11,
                    "facet": "token", "channels": 384, "patch_size": 14, "num_prefix_tokens": 1},
       "normalization": {"mean": [...], "std": [...]},
+      "weights_sha256": "…",
       "training": {...}
     }
+
+``config.json`` is checked against its schema (`checkpoint_schema`) before use. It is written after
+``model.safetensors`` and records that file's SHA-256, so a pair from two different saves (a save
+killed between its two writes) is refused on load; a config without the hash (written before featlift
+recorded it) loads with a warning. Non-finite weights are refused on load and on save.
 
 An upsampler is specific to the feature distribution it was trained on, so loading it for another
 backbone, layer, facet or channel count fails (`CheckpointMismatchError`); other weights for the same
@@ -18,6 +24,7 @@ backbone name (fingerprint mismatch) only warn.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -27,13 +34,15 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors_bytes
 
 from .backbones import ViTBackbone
+from .checkpoint_schema import validate_checkpoint_json
 from .errors import CheckpointError, CheckpointMismatchError
 from .fileio import save_json_atomic, save_safetensors_atomic
 from .upsamplers import Upsampler, create_upsampler
 from .upsamplers.lift import LiFT, convert_original_state_dict
+from .weightfiles import read_weights_file, refuse_non_finite
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -76,35 +85,42 @@ class CheckpointConfig:
     normalization: dict[str, list[float]]
     training: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # SHA-256 of model.safetensors; None in checkpoints saved before featlift recorded it
+    weights_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "format_version": self.format_version,
             "upsampler": {"name": self.upsampler, "args": self.upsampler_args},
             "backbone": asdict(self.backbone),
             "normalization": self.normalization,
-            "training": self.training,
         }
+        if self.weights_sha256 is not None:
+            data["weights_sha256"] = self.weights_sha256
+        data["training"] = self.training
+        return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str) -> CheckpointConfig:
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{source}: format_version {version!r} is not supported (this featlift reads {FORMAT_VERSION})"
-            )
+    def from_json(cls, data: Any, source: str) -> CheckpointConfig:
+        """Build from parsed ``config.json`` after checking it against the schema (`CheckpointError` if not)."""
+        validate_checkpoint_json(data, source, FORMAT_VERSION)
+        return cls(
+            upsampler=data["upsampler"]["name"],
+            upsampler_args=dict(data["upsampler"].get("args", {})),
+            backbone=BackboneSpec(**data["backbone"]),
+            normalization=data["normalization"],
+            training=data.get("training", {}),
+            format_version=data["format_version"],
+            weights_sha256=data.get("weights_sha256"),
+        )
+
+    def build_upsampler(self, source: str) -> Upsampler:
+        """A fresh module from ``upsampler`` and ``args``; values its constructor refuses raise `CheckpointError`."""
         try:
-            return cls(
-                upsampler=data["upsampler"]["name"],
-                upsampler_args=dict(data["upsampler"].get("args", {})),
-                backbone=BackboneSpec(**data["backbone"]),
-                normalization=data["normalization"],
-                training=data.get("training", {}),
-                format_version=version,
-            )
-        except (KeyError, TypeError) as exc:
+            return create_upsampler(self.upsampler, **self.upsampler_args)
+        except (ValueError, TypeError) as exc:
             raise CheckpointError(
-                f"{source}: malformed checkpoint config ({type(exc).__name__}: {exc})"
+                f"{source}: upsampler.args {json.dumps(self.upsampler_args)}: {exc}"
             ) from exc
 
 
@@ -161,7 +177,10 @@ def save_checkpoint(
     training: dict[str, Any] | None = None,
     normalization: dict[str, list[float]] | None = None,
 ) -> Path:
-    """Write ``model.safetensors`` then ``config.json`` into `directory`, each atomically."""
+    """Write ``model.safetensors`` then ``config.json`` (with the weights' SHA-256) into `directory`, each atomically.
+
+    Refuses (`CheckpointError`, nothing written) weights with NaN or inf, and a config that would not load.
+    """
     spec = backbone if isinstance(backbone, BackboneSpec) else BackboneSpec.of(backbone)
     if normalization is None:
         if isinstance(backbone, BackboneSpec):
@@ -175,9 +194,14 @@ def save_checkpoint(
         training=training or {},
     )
     directory = Path(directory)
+    source = f"cannot save checkpoint {directory}"
+    validate_checkpoint_json(config.to_json(), source, FORMAT_VERSION)
+    config.build_upsampler(source)  # what is saved must load: the constructor accepts these args
     state = {k: v for k, v in upsampler.state_dict().items()}
+    refuse_non_finite(state, source, CheckpointError)
     save_safetensors_atomic(state, directory / WEIGHTS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
-    save_json_atomic(config.to_json(), directory / CONFIG_FILE)
+    config.weights_sha256 = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()
+    save_json_atomic(config.to_json(), directory / CONFIG_FILE)  # last: it vouches for the weights file
     return directory
 
 
@@ -192,18 +216,44 @@ def load_checkpoint(
     config = read_checkpoint_config(directory)
     if backbone is not None:
         check_compatible(config.backbone, backbone, source=f"checkpoint {directory}")
-    module = create_upsampler(config.upsampler, **config.upsampler_args)
+    module = config.build_upsampler(str(directory / CONFIG_FILE))
+    weights_path = directory / WEIGHTS_FILE
     try:
-        state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE}: cannot read ({exc})") from exc
+        payload = weights_path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{weights_path}: cannot read ({exc.strerror or exc})") from exc
+    check_weights_hash(config, hashlib.sha256(payload).hexdigest(), directory)
+    try:
+        state = load_safetensors_bytes(payload)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights_path}: cannot read ({exc})") from exc
+    refuse_non_finite(state, str(weights_path), CheckpointError)
+    if torch.device(map_location).type != "cpu":
+        state = {k: v.to(map_location) for k, v in state.items()}
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{directory / WEIGHTS_FILE}: weights do not fit {config.upsampler}{config.upsampler_args}: {exc}"
+            f"{weights_path}: weights do not fit {config.upsampler}{config.upsampler_args}: {exc}"
         ) from exc
     return module.eval(), config
+
+
+def check_weights_hash(config: CheckpointConfig, actual: str, directory: Path) -> None:
+    """Refuse a ``model.safetensors`` that is not the one its ``config.json`` was written with."""
+    if config.weights_sha256 is None:
+        warnings.warn(
+            f"checkpoint {directory}: {CONFIG_FILE} records no weights_sha256 (saved by an older featlift), so "
+            f"featlift cannot check that {WEIGHTS_FILE} is from the same save; save it again to record one",
+            stacklevel=3,
+        )
+    elif config.weights_sha256 != actual:
+        raise CheckpointError(
+            f"checkpoint {directory}: {WEIGHTS_FILE} (sha256 {actual[:16]}...) is not the file its {CONFIG_FILE} "
+            f"was written with (weights_sha256 {config.weights_sha256[:16]}...): the two files come from "
+            "different saves (e.g. a save killed between its two writes). Save the checkpoint again, or restore "
+            "both files together"
+        )
 
 
 def import_original_lift(
@@ -215,16 +265,12 @@ def import_original_lift(
     must be the one the file was trained for; channel count and shapes are checked against it.
     """
     pth = Path(pth)
-    try:
-        state = torch.load(str(pth), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{pth}: no such file") from None
-    except Exception as exc:
-        raise CheckpointError(f"{pth}: cannot read as a torch state dict ({exc})") from exc
+    state = read_weights_file(pth, CheckpointError, what="LiFT file")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{pth}: expected a LiFT state dict, found {type(state).__name__}")
+    refuse_non_finite(state, f"LiFT file {pth}", CheckpointError)
     state = convert_original_state_dict(state)
     head = state.get("head.weight")
     if head is None:

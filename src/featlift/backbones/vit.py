@@ -19,7 +19,6 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..errors import BackboneError, InputSizeError
 from ..fingerprint import state_dict_fingerprint
+from ..weightfiles import read_weights_file, refuse_non_finite, some_of
 
 logger = logging.getLogger(__name__)
 
@@ -49,27 +49,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     bare or inside ``{"state_dict"|"model"|"teacher": ...}``, with ``module.`` prefixes; when the tensors
     sit under ``backbone.`` (a DINO/DINOv2 training checkpoint), only those are kept and their heads dropped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"weights file {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch and safetensors raise many types for corrupt files
-        if "Unsupported global" in str(exc):  # torch refused to unpickle a class
-            raise BackboneError(
-                f"weights file {path}: it also holds pickled Python objects (e.g. a training run's args), which "
-                "featlift does not unpickle (torch.load(weights_only=True), for safety). If you trust the file, "
-                f"save its state dict alone: torch.save(torch.load({str(path)!r}, weights_only=False)['teacher'], "
-                "'weights.pth') (or ['model'], ['state_dict'])"
-            ) from exc
-        raise BackboneError(
-            f"weights file {path}: cannot read it as safetensors or a torch checkpoint ({exc})"
-        ) from exc
+    state = read_weights_file(path, BackboneError)
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in _STATE_DICT_CONTAINERS if isinstance(state.get(k), Mapping)), None)
         if inner is None:
@@ -90,13 +70,8 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         cleaned = {
             k[len(_BACKBONE_PREFIX) :]: v for k, v in cleaned.items() if k.startswith(_BACKBONE_PREFIX)
         }
+    refuse_non_finite(cleaned, f"weights file {path}", BackboneError)
     return cleaned
-
-
-def _some(items: list[str], examples: int = 3, sep: str = ", ") -> str:
-    """The first `examples` of `items`, and how many there are in all when some are left out."""
-    more = f"{sep}... ({len(items)} in all)" if len(items) > examples else ""
-    return sep.join(items[:examples]) + more
 
 
 def summarize_load_error(message: str, examples: int = 3) -> str:
@@ -109,7 +84,7 @@ def summarize_load_error(message: str, examples: int = 3) -> str:
     for kind, match in found.items():
         if match:
             keys = re.findall(r'"([^"]+)"', match.group(1))
-            parts.append(f"{kind} keys {_some(keys, examples)}")
+            parts.append(f"{kind} keys {some_of(keys, examples)}")
     shapes = re.findall(
         r"size mismatch for ([^:]+): copying a param with shape torch.Size\((\[.*?\])\) from checkpoint, "
         r"the shape in current model is torch.Size\((\[.*?\])\)",
@@ -117,7 +92,7 @@ def summarize_load_error(message: str, examples: int = 3) -> str:
     )
     if shapes:
         listed = [f"{key} is {file} in the file, {model} in the model" for key, file, model in shapes]
-        parts.append(f"shape mismatches: {_some(listed, examples, sep='; ')}")
+        parts.append(f"shape mismatches: {some_of(listed, examples, sep='; ')}")
     if not parts:
         return message[:800]
     return "; ".join(parts) + ". Is the file for another model (size, patch, registers)?"
@@ -158,6 +133,37 @@ def missing_keys_of_timm_load() -> Iterator[_MissingKeysRecorder]:
         timm_logger.setLevel(level)
 
 
+def _patch_kernel(state: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor] | None:
+    """The patch embedding of a ViT state dict: its conv kernel ``[dim, 3, p, p]`` on the RGB pixels.
+
+    That is ``patch_embed.proj.weight`` in the timm, DINO and DINOv2 layouts, and otherwise the one
+    4-D tensor with 3 input channels (e.g. ``conv1.weight`` of OpenAI CLIP), if there is exactly one.
+    """
+    rgb_kernels = [
+        (k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.ndim == 4 and v.shape[1] == 3
+    ]
+    named = [(k, v) for k, v in rgb_kernels if k.endswith("patch_embed.proj.weight")]
+    found = named or rgb_kernels
+    return found[0] if len(found) == 1 else None
+
+
+def check_patch_embedding(
+    state: Mapping[str, torch.Tensor], model: nn.Module, source: str, name: str
+) -> None:
+    """Refuse weights made for another patch size: timm would silently resample their patch embedding."""
+    in_file = _patch_kernel(state)
+    in_model = _patch_kernel(model.state_dict())
+    if in_file is None or in_model is None or in_file[1].shape == in_model[1].shape:
+        return
+    (file_key, file_kernel), (_, model_kernel) = in_file, in_model
+    raise BackboneError(
+        f"{source} does not fit {name}: its patch embedding {file_key} is {list(file_kernel.shape)} "
+        f"(patch {file_kernel.shape[-2]}x{file_kernel.shape[-1]}), but {name} has {list(model_kernel.shape)} "
+        f"(patch {model_kernel.shape[-2]}x{model_kernel.shape[-1]}). timm would resize the kernel and load it "
+        "anyway, giving other features: pick the backbone the file was trained as"
+    )
+
+
 def _build_timm_model(
     name: str, weights: str | os.PathLike | None, pretrained: bool, timm_kwargs: dict | None = None
 ) -> nn.Module:
@@ -173,11 +179,15 @@ def _build_timm_model(
                 model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
             if load.missing:
                 raise BackboneError(
-                    f"weights file {weights} does not fit {name}: it lacks {_some(load.missing)}, "
+                    f"weights file {weights} does not fit {name}: it lacks {some_of(load.missing)}, "
                     "which would stay randomly initialised. Is the file for another model, or only part of one?"
                 )
+            check_patch_embedding(state, model, f"weights file {weights}", name)
             return model
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        if pretrained:
+            refuse_non_finite(model.state_dict(), f"the pretrained weights of {name}", BackboneError)
+        return model
     except BackboneError:
         raise
     except RuntimeError as exc:

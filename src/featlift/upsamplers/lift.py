@@ -23,6 +23,7 @@ features keep the backbone's scale, and a further pass gets inputs on the scale 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -58,10 +59,12 @@ class LiFT(Upsampler):
 
     def __init__(self, channels: int, patch_size: int, residual: bool = False, output_scale: float = 1.0):
         super().__init__()
-        if channels < 2 or patch_size < 1:
-            raise ValueError(f"LiFT needs channels >= 2 and patch_size >= 1, got {channels}, {patch_size}")
-        if not output_scale > 0:
-            raise ValueError(f"LiFT output_scale must be > 0, got {output_scale}")
+        if channels < 2:
+            raise ValueError(f"LiFT channels must be >= 2, got {channels}")
+        if patch_size < 1:
+            raise ValueError(f"LiFT patch_size must be >= 1, got {patch_size}")
+        if not (output_scale > 0 and math.isfinite(output_scale)):
+            raise ValueError(f"LiFT output_scale must be > 0 and finite, got {output_scale}")
         self.channels = int(channels)
         self.patch_size = int(patch_size)
         self.residual = bool(residual)

@@ -1,0 +1,102 @@
+"""Reading weights files safely: the format told by the content (not the suffix), and no NaN or inf.
+
+Both backbone weights (``--weights``) and upsampler checkpoints (featlift's own and the original
+LiFT's) go through here, so every loader refuses the same bad files with the same messages.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FeatliftError
+
+SAFETENSORS = "safetensors"
+TORCH = "torch"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # torch.save's default (zip) format; an empty zip
+_PICKLE_PROTOCOL = b"\x80"  # torch.save's legacy format: a pickle, protocol 2 or higher
+_HEAD_BYTES = 16
+
+
+def some_of(items: list[str], examples: int = 3, sep: str = ", ") -> str:
+    """The first `examples` of `items`, and how many there are in all when some are left out."""
+    more = f"{sep}... ({len(items)} in all)" if len(items) > examples else ""
+    return sep.join(items[:examples]) + more
+
+
+def weights_file_format(path: str | os.PathLike) -> str | None:
+    """``"safetensors"``, ``"torch"`` (a torch.save file) or None (neither), from the file's first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(_HEAD_BYTES)
+    if head.startswith(_ZIP_MAGIC) or (head[:1] == _PICKLE_PROTOCOL and len(head) > 1 and 2 <= head[1] <= 5):
+        return TORCH
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 1:
+        return SAFETENSORS  # an 8-byte little-endian header length, then the JSON header (maybe cut short)
+    return None
+
+
+def read_weights_file(path: str | os.PathLike, error: type[FeatliftError], what: str = "weights file") -> Any:
+    """The content of a .safetensors or torch.save file (whatever its suffix), loaded on the CPU.
+
+    torch files are read with ``weights_only=True``: no pickled Python objects are run. Every failure
+    raises `error` with a message that starts ``"{what} {path}: "``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path}: no such file")
+    try:
+        kind = weights_file_format(path)
+    except OSError as exc:
+        raise error(f"{what} {path}: cannot read it ({exc.strerror or exc})") from exc
+    if kind is None:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+        seen = f"it starts with {head!r}" if head else "it is empty"
+        raise error(
+            f"{what} {path}: not a PyTorch or safetensors weights file ({seen}); "
+            "expected a .safetensors file or a file written by torch.save"
+        )
+    try:
+        if kind == SAFETENSORS:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        with open(path, "rb") as handle:  # a file object: torch.load picks no reader by the suffix
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for corrupt files
+        if "Unsupported global" in str(exc):  # torch refused to unpickle a class
+            raise error(
+                f"{what} {path}: it also holds pickled Python objects (e.g. a training run's args), which "
+                "featlift does not unpickle (torch.load(weights_only=True), for safety). If you trust the file, "
+                f"save its state dict alone: torch.save(torch.load({str(path)!r}, weights_only=False)['teacher'], "
+                "'weights.pth') (or ['model'], ['state_dict'])"
+            ) from exc
+        raise error(
+            f"{what} {path}: cannot read this {kind} file; is it truncated or corrupt? ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in `state` that hold a NaN or an infinity, in order."""
+    return [
+        name
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and (value.is_floating_point() or value.is_complex())
+        and not bool(torch.isfinite(value).all())
+    ]
+
+
+def refuse_non_finite(state: Mapping[str, Any], source: str, error: type[FeatliftError]) -> None:
+    """Raise `error` naming `source` and the first bad tensors if any tensor of `state` is NaN or inf."""
+    bad = non_finite_tensors(state)
+    if bad:
+        raise error(
+            f"{source}: NaN or infinite values in {some_of(bad)}; these weights are broken (a diverged "
+            "training run, or a corrupted file) and would give NaN features"
+        )
