@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from featlift import LiFT, create_backbone, save_checkpoint
-from featlift.bench import TensorMemoryTracker, count_flops, find_max_size
+from featlift.bench import count_flops, find_max_size
 from featlift.cli import main
+from featlift.measure import TensorMemoryTracker
 from featlift.variants import parse_variant
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
