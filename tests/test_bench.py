@@ -192,3 +192,40 @@ def test_bench_process_rss_runs_fresh_processes(tiny_setup, tmp_path):
         assert r["load_peak_mib"] >= r["before_call_mib"] and r["call_peak_mib"] >= r["before_call_mib"]
         assert r["process_peak_mib"] == max(r["load_peak_mib"], r["call_peak_mib"])
     assert "Peak RSS of a fresh process (batch 1)" in (out / "bench.md").read_text()
+
+
+def test_bench_stages_run_under_the_speed_options_of_the_pipeline(tiny_setup, tmp_path, monkeypatch):
+    """Under --amp the backbone-alone and upsampler-alone timings see the same autocast dtype as the whole
+    pipeline, and the upsampler alone gets channels-last features as inside it."""
+    from featlift.backbones import ViTBackbone
+    from featlift.upsamplers import Upsampler
+
+    weights, ckpt, _, _ = tiny_setup
+    seen = {"backbone": set(), "upsampler": set()}
+    backbone_forward, upsampler_forward = ViTBackbone.forward, Upsampler.forward
+
+    def recording_backbone(self, images):
+        seen["backbone"].add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return backbone_forward(self, images)
+
+    def recording_upsampler(self, features, image, *args, **kwargs):
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen["upsampler"].add((autocast, features.is_contiguous(memory_format=torch.channels_last)))
+        return upsampler_forward(self, features, image, *args, **kwargs)
+
+    monkeypatch.setattr(ViTBackbone, "forward", recording_backbone)
+    monkeypatch.setattr(Upsampler, "forward", recording_upsampler)
+    args = [
+        "--sizes",
+        "32",
+        "--variants",
+        f"lift:{ckpt}",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    assert bench(weights, *args, "--amp", "bf16", "--out", str(tmp_path / "out")) == 0
+    assert seen == {"backbone": {torch.bfloat16}, "upsampler": {(torch.bfloat16, True)}}

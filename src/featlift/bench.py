@@ -139,15 +139,20 @@ def random_images(batch: int, size: tuple[int, int], device: torch.device, seed:
 
 
 def _stage_tasks(variant: FeatureVariant, images: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    """Callables for the backbone alone and the upsampler alone (on features computed here, once)."""
+    """Callables for the backbone alone and the upsampler alone (on features computed here, once).
+
+    Each stage runs as inside ``pipeline(images)``: under the pipeline's autocast (``amp``) and, for the
+    upsampler, on channels-last inputs when the pipeline uses them; its modules are the pipeline's own
+    (BN folded, compiled), so ``upsampler / backbone`` compares like with like.
+    """
     pipeline = variant.pipeline
     backbone = pipeline.backbone
-    amp = getattr(getattr(pipeline, "options", None), "amp", None)
+    amp = pipeline.amp
     with torch.inference_mode(), autocast(images.device, amp):
         normalized = backbone.normalize(images)
         features = backbone(normalized)
     guide = normalized
-    if getattr(getattr(pipeline, "options", None), "channels_last", False):
+    if pipeline.channels_last:
         features = features.contiguous(memory_format=torch.channels_last)
         guide = normalized.contiguous(memory_format=torch.channels_last)
 
