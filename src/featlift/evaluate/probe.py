@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..commands.numbers import float_in, int_at_least
 from ..errors import FeatliftError
 from ..variants import FeatureVariant
 from .report import VariantResult, markdown_table, write_results
@@ -292,20 +293,32 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--data", required=True, help="dataset root")
     parser.add_argument("--format", choices=sorted(FORMATS), required=True, help="dataset layout")
-    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N train images")
-    parser.add_argument("--limit-val", type=int, default=None, help="use only the first N val images")
     parser.add_argument(
-        "--epochs", type=int, default=ProbeRecipe.epochs, help=f"training epochs ({ProbeRecipe.epochs})"
+        "--limit-train", type=int_at_least(1), default=None, help="use only the first N train images"
     )
     parser.add_argument(
-        "--lr", type=float, default=ProbeRecipe.lr, help=f"AdamW learning rate ({ProbeRecipe.lr})"
+        "--limit-val", type=int_at_least(1), default=None, help="use only the first N val images"
     )
-    parser.add_argument("--weight-decay", type=float, default=ProbeRecipe.weight_decay)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per feature and training batch (8)")
+    parser.add_argument(
+        "--epochs",
+        type=int_at_least(1),
+        default=ProbeRecipe.epochs,
+        help=f"training epochs ({ProbeRecipe.epochs})",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float_in(0, low_open=True),
+        default=ProbeRecipe.lr,
+        help=f"AdamW learning rate ({ProbeRecipe.lr})",
+    )
+    parser.add_argument("--weight-decay", type=float_in(0), default=ProbeRecipe.weight_decay)
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=8, help="images per feature and training batch (8)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--train-label-side",
-        type=int,
+        type=int_at_least(1),
         default=ProbeRecipe.train_label_side,
         help=f"resize training labels (nearest) to at most this long side, for speed ({ProbeRecipe.train_label_side})",
     )
