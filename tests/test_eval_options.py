@@ -1,4 +1,4 @@
-"""Every numeric option of `featlift eval`, `bench` and `viz` is checked when the command line is parsed."""
+"""`featlift eval`, `bench` and `viz` check their numeric options when parsing and their --out before any work."""
 
 from __future__ import annotations
 
@@ -80,3 +80,36 @@ def test_edge_values_that_mean_something_are_accepted(command, option, value, tm
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "argument" not in err
+
+
+OUTPUT_ARGS = {
+    "davis": ["eval", "davis", "--data", "D", "--out", "O"],
+    "probe": ["eval", "probe", "--data", "D", "--format", "camvid", "--out", "O"],
+    "warp": ["eval", "warp", "--data", "D", "--out", "O"],
+    "spair": ["eval", "spair", "--data", "D", "--out", "O"],
+    "discovery": ["eval", "discovery", "--data", "D", "--format", "voc07", "--out", "O"],
+    "bench": ["bench", "--out", "O"],
+    "viz similarity": ["viz", "similarity", "D", "--point", "1,1", "--out", "O/figure.png"],
+    "viz pca": ["viz", "pca", "D", "--out", "O/figure.png"],
+}
+
+
+@pytest.mark.parametrize("command", OUTPUT_ARGS)
+def test_an_unwritable_out_stops_the_command_before_any_work(command, tmp_path, capsys):
+    """--out under a regular file cannot be created: the command says so first, before it reads any input
+    (here the input does not even exist) or builds a backbone."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "results"
+    argv = [a.replace("O", str(out)) if a.startswith("O") else a for a in OUTPUT_ARGS[command]]
+    argv = [str(tmp_path / "missing-input") if a == "D" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(blocker) in err and "not writable" in err
+    assert "missing-input" not in err
+
+
+def test_viz_refuses_a_folder_as_its_png(tmp_path, capsys):
+    (tmp_path / "figure.png").mkdir()
+    assert main(["viz", "pca", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "figure.png")]) == 2
+    assert "is a folder" in capsys.readouterr().err

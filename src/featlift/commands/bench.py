@@ -9,6 +9,7 @@ import torch
 
 from ..bench import BenchSettings, environment, find_max_size, run_benchmark, write_bench_results
 from ..errors import FeatliftError
+from ..fileio import check_writable_dir
 from ..inference import InferenceOptions
 from ..pipeline import AMP_DTYPES
 from ..process_memory import measure_process_rss
@@ -139,6 +140,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out, "--out")  # before any measurement
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
