@@ -154,6 +154,19 @@ def test_loader_samples_deterministically_and_checks_layout(tmp_path):
         load_spair_pairs(root, "trn", categories=["cat"])
 
 
+def test_the_pairs_drawn_for_a_category_do_not_depend_on_the_other_categories(tmp_path):
+    root = write_spair(tmp_path / "SPair-71k")
+    for pair_id in range(4, 10):  # 7 person pairs, 2 cat pairs: both categories are sampled
+        _write_pair(root, "test", pair_id, "person", "2009_000003", "2009_000004",
+                    [[10, 10]], [[245, 10]], (0, 0, 256, 256), (0, 0, 256, 256))  # fmt: skip
+    for seed in range(5):
+        alone = load_spair_pairs(root, "test", pairs_per_category=1, categories=["person"], seed=seed)
+        together = load_spair_pairs(root, "test", pairs_per_category=1, seed=seed)
+        assert [p.name for p in alone] == [p.name for p in together if p.category == "person"]
+    drawn = {load_spair_pairs(root, "test", 1, ["person"], seed=seed)[0].name for seed in range(5)}
+    assert len(drawn) > 1  # the seed does choose the sample
+
+
 def spair_cli(root, weights, out, *extra, backbone=TINY_TIMM_NAME):
     return main(["-q", "eval", "spair", "--data", str(root), "--backbone", backbone, "--weights", str(weights),
                  "--device", "cpu", "--out", str(out), *extra])  # fmt: skip
