@@ -110,6 +110,13 @@ def test_shrink_label_keeps_ids():
     assert shrink_label(label, 500) is label
 
 
+def test_shrink_label_takes_the_label_at_the_centre_of_each_block():
+    """6x6 -> 2x2: each small pixel covers a 3x3 block, whose centre pixel is (1, 1) within it, as the logits
+    upsampled with align_corners=False see it; legacy 'nearest' took the top-left pixel (0, 0) instead."""
+    label = torch.arange(36, dtype=torch.uint8).reshape(6, 6)
+    assert shrink_label(label, 2).tolist() == [[7, 10], [25, 28]]
+
+
 def test_label_mapping_of_each_format(tmp_path):
     camvid = write_camvid(tmp_path / "camvid", 1, 1)
     label = FORMATS["camvid"].read_label(camvid / "labels" / "train" / "f000.png")

@@ -8,7 +8,8 @@ Recipe (the same for every variant, recorded in results.json):
   channel with the train-set mean and std;
 - a linear layer (a 1x1 conv, ``C -> classes``) trained with AdamW (lr 1e-2, weight decay 1e-4, cosine schedule,
   40 epochs, batch 8, seed 0), cross-entropy on logits bilinearly upsampled to the label resolution, ignore label
-  excluded; for speed the training labels are first resized (nearest) so that their long side is at most 160 px
+  excluded; for speed the training labels are first resized (``nearest-exact``: each pixel takes the label at the centre of the
+  block it covers, aligned with the ``align_corners=False`` logits) so that their long side is at most 160 px
   (``--train-label-side``), the evaluation uses the full label resolution;
 - mIoU over the classes present in the val ground truth, from one confusion matrix over all val pixels: the
   logits are bilinearly upsampled to the label resolution and argmaxed.
@@ -155,7 +156,7 @@ class ProbeRecipe:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "loss": "cross-entropy on logits bilinearly upsampled to the label resolution, ignore label excluded; "
-            f"training labels nearest-resized to a long side of at most {self.train_label_side} px",
+            f"training labels resized (nearest-exact, block centres) to a long side of at most {self.train_label_side} px",
             "evaluation": "logits bilinearly upsampled to the full label resolution, argmax",
             "features": "computed once per variant, cached as float16",
         }
@@ -187,13 +188,17 @@ def _cache_features(
 
 
 def shrink_label(label: torch.Tensor, max_side: int) -> torch.Tensor:
-    """Nearest-resize a ``[H, W]`` label map so that its long side is at most `max_side` (kept if smaller)."""
+    """Resize a ``[H, W]`` label map so that its long side is at most `max_side` (kept if smaller).
+
+    ``nearest-exact``: each output pixel takes the label at the centre of the block it covers, where the
+    logits upsampled with ``align_corners=False`` put it (legacy ``nearest`` took the block's top-left pixel).
+    """
     h, w = label.shape
     scale = max_side / max(h, w)
     if scale >= 1:
         return label
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
+    return F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(label.dtype)
 
 
 def _upsampled_loss(logits: torch.Tensor, labels: list[torch.Tensor]) -> torch.Tensor:
