@@ -8,9 +8,9 @@ Recipe (the same for every variant, recorded in results.json):
   channel with the train-set mean and std;
 - a linear layer (a 1x1 conv, ``C -> classes``) trained with AdamW (lr 1e-2, weight decay 1e-4, cosine schedule,
   40 epochs, batch 8, seed 0), cross-entropy on logits bilinearly upsampled to the label resolution, ignore label
-  excluded; for speed the training labels are first resized (``nearest-exact``: each pixel takes the label at the centre of the
-  block it covers, aligned with the ``align_corners=False`` logits) so that their long side is at most 160 px
-  (``--train-label-side``), the evaluation uses the full label resolution;
+  excluded; for speed the training labels are first resized so that their long side is at most 160 px
+  (``--train-label-side``) with ``nearest-exact`` (each pixel takes the label at the centre of the block it
+  covers, aligned with the ``align_corners=False`` logits); the evaluation uses the full label resolution;
 - mIoU over the classes present in the val ground truth, from one confusion matrix over all val pixels: the
   logits are bilinearly upsampled to the label resolution and argmaxed.
 
