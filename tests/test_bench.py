@@ -16,6 +16,7 @@ from featlift.measure import TensorMemoryTracker
 from featlift.variants import parse_variant
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
+ONE_QUICK_CALL = ["--batch-sizes", "1", "--repeats", "1", "--warmup", "0"]  # one timed call, no warm-up
 
 
 def bench(weights, *args: str) -> int:
@@ -91,18 +92,7 @@ def test_bench_cli_writes_json_and_markdown(tiny_setup, tmp_path):
 def test_bench_cli_find_max_size_is_bounded_on_cpu(tiny_setup, tmp_path):
     weights, _, _, _ = tiny_setup
     out = tmp_path / "out"
-    args = [
-        "--sizes",
-        "32",
-        "--variants",
-        "none,bilinear",
-        "--batch-sizes",
-        "1",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-    ]
+    args = ["--sizes", "32", "--variants", "none,bilinear", *ONE_QUICK_CALL]
     code = bench(weights, *args, "--out", str(out), "--find-max-size", "--max-size-cap", "128")
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
@@ -215,17 +205,6 @@ def test_bench_stages_run_under_the_speed_options_of_the_pipeline(tiny_setup, tm
 
     monkeypatch.setattr(ViTBackbone, "forward", recording_backbone)
     monkeypatch.setattr(Upsampler, "forward", recording_upsampler)
-    args = [
-        "--sizes",
-        "32",
-        "--variants",
-        f"lift:{ckpt}",
-        "--batch-sizes",
-        "1",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-    ]
+    args = ["--sizes", "32", "--variants", f"lift:{ckpt}", *ONE_QUICK_CALL]
     assert bench(weights, *args, "--amp", "bf16", "--out", str(tmp_path / "out")) == 0
     assert seen == {"backbone": {torch.bfloat16}, "upsampler": {(torch.bfloat16, True)}}
