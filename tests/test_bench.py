@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from featlift import LiFT, create_backbone, save_checkpoint
-from featlift.bench import TensorMemoryTracker, count_flops, find_max_size
+from featlift.bench import count_flops, find_max_size
 from featlift.cli import main
+from featlift.measure import TensorMemoryTracker
 from featlift.variants import parse_variant
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
+ONE_QUICK_CALL = ["--batch-sizes", "1", "--repeats", "1", "--warmup", "0"]  # one timed call, no warm-up
 
 
 def bench(weights, *args: str) -> int:
@@ -90,18 +92,7 @@ def test_bench_cli_writes_json_and_markdown(tiny_setup, tmp_path):
 def test_bench_cli_find_max_size_is_bounded_on_cpu(tiny_setup, tmp_path):
     weights, _, _, _ = tiny_setup
     out = tmp_path / "out"
-    args = [
-        "--sizes",
-        "32",
-        "--variants",
-        "none,bilinear",
-        "--batch-sizes",
-        "1",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-    ]
+    args = ["--sizes", "32", "--variants", "none,bilinear", *ONE_QUICK_CALL]
     code = bench(weights, *args, "--out", str(out), "--find-max-size", "--max-size-cap", "128")
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
@@ -191,3 +182,29 @@ def test_bench_process_rss_runs_fresh_processes(tiny_setup, tmp_path):
         assert r["load_peak_mib"] >= r["before_call_mib"] and r["call_peak_mib"] >= r["before_call_mib"]
         assert r["process_peak_mib"] == max(r["load_peak_mib"], r["call_peak_mib"])
     assert "Peak RSS of a fresh process (batch 1)" in (out / "bench.md").read_text()
+
+
+def test_bench_stages_run_under_the_speed_options_of_the_pipeline(tiny_setup, tmp_path, monkeypatch):
+    """Under --amp the backbone-alone and upsampler-alone timings see the same autocast dtype as the whole
+    pipeline, and the upsampler alone gets channels-last features as inside it."""
+    from featlift.backbones import ViTBackbone
+    from featlift.upsamplers import Upsampler
+
+    weights, ckpt, _, _ = tiny_setup
+    seen = {"backbone": set(), "upsampler": set()}
+    backbone_forward, upsampler_forward = ViTBackbone.forward, Upsampler.forward
+
+    def recording_backbone(self, images):
+        seen["backbone"].add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return backbone_forward(self, images)
+
+    def recording_upsampler(self, features, image, *args, **kwargs):
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen["upsampler"].add((autocast, features.is_contiguous(memory_format=torch.channels_last)))
+        return upsampler_forward(self, features, image, *args, **kwargs)
+
+    monkeypatch.setattr(ViTBackbone, "forward", recording_backbone)
+    monkeypatch.setattr(Upsampler, "forward", recording_upsampler)
+    args = ["--sizes", "32", "--variants", f"lift:{ckpt}", *ONE_QUICK_CALL]
+    assert bench(weights, *args, "--amp", "bf16", "--out", str(tmp_path / "out")) == 0
+    assert seen == {"backbone": {torch.bfloat16}, "upsampler": {(torch.bfloat16, True)}}

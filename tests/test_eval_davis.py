@@ -214,6 +214,41 @@ def test_layout_errors_name_the_missing_path(tmp_path, tiny_timm_weights, capsys
     assert str(data / "Annotations" / "480p") in err and "expected DAVIS layout" in err
 
 
+def test_known_answer_j_and_f_of_a_whole_sequence(tmp_path):
+    """Four identical 64x64 frames, a white full-height stripe (columns 16..39) on black; the features are the
+    mean colours of 8x8 cells, so the propagation carries the first mask unchanged (the stripe's edges fall on
+    cell edges, where the bilinear decode switches). The scored frames are 1 and 2 (first and last excluded):
+
+    - frame 1's ground truth is the stripe: J = F = 1;
+    - frame 2's is the stripe 2 px narrower (columns 16..37): J = 22 / 24. The boundary of a full-height
+      stripe is the column left of it and its own last column (64 pixels each): 15 and 39 predicted, 15 and 37
+      true; the tolerance is ceil(0.008 * 90.5) = 1 px, so only column 15 matches: precision = recall = 1/2,
+      F = 1/2.
+
+    J = (1 + 22/24) / 2, F = (1 + 1/2) / 2. The last frame's ground truth is empty: counted, it would lower J.
+    """
+    from fake_variants import ColourFeatures
+
+    from featlift.evaluate.davis import evaluate_variant, list_sequences
+
+    frames, annotations = tmp_path / "JPEGImages" / "480p" / "box", tmp_path / "Annotations" / "480p" / "box"
+    frames.mkdir(parents=True)
+    annotations.mkdir(parents=True)
+    stripe = np.zeros((64, 64), bool)
+    stripe[:, 16:40] = True
+    narrower = np.zeros_like(stripe)
+    narrower[:, 16:38] = True
+    for t, truth in enumerate([stripe, stripe, narrower, np.zeros_like(stripe)]):
+        Image.fromarray(np.repeat(stripe[..., None], 3, 2).astype(np.uint8) * 255).save(
+            frames / f"{t:05d}.png"
+        )
+        Image.fromarray(truth.astype(np.uint8) * 255, mode="L").save(annotations / f"{t:05d}.png")
+    row = evaluate_variant(ColourFeatures(cell=8), list_sequences(tmp_path), (64, 64))
+    j, f = 100 * (1 + 22 / 24) / 2, 100 * (1 + 1 / 2) / 2
+    assert row.metrics == pytest.approx({"J": j, "F": f, "J&F": (j + f) / 2})
+    assert row.details["per_sequence"]["box"]["J&F"] == pytest.approx((j + f) / 2)
+
+
 # ---------------------------------------------------------------------------------------- real data
 
 

@@ -110,6 +110,13 @@ def test_shrink_label_keeps_ids():
     assert shrink_label(label, 500) is label
 
 
+def test_shrink_label_takes_the_label_at_the_centre_of_each_block():
+    """6x6 -> 2x2: each small pixel covers a 3x3 block, whose centre pixel is (1, 1) within it, as the logits
+    upsampled with align_corners=False see it; legacy 'nearest' took the top-left pixel (0, 0) instead."""
+    label = torch.arange(36, dtype=torch.uint8).reshape(6, 6)
+    assert shrink_label(label, 2).tolist() == [[7, 10], [25, 28]]
+
+
 def test_label_mapping_of_each_format(tmp_path):
     camvid = write_camvid(tmp_path / "camvid", 1, 1)
     label = FORMATS["camvid"].read_label(camvid / "labels" / "train" / "f000.png")
@@ -120,6 +127,44 @@ def test_label_mapping_of_each_format(tmp_path):
     ade = write_ade(tmp_path / "ade", 1, 1)
     label = FORMATS["ade20k"].read_label(ade / "annotations" / "training" / "ADE_training_00000000.png")
     assert label[-1, 0] == IGNORE and set(np.unique(label)) <= {9, 79, 149, IGNORE}
+
+
+QUADRANT_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)]  # CamVid classes 0, 3, 6, 9
+
+
+def write_quadrants(root, split, name, layout, label_of_colour):
+    """A 64x64 PNG of four flat-coloured quadrants (colour indices `layout`, row by row) and its 8x8 label map
+    (one label per 8x8 cell of the features, so the logits need no upsampling)."""
+    image, label = np.zeros((64, 64, 3), np.uint8), np.zeros((8, 8), np.uint8)
+    for index, colour in enumerate(layout):
+        r, c = divmod(index, 2)
+        image[32 * r : 32 * (r + 1), 32 * c : 32 * (c + 1)] = QUADRANT_COLOURS[colour]
+        label[4 * r : 4 * (r + 1), 4 * c : 4 * (c + 1)] = label_of_colour[colour]
+    for kind, array in (("images", image), ("labels", label)):
+        (root / kind / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(root / kind / split / f"{name}.png")
+
+
+def test_known_answer_miou_of_separable_features_and_a_mislabelled_quadrant(tmp_path):
+    """The features are the cells' colours, so a linear probe (lr 0.1, 30 epochs) separates the four classes. The val
+    image is labelled right except its black quadrant, labelled 6 (blue's class): per class, IoU 1 for 0 and 3,
+    16 / 32 for 6 (16 cells right, 16 predicted 9), class 9 absent from the val ground truth and not counted:
+    mIoU = (1 + 1 + 1/2) / 3, pixel accuracy 48 / 64."""
+    from fake_variants import ColourFeatures
+
+    from featlift.evaluate.probe import ProbeRecipe, evaluate_variant
+
+    right = [0, 3, 6, 9]
+    for i, layout in enumerate([[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]]):
+        write_quadrants(tmp_path, "train", f"t{i}", layout, right)
+    write_quadrants(tmp_path, "val", "v0", [0, 1, 2, 3], [0, 3, 6, 6])
+    fmt = FORMATS["camvid"]
+    row = evaluate_variant(
+        ColourFeatures(cell=8), fmt, fmt.pairs(tmp_path, "train"), fmt.pairs(tmp_path, "val"), (64, 64),
+        ProbeRecipe(epochs=30, lr=0.1),
+    )  # fmt: skip
+    assert row.metrics == pytest.approx({"mIoU": 100 * (1 + 1 + 1 / 2) / 3, "pixel acc": 100 * 48 / 64})
+    assert row.details["per_class_iou"] == pytest.approx({"sky": 100, "road": 100, "sign/symbol": 50})
 
 
 # ---------------------------------------------------------------------------------------- CLI

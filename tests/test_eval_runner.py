@@ -28,6 +28,8 @@ def test_timer_counts_images_and_returns_features(tiny_backbone):
     timer(images[:1])
     assert features.shape == (3, backbone.channels, 8, 6)
     assert timer.images == 4 and timer.seconds > 0
+    # the largest call (3 images) holds at least its own output: 3 x 32 channels x 8 x 6 float32
+    assert timer.peak_memory_mib >= 3 * 32 * 8 * 6 * 4 / 2**20
     row = timer.result({"score": 1})
     assert row.variant == "bilinear" and row.metrics == {"score": 1.0} and row.ms_per_image > 0
 
@@ -57,3 +59,38 @@ def test_load_batch_and_require_path(tmp_path):
     assert batch.shape == (2, 3, 32, 16) and 0 <= batch.min() and batch.max() <= 1
     with pytest.raises(FeatliftError, match="missing.png.*expected layout: ROOT/x"):
         require_path(tmp_path / "missing.png", "ROOT/x")
+
+
+class _AllocatingVariant:
+    """A stand-in variant whose call creates one 4 MiB tensor; it records what it saw during each call."""
+
+    label = "allocates-4mib"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images):
+        import threading
+
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        self.calls.append(
+            {"threads": threading.active_count(), "tracked": _get_current_dispatch_mode() is not None}
+        )
+        return torch.zeros(len(images), 1024, 1024)  # 4 MiB per image (calloc: RSS does not grow)
+
+
+def test_timer_peak_memory_is_the_live_tensor_peak_and_timing_runs_untracked():
+    import threading
+
+    variant = _AllocatingVariant()
+    timer = FeatureTimer(variant)
+    threads = threading.active_count()
+    timer(torch.rand(1, 3, 8, 8))
+    timer(torch.rand(1, 3, 8, 8))
+    assert timer.peak_memory_mib == 4.0  # exactly the one tensor the call creates
+    timer(torch.rand(2, 3, 8, 8))  # a new batch shape is measured too
+    assert timer.peak_memory_mib == 8.0 and timer.images == 4
+    timed = [call for call in variant.calls if not call["tracked"]]
+    assert len(timed) == 3  # every counted call runs without the tracker's per-op overhead
+    assert all(call["threads"] == threads for call in variant.calls)  # no sampling thread beside the work

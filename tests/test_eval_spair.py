@@ -154,6 +154,44 @@ def test_loader_samples_deterministically_and_checks_layout(tmp_path):
         load_spair_pairs(root, "trn", categories=["cat"])
 
 
+def test_the_pairs_drawn_for_a_category_do_not_depend_on_the_other_categories(tmp_path):
+    root = write_spair(tmp_path / "SPair-71k")
+    for pair_id in range(4, 10):  # 7 person pairs, 2 cat pairs: both categories are sampled
+        _write_pair(root, "test", pair_id, "person", "2009_000003", "2009_000004",
+                    [[10, 10]], [[245, 10]], (0, 0, 256, 256), (0, 0, 256, 256))  # fmt: skip
+    for seed in range(5):
+        alone = load_spair_pairs(root, "test", pairs_per_category=1, categories=["person"], seed=seed)
+        together = load_spair_pairs(root, "test", pairs_per_category=1, seed=seed)
+        assert [p.name for p in alone] == [p.name for p in together if p.category == "person"]
+    drawn = {load_spair_pairs(root, "test", 1, ["person"], seed=seed)[0].name for seed in range(5)}
+    assert len(drawn) > 1  # the seed does choose the sample
+
+
+def test_known_answer_pck_per_category_and_its_mean(tmp_path):
+    """Features that code each cell's position match every keypoint to the centre of its own cell in the
+    target. 72x72 images on an 8x8 grid: 9 px cells with centres at 9c + 4. 'cat' pairs an image with itself,
+    keypoints at cell centres: error 0, PCK 100 at every alpha. 'dog' has the true target keypoints 6 px to
+    the right of the source ones, box side 100: within 10 px (alpha 0.1), not 5 or 1: PCK 100, 0, 0. The
+    headline is the mean over categories: 100, 50, 50."""
+    from fake_variants import PositionFeatures
+
+    from featlift.evaluate.spair import evaluate_variant
+
+    root = tmp_path / "SPair-71k"
+    for category in ("cat", "dog"):
+        (root / "JPEGImages" / category).mkdir(parents=True)
+        Image.fromarray(np.zeros((72, 72, 3), np.uint8)).save(root / "JPEGImages" / category / "a.jpg")
+    centres = [[9 * c + 4, 9 * r + 4] for r in (0, 3, 7) for c in (1, 5)]
+    box = (0, 0, 100, 60)
+    _write_pair(root, "test", 1, "cat", "a", "a", centres, centres, box, box)
+    _write_pair(root, "test", 2, "dog", "a", "a", centres, [[x + 6, y] for x, y in centres], box, box)
+    row = evaluate_variant(PositionFeatures(cell=8), load_spair_pairs(root, "test"), (64, 64))
+    assert row.metrics == {"PCK@0.1": 100.0, "PCK@0.05": 50.0, "PCK@0.01": 50.0}
+    assert row.details["per_category"]["dog"] == {
+        "PCK@0.1": 100.0, "PCK@0.05": 0.0, "PCK@0.01": 0.0, "pairs": 1, "keypoints": 6
+    }  # fmt: skip
+
+
 def spair_cli(root, weights, out, *extra, backbone=TINY_TIMM_NAME):
     return main(["-q", "eval", "spair", "--data", str(root), "--backbone", backbone, "--weights", str(weights),
                  "--device", "cpu", "--out", str(out), *extra])  # fmt: skip

@@ -79,6 +79,23 @@ def test_matching_across_grids_follows_a_shift_and_pck_thresholds():
     assert hits[0.1].all() and hits[0.05].all() and not hits[0.01].any()
 
 
+def test_known_answer_pck_of_position_features_under_the_identity_warp(tmp_path):
+    """--strength 0 makes every homography the identity. Features that code each cell's position match a
+    keypoint to the centre of its own cell: a 16x16 keypoint grid on an 8x8 feature grid sits a quarter cell
+    (1/32 of the side, 2 px of 64) from a cell centre in x and in y, an error of hypot(2, 2) = 2.83 px: within
+    0.1 * 64 and 0.05 * 64 px, not within 0.01 * 64 px."""
+    from fake_variants import PositionFeatures
+
+    from featlift.evaluate.warp import evaluate_variant
+
+    images = write_photos(tmp_path / "photos", count=2)
+    row = evaluate_variant(
+        PositionFeatures(cell=8), sorted(images.iterdir()), (64, 64), strength=0.0, keypoints=16
+    )
+    assert row.metrics == {"PCK@0.1": 100.0, "PCK@0.05": 100.0, "PCK@0.01": 0.0}
+    assert row.details["homography_keypoints"] == 2 * 16 * 16
+
+
 def write_photos(folder, count=3):
     from skimage import data
 

@@ -78,6 +78,21 @@ def test_optimized_pipeline_matches_plain(tiny_backbone):
         InferenceOptions(amp="int8")
 
 
+def test_optimize_pipeline_keeps_the_callers_amp_and_channels_last(tiny_backbone):
+    backbone = tiny_backbone(patch_size=16)
+    mine = FeaturePipeline(backbone, LiFT(backbone.channels, 16), amp="bf16", channels_last=True)
+    kept = optimize_pipeline(mine)  # the default options add BN folding, they take nothing away
+    assert (kept.amp, kept.channels_last) == ("bf16", True)
+    kept = optimize_pipeline(mine, InferenceOptions(fold_bn=True, channels_last=False))
+    assert (kept.amp, kept.channels_last) == ("bf16", True)
+    asked = optimize_pipeline(mine, InferenceOptions(amp="fp16"))  # an explicit amp is what was asked for
+    assert asked.amp == "fp16"
+    plain = optimize_pipeline(
+        FeaturePipeline(backbone, LiFT(backbone.channels, 16)), InferenceOptions(amp="bf16")
+    )
+    assert (plain.amp, plain.channels_last) == ("bf16", True)
+
+
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")

@@ -5,9 +5,9 @@ random images of ``variant.input_size((S, S))``:
 
 - latency: median wall time per image at batch 1 over ``repeats`` calls, after ``warmup`` calls;
 - throughput: images/s at each batch size (batch / median time of one call);
-- peak memory of one call: ``max_memory_allocated`` on CUDA; on CPU the peak of live tensors the call
-  creates (`TensorMemoryTracker`; RSS barely moves once the allocator has cached memory from warm-up;
-  ``--process-rss`` measures RSS in a fresh process per variant instead, see `featlift.process_memory`);
+- peak memory of one call (`featlift.measure.peak_memory_mib`): ``max_memory_allocated`` on CUDA; on CPU
+  the peak of live tensors the call creates (RSS barely moves once the allocator has cached memory from
+  warm-up; ``--process-rss`` measures RSS in a fresh process per variant instead, see `featlift.process_memory`);
 - FLOPs of one image (``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and
   attention; elementwise ops are not counted) and parameter counts;
 - stages, measured alone: the backbone on the variant's input, and the upsampler given precomputed
@@ -25,40 +25,22 @@ import math
 import os
 import platform
 import statistics
-import time
-import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 from .fileio import atomic_path, save_json_atomic
 from .inference import InferenceOptions, optimize_pipeline
-from .measure import measure
+from .measure import peak_memory_mib, synchronize, timed_call
 from .pipeline import autocast
 from .variants import FeatureVariant
 
 logger = logging.getLogger(__name__)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds one call of `fn` takes, with the device synchronised before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def time_interleaved(
@@ -76,7 +58,7 @@ def time_interleaved(
         times: dict[str, list[float]] = {name: [] for name in tasks}
         for _ in range(repeats):
             for name, fn in tasks.items():
-                times[name].append(time_call(fn, device))
+                times[name].append(timed_call(fn, device)[1])
     return times
 
 
@@ -85,54 +67,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-class TensorMemoryTracker(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the context and alive at the same time.
-
-    The CPU analogue of ``torch.cuda.max_memory_allocated``: it sees every op's outputs (views and
-    in-place results share a storage and are counted once) and frees a storage's bytes when it dies.
-    Scratch memory inside a kernel (e.g. attention workspaces) is not seen. Adds Python overhead per op,
-    so time calls without it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._alive: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._alive.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in tree_flatten(out)[0]:
-            if not isinstance(value, torch.Tensor) or value.device.type == "meta":
-                continue
-            storage = value.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._alive:
-                continue
-            self._alive.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-
-def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
-    """Peak memory of one call of `fn`, in MiB: CUDA max allocated above the level before the call;
-    on CPU the peak of live tensors it creates (`TensorMemoryTracker`)."""
-    with torch.inference_mode():
-        if device.type == "cuda":
-            with measure(device) as result:
-                fn()
-            return result.peak_mib
-        with TensorMemoryTracker() as tracker:
-            fn()
-    return tracker.peak / 2**20
 
 
 def parameter_count(module: torch.nn.Module | None) -> int:
@@ -205,15 +139,20 @@ def random_images(batch: int, size: tuple[int, int], device: torch.device, seed:
 
 
 def _stage_tasks(variant: FeatureVariant, images: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    """Callables for the backbone alone and the upsampler alone (on features computed here, once)."""
+    """Callables for the backbone alone and the upsampler alone (on features computed here, once).
+
+    Each stage runs as inside ``pipeline(images)``: under the pipeline's autocast (``amp``) and, for the
+    upsampler, on channels-last inputs when the pipeline uses them; its modules are the pipeline's own
+    (BN folded, compiled), so ``upsampler / backbone`` compares like with like.
+    """
     pipeline = variant.pipeline
     backbone = pipeline.backbone
-    amp = getattr(getattr(pipeline, "options", None), "amp", None)
+    amp = pipeline.amp
     with torch.inference_mode(), autocast(images.device, amp):
         normalized = backbone.normalize(images)
         features = backbone(normalized)
     guide = normalized
-    if getattr(getattr(pipeline, "options", None), "channels_last", False):
+    if pipeline.channels_last:
         features = features.contiguous(memory_format=torch.channels_last)
         guide = normalized.contiguous(memory_format=torch.channels_last)
 

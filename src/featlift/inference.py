@@ -19,8 +19,8 @@ you pass is left untouched, so it can still be trained or saved with its origina
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return folded
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class InferenceOptions:
     """Which speed transforms `optimize_pipeline` applies (see the module docstring)."""
 
@@ -84,7 +84,7 @@ class InferenceOptions:
         return "+".join(parts) or "plain"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dataclasses.asdict(self)
 
 
 PLAIN = InferenceOptions(fold_bn=False, channels_last=False)  # no transform at all
@@ -103,7 +103,11 @@ def optimize_upsampler(upsampler: Upsampler | None, options: InferenceOptions) -
 
 
 def optimize_pipeline(pipeline: FeaturePipeline, options: InferenceOptions | None = None) -> FeaturePipeline:
-    """`pipeline` with the speed `options` applied (default: BN folding, channels-last). The input is not modified."""
+    """`pipeline` with the speed `options` applied (default: BN folding, channels-last). The input is not modified.
+
+    The options add to what the pipeline already does, they take nothing away: its autocast stays unless
+    ``options.amp`` names one, and its channels-last layout stays when the options leave it off.
+    """
     options = options or InferenceOptions()
     if options == PLAIN:
         return pipeline
@@ -112,6 +116,11 @@ def optimize_pipeline(pipeline: FeaturePipeline, options: InferenceOptions | Non
             "%s is not a plain FeaturePipeline; inference options not applied", type(pipeline).__name__
         )
         return pipeline
+    options = dataclasses.replace(
+        options,
+        amp=options.amp or pipeline.amp,
+        channels_last=options.channels_last or pipeline.channels_last,
+    )
     optimized = FeaturePipeline(
         pipeline.backbone,
         optimize_upsampler(pipeline.upsampler, options),

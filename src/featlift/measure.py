@@ -1,75 +1,88 @@
-"""Wall time and peak memory of a block of code, on CPU (process RSS) or CUDA (max allocated)."""
+"""Wall time and peak memory of one call, measured apart: timing runs the call as it is, memory in its own call.
+
+- `timed_call`: seconds of one call, with the device synchronised before and after;
+- `peak_memory_mib`: the peak memory one call adds: ``torch.cuda.max_memory_allocated`` above the level
+  before the call on CUDA; on CPU the peak of the tensor storages the call creates and holds at the same
+  time (`TensorMemoryTracker`). Process RSS is no measure of one call: once warm-up has run, the allocator
+  serves later calls from memory it already holds (see `featlift.process_memory` for a fresh process).
+
+The tracker adds Python work to every op, so time calls without it.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
-_PAGE_BYTES = 4096
-
-
-def current_rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * _PAGE_BYTES
-    except (OSError, ValueError, IndexError):
-        return 0
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
-@dataclass
-class Measurement:
-    seconds: float = 0.0
-    peak_bytes: int = 0  # peak above the level at entry (CPU: RSS; CUDA: allocated)
-    device: str = "cpu"
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_bytes / 2**20
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-class measure:
-    """``with measure(device) as m: ...`` -> ``m.seconds``, ``m.peak_bytes``.
+def timed_call(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, float]:
+    """``(result, seconds)`` of one call of `fn`, with the device synchronised before and after."""
+    device = torch.device(device)
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
 
-    On CPU a background thread samples RSS every `interval` seconds, so peaks shorter than that can be
-    missed; on CUDA it uses ``torch.cuda.max_memory_allocated`` after a reset and synchronises.
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the context and alive at the same time.
+
+    The CPU analogue of ``torch.cuda.max_memory_allocated``: it sees every op's outputs (views and
+    in-place results share a storage and are counted once) and frees a storage's bytes when it dies.
+    Scratch memory inside a kernel (e.g. attention workspaces) is not seen. Adds Python overhead per op,
+    so time calls without it.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.002):
-        self.device = torch.device(device)
-        self.interval = interval
-        self.result = Measurement(device=str(self.device))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._alive: set[int] = set()
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, current_rss_bytes())
-            self._stop.wait(self.interval)
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._alive.discard(key)
 
-    def __enter__(self) -> Measurement:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._base = self._peak = current_rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        self._start = time.perf_counter()
-        return self.result
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+                continue
+            storage = value.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._alive:
+                continue
+            self._alive.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, nbytes)
+        return out
 
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.result.seconds = time.perf_counter() - self._start
-        if self.device.type == "cuda":
-            self.result.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, current_rss_bytes())
-            self.result.peak_bytes = max(0, self._peak - self._base)
+
+def peak_memory_mib(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Peak memory of one call of `fn`, in MiB: on CUDA max allocated above the level before the call;
+    on CPU the peak of live tensors it creates (`TensorMemoryTracker`). The result of `fn` is dropped."""
+    device = torch.device(device)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            synchronize(device)
+            return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        with TensorMemoryTracker() as tracker:
+            fn()
+    return tracker.peak / 2**20

@@ -9,6 +9,7 @@ import torch
 
 from ..bench import BenchSettings, environment, find_max_size, run_benchmark, write_bench_results
 from ..errors import FeatliftError
+from ..fileio import check_writable_dir
 from ..inference import InferenceOptions
 from ..pipeline import AMP_DTYPES
 from ..process_memory import measure_process_rss
@@ -21,6 +22,7 @@ from .common import (
     resolve_device,
     weights_from_args,
 )
+from .numbers import int_at_least
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--repeats", type=positive_int, default=10, help="timed calls per measurement (default 10)"
     )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    parser.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed calls first (default 2)")
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -138,6 +140,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out, "--out")  # before any measurement
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         variants=[v.spec for v in variants],
         batch_sizes=args.batch_sizes,
         repeats=args.repeats,
-        warmup=max(0, args.warmup),
+        warmup=args.warmup,
         device=str(device),
         options=inference_options(args),
         seed=args.seed,

@@ -10,6 +10,7 @@ import torch
 from ..backbones import FACETS, ViTBackbone, create_backbone
 from ..errors import FeatliftError
 from ..images import parse_size
+from .numbers import int_at_least
 
 DEFAULT_BACKBONE = "vit_small_patch14_dinov2.lvd142m"
 WEIGHTS_ENV = "FEATLIFT_WEIGHTS"
@@ -129,11 +130,4 @@ def size_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+positive_int = int_at_least(1)

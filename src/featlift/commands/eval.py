@@ -1,11 +1,18 @@
-"""``featlift eval <task>``: every module in `featlift.evaluate` with a ``register`` adds a task."""
+"""``featlift eval <task>``: every module in `featlift.evaluate` with a ``register`` adds a task.
+
+Every task takes ``--out``; it is checked (created, and a file written there) before the task starts, so
+that an evaluation never runs to the end only to fail on its output folder.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import pkgutil
+from collections.abc import Callable
 
 from .. import evaluate
+from ..fileio import check_writable_dir
 
 
 def register(subparsers) -> None:
@@ -15,3 +22,14 @@ def register(subparsers) -> None:
         task = importlib.import_module(f"{evaluate.__name__}.{module.name}")
         if hasattr(task, "register"):
             task.register(tasks)
+    for task_parser in tasks.choices.values():
+        task_parser.set_defaults(run=_output_checked_first(task_parser.get_default("run")))
+
+
+def _output_checked_first(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def checked(args: argparse.Namespace) -> int:
+        if args.out is not None:
+            check_writable_dir(args.out, "--out")
+        return run(args)
+
+    return checked

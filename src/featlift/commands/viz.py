@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ..errors import FeatliftError
+from ..fileio import check_writable_dir
 from ..images import load_image
 from ..pretrained import find_shipped_checkpoint
 from ..variants import parse_variants
@@ -84,8 +86,12 @@ def register(subparsers) -> None:
 
 
 def _check_out(path: str) -> None:
+    """Refuse an output the figure could not be written to, before any work."""
     if not path.lower().endswith(".png"):
         raise FeatliftError(f"--out {path}: the output must be a .png file")
+    if Path(path).is_dir():
+        raise FeatliftError(f"--out {path}: is a folder; expected the path of a .png file")
+    check_writable_dir(Path(path).parent, f"--out {path}: its folder")
 
 
 def _variants(args: argparse.Namespace):

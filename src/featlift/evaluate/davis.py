@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..commands.numbers import float_in, int_at_least
 from ..errors import FeatliftError
 from ..variants import FeatureVariant
 from .report import VariantResult, write_results
@@ -441,29 +442,38 @@ def register(subparsers) -> None:
         "--resolution", default="480p", help="image/annotation subfolder: 480p (default) or Full-Resolution"
     )
     parser.add_argument(
-        "--max-frames", type=int, default=None, help="use only the first N frames of each sequence"
+        "--max-frames",
+        type=int_at_least(2),
+        default=None,
+        help="use only the first N >= 2 frames of each sequence (the first frame is the given one)",
     )
     parser.add_argument(
-        "--n-last", type=int, default=7, help="previous frames in the context, besides the first (7)"
+        "--n-last",
+        type=int_at_least(0),
+        default=7,
+        help="previous frames in the context, besides the first (7)",
     )
     parser.add_argument(
-        "--topk", type=int, default=5, help="context cells each target cell takes labels from (5)"
+        "--topk", type=int_at_least(1), default=5, help="context cells each target cell takes labels from (5)"
     )
     parser.add_argument(
-        "--temperature", type=float, default=0.1, help="softmax temperature of the affinities (0.1)"
+        "--temperature",
+        type=float_in(0, low_open=True),
+        default=0.1,
+        help="softmax temperature of the affinities (0.1)",
     )
     parser.add_argument(
         "--radius",
-        type=int,
+        type=int_at_least(0),
         default=12,
-        help="neighbourhood radius in cells of the base grid, scaled with grid density (12)",
+        help="neighbourhood radius in cells of the base grid, scaled with grid density; 0: no limit (12)",
     )
     parser.add_argument(
         "--norm-mask",
         action="store_true",
         help="DINO's decode: rescale each upsampled label channel to [0, 1] before argmax",
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="frames per feature batch (4)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="frames per feature batch (4)")
     parser.add_argument(
         "--save-masks", action="store_true", help="also write predicted masks to OUT/masks/<variant>/<seq>/"
     )

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..commands.common import positive_int
+from ..commands.numbers import float_in
 from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image
 from ..variants import FeatureVariant
@@ -385,12 +386,15 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--tau",
-        type=float,
+        type=float_in(-1, 1, high_open=True),
         default=DEFAULT_TAU,
-        help=f"affinity binarisation threshold (default {DEFAULT_TAU})",
+        help=f"cosine threshold of an edge, in [-1, 1) (default {DEFAULT_TAU})",
     )
     parser.add_argument(
-        "--eps", type=float, default=DEFAULT_EPS, help=f"weight of non-edges (default {DEFAULT_EPS:g})"
+        "--eps",
+        type=float_in(0, 1, low_open=True, high_open=True),
+        default=DEFAULT_EPS,
+        help=f"weight of non-edges, in (0, 1) (default {DEFAULT_EPS:g})",
     )
     parser.add_argument(
         "--max-nodes",

@@ -8,8 +8,9 @@ Recipe (the same for every variant, recorded in results.json):
   channel with the train-set mean and std;
 - a linear layer (a 1x1 conv, ``C -> classes``) trained with AdamW (lr 1e-2, weight decay 1e-4, cosine schedule,
   40 epochs, batch 8, seed 0), cross-entropy on logits bilinearly upsampled to the label resolution, ignore label
-  excluded; for speed the training labels are first resized (nearest) so that their long side is at most 160 px
-  (``--train-label-side``), the evaluation uses the full label resolution;
+  excluded; for speed the training labels are first resized so that their long side is at most 160 px
+  (``--train-label-side``) with ``nearest-exact`` (each pixel takes the label at the centre of the block it
+  covers, aligned with the ``align_corners=False`` logits); the evaluation uses the full label resolution;
 - mIoU over the classes present in the val ground truth, from one confusion matrix over all val pixels: the
   logits are bilinearly upsampled to the label resolution and argmaxed.
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..commands.numbers import float_in, int_at_least
 from ..errors import FeatliftError
 from ..variants import FeatureVariant
 from .report import VariantResult, markdown_table, write_results
@@ -154,7 +156,7 @@ class ProbeRecipe:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "loss": "cross-entropy on logits bilinearly upsampled to the label resolution, ignore label excluded; "
-            f"training labels nearest-resized to a long side of at most {self.train_label_side} px",
+            f"training labels resized (nearest-exact, block centres) to a long side of at most {self.train_label_side} px",
             "evaluation": "logits bilinearly upsampled to the full label resolution, argmax",
             "features": "computed once per variant, cached as float16",
         }
@@ -186,13 +188,17 @@ def _cache_features(
 
 
 def shrink_label(label: torch.Tensor, max_side: int) -> torch.Tensor:
-    """Nearest-resize a ``[H, W]`` label map so that its long side is at most `max_side` (kept if smaller)."""
+    """Resize a ``[H, W]`` label map so that its long side is at most `max_side` (kept if smaller).
+
+    ``nearest-exact``: each output pixel takes the label at the centre of the block it covers, where the
+    logits upsampled with ``align_corners=False`` put it (legacy ``nearest`` took the block's top-left pixel).
+    """
     h, w = label.shape
     scale = max_side / max(h, w)
     if scale >= 1:
         return label
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
+    return F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(label.dtype)
 
 
 def _upsampled_loss(logits: torch.Tensor, labels: list[torch.Tensor]) -> torch.Tensor:
@@ -292,20 +298,32 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--data", required=True, help="dataset root")
     parser.add_argument("--format", choices=sorted(FORMATS), required=True, help="dataset layout")
-    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N train images")
-    parser.add_argument("--limit-val", type=int, default=None, help="use only the first N val images")
     parser.add_argument(
-        "--epochs", type=int, default=ProbeRecipe.epochs, help=f"training epochs ({ProbeRecipe.epochs})"
+        "--limit-train", type=int_at_least(1), default=None, help="use only the first N train images"
     )
     parser.add_argument(
-        "--lr", type=float, default=ProbeRecipe.lr, help=f"AdamW learning rate ({ProbeRecipe.lr})"
+        "--limit-val", type=int_at_least(1), default=None, help="use only the first N val images"
     )
-    parser.add_argument("--weight-decay", type=float, default=ProbeRecipe.weight_decay)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per feature and training batch (8)")
+    parser.add_argument(
+        "--epochs",
+        type=int_at_least(1),
+        default=ProbeRecipe.epochs,
+        help=f"training epochs ({ProbeRecipe.epochs})",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float_in(0, low_open=True),
+        default=ProbeRecipe.lr,
+        help=f"AdamW learning rate ({ProbeRecipe.lr})",
+    )
+    parser.add_argument("--weight-decay", type=float_in(0), default=ProbeRecipe.weight_decay)
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=8, help="images per feature and training batch (8)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--train-label-side",
-        type=int,
+        type=int_at_least(1),
         default=ProbeRecipe.train_label_side,
         help=f"resize training labels (nearest) to at most this long side, for speed ({ProbeRecipe.train_label_side})",
     )

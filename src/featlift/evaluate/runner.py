@@ -31,7 +31,7 @@ import torch
 from ..backbones import ViTBackbone
 from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image
-from ..measure import measure
+from ..measure import peak_memory_mib, timed_call
 from ..pretrained import find_shipped_checkpoint
 from ..variants import FeatureVariant, parse_variants
 from .report import VariantResult
@@ -105,8 +105,10 @@ class FeatureTimer:
     """Runs a variant on batches and accumulates the time and peak memory of the feature computation only.
 
     ``timer(images)`` -> features on the timer's device; ``timer.ms_per_image`` averages over every image seen,
-    ``timer.peak_memory_mib`` is the largest peak (above the level at entry) of any call. The first call of a
-    variant pays one-off costs (allocator warm-up, lazy init); call ``warmup(images)`` first to exclude them.
+    ``timer.peak_memory_mib`` is the largest peak of one call (`featlift.measure.peak_memory_mib`: CUDA max
+    allocated, on CPU the live tensors the call creates). Memory is measured in an extra, untimed call on the
+    first batch of each shape, so the timed calls run without the tracker. The first call of a variant pays
+    one-off costs (allocator warm-up, lazy init); call ``warmup(images)`` first to exclude them.
     """
 
     def __init__(self, variant: FeatureVariant, device: torch.device | str = "cpu"):
@@ -114,7 +116,8 @@ class FeatureTimer:
         self.device = torch.device(device)
         self.seconds = 0.0
         self.images = 0
-        self.peak_bytes = 0
+        self.peak_memory_mib = 0.0
+        self._measured_shapes: set[tuple[int, ...]] = set()
 
     def warmup(self, images: torch.Tensor) -> None:
         """One untimed forward pass on (a slice of) `images`."""
@@ -122,20 +125,19 @@ class FeatureTimer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device)
-        with measure(self.device) as m:
-            features = self.variant(images)
-        self.seconds += m.seconds
+        if tuple(images.shape) not in self._measured_shapes:
+            self._measured_shapes.add(tuple(images.shape))
+            self.peak_memory_mib = max(
+                self.peak_memory_mib, peak_memory_mib(lambda: self.variant(images), self.device)
+            )
+        features, seconds = timed_call(lambda: self.variant(images), self.device)
+        self.seconds += seconds
         self.images += images.shape[0]
-        self.peak_bytes = max(self.peak_bytes, m.peak_bytes)
         return features
 
     @property
     def ms_per_image(self) -> float:
         return 1000.0 * self.seconds / self.images if self.images else float("nan")
-
-    @property
-    def peak_memory_mib(self) -> float:
-        return self.peak_bytes / 2**20
 
     def result(self, metrics: dict[str, float], details: dict[str, Any] | None = None) -> VariantResult:
         """A report row with these metrics and the accumulated cost."""

@@ -112,7 +112,8 @@ def load_spair_pairs(
     categories: Sequence[str] | None = None,
     seed: int = 0,
 ) -> list[SPairPair]:
-    """Read the pairs of `split`, optionally `pairs_per_category` of each (a seeded sample of the sorted files).
+    """Read the pairs of `split`, optionally `pairs_per_category` of each (a sample of the sorted files seeded
+    by `seed` and the category name, so it does not depend on `categories`).
 
     Raises `FeatliftError` naming the missing folder/file and the expected layout.
     """
@@ -138,13 +139,15 @@ def load_spair_pairs(
             raise FeatliftError(
                 f"categories {', '.join(unknown)} have no pairs in {split}; known: {', '.join(sorted(by_category))}"
             )
-    rng = random.Random(seed)
     pairs: list[SPairPair] = []
     for category in sorted(by_category):
         if categories and category not in categories:
             continue
         chosen = by_category[category]
         if pairs_per_category is not None and pairs_per_category < len(chosen):
+            # one generator per category, seeded by (seed, category): a category's sample is the same
+            # whichever other categories are evaluated with it
+            rng = random.Random(f"{seed}:{category}")
             chosen = sorted(rng.sample(chosen, pairs_per_category))
         for path in chosen:
             pair = _read_pair(path, root)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..commands.numbers import float_in, int_at_least
 from ..errors import FeatliftError
 from ..images import collect_images, image_to_tensor, load_image
 from ..variants import FeatureVariant
@@ -253,13 +254,18 @@ def register(subparsers) -> None:
         "--stereo", action="store_true", help="also match across skimage.data.stereo_motorcycle()"
     )
     parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N images (sorted by path)"
+        "--limit", type=int_at_least(1), default=None, help="use only the first N images (sorted by path)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random homographies (0)")
     parser.add_argument(
-        "--strength", type=float, default=0.15, help="max corner shift, a fraction of the size (0.15)"
+        "--strength",
+        type=float_in(0, 0.5, high_open=True),
+        default=0.15,
+        help="max corner shift, a fraction of the size, in [0, 0.5) (0.15)",
     )
-    parser.add_argument("--keypoints", type=int, default=20, help="a KxK grid of source keypoints (20)")
+    parser.add_argument(
+        "--keypoints", type=int_at_least(1), default=20, help="a KxK grid of source keypoints (20)"
+    )
     add_eval_args(parser, default_size=(224, 224))
     parser.set_defaults(run=run)
 
