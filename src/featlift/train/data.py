@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import FeatliftError, ImageReadError
 from ..images import IMAGE_EXTENSIONS, collect_images
@@ -48,6 +48,11 @@ def _decode(data: bytes, source: Path) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return img.convert("RGB")
+    except UnidentifiedImageError:
+        # PIL's message would name the in-memory buffer (<_io.BytesIO object at 0x...>), not the file
+        raise ImageReadError(
+            f"{source}: cannot decode image (not an image format PIL can identify)"
+        ) from None
     except Exception as exc:  # PIL raises many types for broken files
         raise ImageReadError(f"{source}: cannot decode image ({exc})") from exc
 
