@@ -5,7 +5,9 @@ images, then run epochs. Each step loads the backbone features of its images fro
 computes and caches them), jitters the guide images if asked, and takes one Adam step. After every
 epoch it measures the validation cosine (LiFT and bilinear, 2x from ``S/2`` to ``S``), then writes
 ``train_state.safetensors`` (for ``--resume``) and ``model.safetensors`` + ``config.json`` (loadable by
-`load_checkpoint` at any time), all atomically. Under torchrun it runs DDP (`distributed`).
+`load_checkpoint` at any time), all atomically. Under torchrun it runs DDP (`distributed`). What may
+already be in ``--out`` is checked first (`run_folder`); a non-finite step or an epoch that could not
+be loaded again stops the run before anything of it is saved (`divergence`).
 
 Differences from the original LiFT recipe (all measured on DINOv2 ViT-S/14, 700 ImageNet images):
 
@@ -27,6 +29,7 @@ cache dtype, so a cold and a warm cache give the same inputs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -363,6 +366,14 @@ def _train(
         len(val_images),
         len(scan.skipped),
     )
+    result = functools.partial(
+        TrainResult,
+        run_dir=run_dir,
+        epochs=config.epochs,
+        train_images=len(train_images),
+        val_images=len(val_images),
+        skipped_images=len(scan.skipped),
+    )
 
     torch.manual_seed(config.seed)
     upsampler = _build_upsampler(config, backbone).to(device)
@@ -413,16 +424,7 @@ def _train(
         logger.info("resuming %s after epoch %d", run_dir, start_epoch)
         if start_epoch == config.epochs:
             logger.info("%s has trained all %d epochs already: nothing to do", run_dir, start_epoch)
-            return TrainResult(
-                run_dir=run_dir,
-                epochs=config.epochs,
-                train_images=len(train_images),
-                val_images=len(val_images),
-                skipped_images=len(scan.skipped),
-                wall_time_s=wall_before,
-                history=history,
-                start_epoch=start_epoch,
-            )
+            return result(wall_time_s=wall_before, history=history, start_epoch=start_epoch)
     elif config.resume:
         logger.info("--resume: no training state in %s yet, starting from epoch 1", run_dir)
     if config.overwrite and info.is_main:
@@ -569,16 +571,7 @@ def _train(
             config, commands, settings, scan, train_images, val_images, history, wall, info, config.epochs
         )
         save_checkpoint(run_dir, upsampler, backbone, training=summary)
-    return TrainResult(
-        run_dir=run_dir,
-        epochs=config.epochs,
-        train_images=len(train_images),
-        val_images=len(val_images),
-        skipped_images=len(scan.skipped),
-        wall_time_s=wall,
-        history=history,
-        start_epoch=start_epoch,
-    )
+    return result(wall_time_s=wall, history=history, start_epoch=start_epoch)
 
 
 def validate_checkpoint(
