@@ -208,3 +208,37 @@ def test_huge_lr_stops_without_writing_a_checkpoint(tmp_path, images, weights, l
     assert "nothing was saved (no epoch was completed)" in err and "--lr 1e+29" in err
     assert not (run / "model.safetensors").exists() and not (run / "config.json").exists()
     assert not (run / "train_state.safetensors").exists()
+
+
+@requires_shared
+def test_huge_lr_on_the_real_backbone_stops_without_a_checkpoint(tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for path in sorted(IMAGENET_SAMPLE.iterdir())[:3]:
+        shutil.copy(path, images)
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        str(images),
+        "--backbone",
+        DINOV2_NAME,
+        "--weights",
+        str(DINOV2_WEIGHTS),
+        "--out",
+        str(run),
+    ]
+    options = [
+        "--epochs",
+        "2",
+        "--lr",
+        "1e30",
+        "--image-size",
+        "56",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0.34",
+    ]
+    assert main([*argv, *options, "--device", "cpu", "--no-progress"]) == 2
+    assert "training diverged in epoch 1" in capsys.readouterr().err
+    assert not (run / "model.safetensors").exists() and not (run / "train_state.safetensors").exists()
