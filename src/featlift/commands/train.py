@@ -31,7 +31,8 @@ def register(subparsers) -> None:
         "features are cached on disk, so epochs after the first skip the backbone. RUN_DIR gets model.safetensors "
         "+ config.json (usable with `featlift extract --checkpoint RUN_DIR`), train_state.safetensors for --resume, "
         "and train_log.jsonl; an existing run or checkpoint there is only continued (--resume) or replaced "
-        "(--overwrite), never silently overwritten. Under `torchrun --nproc-per-node N -m featlift train ...` it trains with DDP.",
+        "(--overwrite), never silently overwritten. Under `torchrun --nproc-per-node N -m featlift train ...` it "
+        "trains with DDP.",
     )
     parser.add_argument("images", metavar="IMAGES", help="folder of images (recursive; jpg, png, webp, ...)")
     add_backbone_args(parser)

@@ -1,4 +1,4 @@
-"""Stopping a diverged run before it saves anything: non-finite losses or weights, or a model featlift can't load.
+"""Stopping a diverged run before it saves anything: non-finite losses or weights, or an unloadable model.
 
 A run stops at the first optimizer step whose loss or updated weights are not finite, and before
 saving any epoch whose model or metrics are not finite or whose config the upsampler itself rejects
@@ -85,6 +85,7 @@ class DivergenceGuard:
         else:
             kept = "nothing was saved (no epoch was completed)"
         raise TrainingDivergedError(
-            f"training diverged in epoch {epoch + 1}, {where}: {what}; {kept}. --lr {self.lr:g} is probably too "
-            f"high: train again with a lower one (e.g. --lr {self.lr / 10:g}) and --overwrite, or with another --out"
+            f"training diverged in epoch {epoch + 1}, {where}: {what}; {kept}. --lr {self.lr:g} is probably "
+            f"too high: train again with a lower one (e.g. --lr {self.lr / 10:g}) and --overwrite, or with "
+            "another --out"
         )

@@ -345,6 +345,7 @@ def _train(
         remove_stale_temp_files(cache_root, recursive=True)
     remove_stale_temp_files(run_dir)
     saved = load_state(run_dir) if config.resume else None
+    barrier(info)  # every rank has looked at RUN_DIR before rank 0 writes to it (a late rank would refuse)
     if saved is not None and saved["epoch"] > config.epochs:
         raise FeatliftError(
             f"--resume --epochs {config.epochs}: the run in {run_dir} has already trained {saved['epoch']} "

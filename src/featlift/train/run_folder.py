@@ -40,12 +40,12 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
         return  # a state to continue, or only the log of a run stopped in its first epoch: start it again
     if has_state:
         raise FeatliftError(
-            f"--out {run_dir}: already holds a training run ({', '.join(found)}); pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --out"
+            f"--out {run_dir}: already holds a training run ({', '.join(found)}); pass --resume to continue "
+            "it, --overwrite to replace it, or choose another --out"
         )
     raise FeatliftError(
-        f"--out {run_dir}: already holds {', '.join(found)}, which a new run would overwrite; pass --overwrite "
-        "to replace them, or choose another --out"
+        f"--out {run_dir}: already holds {', '.join(found)}, which a new run would overwrite; pass "
+        "--overwrite to replace them, or choose another --out"
     )
 
 

@@ -1,4 +1,4 @@
-"""The resumable training state in RUN_DIR: ``train_state.safetensors``, written atomically, read without pickle.
+"""The resumable training state ``RUN_DIR/train_state.safetensors``: written atomically, read without pickle.
 
 One safetensors file holds every tensor (``model/<name>`` for the upsampler's state dict,
 ``optimizer/<param>/<name>`` for the optimizer's per-parameter state) and, in its metadata, one JSON
@@ -48,7 +48,7 @@ _RECORD_KEYS = ("epoch", "history", "wall_time_s", "settings", "commands")
 
 
 def save_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write `state` (keys ``model``, ``optimizer`` and `_RECORD_KEYS`) to ``RUN_DIR/train_state.safetensors``."""
+    """Write `state` (keys ``model``, ``optimizer`` and `_RECORD_KEYS`) to `STATE_FILE` in `run_dir`."""
     tensors = {_MODEL + name: value for name, value in state["model"].items()}
     per_param: dict[str, dict[str, Any]] = {}
     for param, values in state["optimizer"]["state"].items():
