@@ -1,5 +1,5 @@
-"""`featlift train --out RUN_DIR` safety: no unpickling, no silent overwrite, no shortening, no empty leftovers,
-no diverged weights on disk, and messages that name the real files."""
+"""`featlift train --out RUN_DIR` safety: no unpickling, no silent overwrite, no shortening, no empty
+leftovers, no diverged weights on disk, and messages that name the real files."""
 
 from __future__ import annotations
 
@@ -104,28 +104,23 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path, images, weights, capsy
     assert folder_bytes(run)["model.safetensors"] != before["model.safetensors"]
 
 
+def real_train_args(tmp_path: Path, count: int, run: Path, *extra: str) -> list[str]:
+    """`featlift train` on the real DINOv2 and `count` real images at 56 px (4 x 14, the smallest size), on CPU."""
+    images = tmp_path / "real images"
+    images.mkdir()
+    for path in sorted(IMAGENET_SAMPLE.iterdir())[:count]:
+        shutil.copy(path, images)
+    backbone = ["--backbone", DINOV2_NAME, "--weights", str(DINOV2_WEIGHTS), "--device", "cpu"]
+    return ["train", str(images), *backbone, "--out", str(run), "--image-size", "56", "--no-progress", *extra]
+
+
 @requires_shared
 def test_copy_of_shipped_lift_is_refused_with_the_real_backbone(tmp_path, capsys):
     run = tmp_path / "lift copy"
     shutil.copytree(SHIPPED_LIFT, run)
     before = folder_bytes(run)
-    images = tmp_path / "imgs"
-    images.mkdir()
-    for path in sorted(IMAGENET_SAMPLE.iterdir())[
-        :2
-    ]:  # two real images keep even a run that is not refused short
-        shutil.copy(path, images)
-    argv = [
-        "train",
-        str(images),
-        "--backbone",
-        DINOV2_NAME,
-        "--weights",
-        str(DINOV2_WEIGHTS),
-        "--out",
-        str(run),
-    ]
-    assert main([*argv, "--epochs", "1", "--image-size", "56", "--device", "cpu", "--no-progress"]) == 2
+    # two images keep even a run that is wrongly not refused short
+    assert main(real_train_args(tmp_path, 2, run, "--epochs", "1")) == 2
     assert "already holds model.safetensors, config.json" in capsys.readouterr().err
     assert folder_bytes(run) == before
 
@@ -212,33 +207,8 @@ def test_huge_lr_stops_without_writing_a_checkpoint(tmp_path, images, weights, l
 
 @requires_shared
 def test_huge_lr_on_the_real_backbone_stops_without_a_checkpoint(tmp_path, capsys):
-    images = tmp_path / "imgs"
-    images.mkdir()
-    for path in sorted(IMAGENET_SAMPLE.iterdir())[:3]:
-        shutil.copy(path, images)
     run = tmp_path / "run"
-    argv = [
-        "train",
-        str(images),
-        "--backbone",
-        DINOV2_NAME,
-        "--weights",
-        str(DINOV2_WEIGHTS),
-        "--out",
-        str(run),
-    ]
-    options = [
-        "--epochs",
-        "2",
-        "--lr",
-        "1e30",
-        "--image-size",
-        "56",
-        "--batch-size",
-        "2",
-        "--val-fraction",
-        "0.34",
-    ]
-    assert main([*argv, *options, "--device", "cpu", "--no-progress"]) == 2
+    options = ("--epochs", "2", "--lr", "1e30", "--batch-size", "2", "--val-fraction", "0.34")
+    assert main(real_train_args(tmp_path, 3, run, *options)) == 2
     assert "training diverged in epoch 1" in capsys.readouterr().err
     assert not (run / "model.safetensors").exists() and not (run / "train_state.safetensors").exists()
