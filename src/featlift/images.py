@@ -43,7 +43,11 @@ def load_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Imag
         raise ImageReadError(f"{path}: no such file") from None
     except ImageReadError as exc:
         raise ImageReadError(f"{path}: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its message names the stream (e.g. a BytesIO), not the file
+        raise ImageReadError(
+            f"{path}: cannot decode image (not an image format Pillow can identify)"
+        ) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: cannot decode image ({exc})") from exc
 
 

@@ -29,8 +29,10 @@ def register(subparsers) -> None:
         description="Train an upsampler for a frozen ViT on any folder tree of images (no labels). Objective "
         "(LiFT paper): loss(LiFT(img/2, f(img/2)), f(img)) + loss(LiFT(img/4, f(img/4)), f(img/2)). Backbone "
         "features are cached on disk, so epochs after the first skip the backbone. RUN_DIR gets model.safetensors "
-        "+ config.json (usable with `featlift extract --checkpoint RUN_DIR`), train_state.pt for --resume, and "
-        "train_log.jsonl. Under `torchrun --nproc-per-node N -m featlift train ...` it trains with DDP.",
+        "+ config.json (usable with `featlift extract --checkpoint RUN_DIR`), train_state.safetensors for --resume, "
+        "and train_log.jsonl; an existing run or checkpoint there is only continued (--resume) or replaced "
+        "(--overwrite), never silently overwritten. Under `torchrun --nproc-per-node N -m featlift train ...` it "
+        "trains with DDP.",
     )
     parser.add_argument("images", metavar="IMAGES", help="folder of images (recursive; jpg, png, webp, ...)")
     add_backbone_args(parser)
@@ -70,7 +72,14 @@ def register(subparsers) -> None:
         "--no-cache", dest="use_cache", action="store_false", help="compute backbone features every epoch"
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in RUN_DIR after its last completed epoch"
+        "--resume",
+        action="store_true",
+        help="continue the run in RUN_DIR after its last completed epoch, up to --epochs in all",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run or checkpoint already in RUN_DIR with a new run (its feature cache is reused)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of init, split, data order and jitter (default 0)"
@@ -112,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache,
         use_cache=args.use_cache,
         resume=args.resume,
+        overwrite=args.overwrite,
         seed=args.seed,
         val_fraction=args.val_fraction,
         device=args.device,
@@ -120,7 +130,14 @@ def run(args: argparse.Namespace) -> int:
     )
     result = train(config)
     final = result.final
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.start_epoch == result.epochs:
+        print(
+            f"featlift train: {result.run_dir} has already trained all {result.epochs} epochs; nothing to do "
+            f"(pass --epochs N with N > {result.epochs} to train it further)"
+        )
+    else:
         lift, bilinear = final.get("val_cosine_lift"), final.get("val_cosine_bilinear")
         val = (
             f"; validation cosine to the {args.image_size} px features: LiFT {lift}, bilinear {bilinear}"

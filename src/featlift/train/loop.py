@@ -4,8 +4,10 @@ One `train` call: check the output and cache folders, build the frozen backbone,
 images, then run epochs. Each step loads the backbone features of its images from the cache (or
 computes and caches them), jitters the guide images if asked, and takes one Adam step. After every
 epoch it measures the validation cosine (LiFT and bilinear, 2x from ``S/2`` to ``S``), then writes
-``train_state.pt`` (for ``--resume``) and ``model.safetensors`` + ``config.json`` (loadable by
-`load_checkpoint` at any time), all atomically. Under torchrun it runs DDP (`distributed`).
+``train_state.safetensors`` (for ``--resume``) and ``model.safetensors`` + ``config.json`` (loadable by
+`load_checkpoint` at any time), all atomically. Under torchrun it runs DDP (`distributed`). What may
+already be in ``--out`` is checked first (`run_folder`); a non-finite step or an epoch that could not
+be loaded again stops the run before anything of it is saved (`divergence`).
 
 Differences from the original LiFT recipe (all measured on DINOv2 ViT-S/14, 700 ImageNet images):
 
@@ -27,6 +29,7 @@ cache dtype, so a cold and a warm cache give the same inputs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -59,12 +62,13 @@ from .distributed import (
     teardown,
     use_global_batchnorm,
 )
+from .divergence import DivergenceGuard
 from .objectives import LOSSES, lift_objective, validation_sums
+from .run_folder import LOG_FILE, check_run_folder, clear_run_folder, missing_folders, remove_if_empty
 from .state import check_resumable, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
-LOG_FILE = "train_log.jsonl"
 RESIZE_METHOD = "upright-rgb8-torch-bicubic-aa-once"
 OBJECTIVE = (
     "L(LiFT(img/2, f(img/2)), f(img)) + L(LiFT(img/4, f(img/4)), f(img/2)); img, img/2 and img/4 each resized "
@@ -94,6 +98,7 @@ class TrainConfig:
     use_cache: bool = True
     cache_dtype: str = "float16"
     resume: bool = False
+    overwrite: bool = False
     seed: int = 0
     val_fraction: float = 0.1
     device: str | None = None
@@ -107,6 +112,7 @@ _FLAGS = {
     "augment": (True, "--augment"),
     "use_cache": (False, "--no-cache"),
     "resume": (True, "--resume"),
+    "overwrite": (True, "--overwrite"),
     "progress": (False, "--no-progress"),
 }
 
@@ -135,6 +141,7 @@ class TrainResult:
     skipped_images: int
     wall_time_s: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0  # epochs already done before this call (--resume); == epochs: nothing was trained
 
     @property
     def final(self) -> dict[str, Any]:
@@ -314,8 +321,14 @@ def train(config: TrainConfig, backbone: ViTBackbone | None = None) -> TrainResu
 
     device = resolve_device(config.device)
     info = setup_distributed(device)
+    created = missing_folders(config.out)
+    if config.use_cache:
+        created += missing_folders(config.cache or Path(config.out) / "cache")
     try:
         return _train(config, rank_device(device, info), info, backbone)
+    except BaseException:
+        remove_if_empty(created)  # a failed run leaves no empty RUN_DIR or cache folder behind
+        raise
     finally:
         teardown(info)
 
@@ -325,16 +338,18 @@ def _train(
 ) -> TrainResult:
     _check_config(config, info.world_size)
     run_dir = check_writable_dir(config.out, "output folder --out")
+    check_run_folder(run_dir, config.resume, config.overwrite)
     cache_root = None
     if config.use_cache:
         cache_root = check_writable_dir(config.cache or run_dir / "cache", "cache folder --cache")
         remove_stale_temp_files(cache_root, recursive=True)
     remove_stale_temp_files(run_dir)
-    saved = load_state(run_dir)
-    if saved is not None and not config.resume:
+    saved = load_state(run_dir) if config.resume else None
+    barrier(info)  # every rank has looked at RUN_DIR before rank 0 writes to it (a late rank would refuse)
+    if saved is not None and saved["epoch"] > config.epochs:
         raise FeatliftError(
-            f"--out {run_dir}: already holds a training run (train_state.pt); pass --resume to continue it "
-            "or choose another --out"
+            f"--resume --epochs {config.epochs}: the run in {run_dir} has already trained {saved['epoch']} "
+            f"epochs and is never shortened; pass --epochs N with N > {saved['epoch']} to train it further"
         )
     if backbone is None:
         backbone = create_backbone(
@@ -351,6 +366,14 @@ def _train(
         len(train_images),
         len(val_images),
         len(scan.skipped),
+    )
+    result = functools.partial(
+        TrainResult,
+        run_dir=run_dir,
+        epochs=config.epochs,
+        train_images=len(train_images),
+        val_images=len(val_images),
+        skipped_images=len(scan.skipped),
     )
 
     torch.manual_seed(config.seed)
@@ -387,16 +410,26 @@ def _train(
     start_epoch, history, wall_before, commands = 0, [], 0.0, [command]
     if saved is not None:
         check_resumable(saved["settings"], settings, run_dir)
-        upsampler.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        try:
+            upsampler.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise FeatliftError(
+                f"--resume: the training state in {run_dir} does not fit this run ({exc})"
+            ) from exc
         start_epoch, history, wall_before = saved["epoch"], saved["history"], saved["wall_time_s"]
         fitted = [r["output_scale"] for r in history if "output_scale" in r]
         if fitted and hasattr(upsampler, "output_scale"):
             upsampler.output_scale = fitted[-1]
         commands = [*saved.get("commands", []), command]
         logger.info("resuming %s after epoch %d", run_dir, start_epoch)
+        if start_epoch == config.epochs:
+            logger.info("%s has trained all %d epochs already: nothing to do", run_dir, start_epoch)
+            return result(wall_time_s=wall_before, history=history, start_epoch=start_epoch)
     elif config.resume:
         logger.info("--resume: no training state in %s yet, starting from epoch 1", run_dir)
+    if config.overwrite and info.is_main:
+        clear_run_folder(run_dir)  # only now that every check has passed
 
     cache = None
     if cache_root is not None:
@@ -429,6 +462,7 @@ def _train(
         )
 
     local_batch = config.batch_size // info.world_size
+    guard = DivergenceGuard(run_dir, config.lr, start_epoch)
     started = time.perf_counter()
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -463,6 +497,7 @@ def _train(
                 loss.backward()
                 optimizer.step()
                 value = float(all_reduce_sum(loss.detach().clone().cpu(), info)) / info.world_size
+                guard.after_step(value, upsampler, epoch, step)
                 loss_sum += value
                 loss_count += 1
                 log.write({"type": "step", "epoch": epoch, "step": step, "loss": value})
@@ -491,6 +526,7 @@ def _train(
                 "unreadable_images": int(counts[2]),
                 "seconds": round(time.perf_counter() - epoch_start, 2),
             }
+            guard.before_save(upsampler, epoch, record)  # on every rank, so all stop together
             history.append(record)
             log.write(record)
             logger.info(
@@ -536,15 +572,7 @@ def _train(
             config, commands, settings, scan, train_images, val_images, history, wall, info, config.epochs
         )
         save_checkpoint(run_dir, upsampler, backbone, training=summary)
-    return TrainResult(
-        run_dir=run_dir,
-        epochs=config.epochs,
-        train_images=len(train_images),
-        val_images=len(val_images),
-        skipped_images=len(scan.skipped),
-        wall_time_s=wall,
-        history=history,
-    )
+    return result(wall_time_s=wall, history=history, start_epoch=start_epoch)
 
 
 def validate_checkpoint(
