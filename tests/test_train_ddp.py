@@ -2,8 +2,9 @@
 
 Each rank takes its half of every global batch; BatchNorm statistics are all-reduced over the
 global batch (`GlobalBatchNorm2d`), gradients are averaged by DDP and jitter is seeded by the slot
-in the global batch, so the two runs differ only by float rounding. Tolerance: 1e-5 on step
-losses and weights, 1e-4 on the validation cosine.
+in the global batch, so the two runs differ only by float rounding: the same two runs in float64
+agree to 1e-15, so any difference in float32 is rounding noise. Tolerances: 1e-5 on step losses,
+1e-4 on the validation cosine, and on the weights see below.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     diffs = torch.cat(
         [(ddp_weights[k].float() - v.float()).abs().flatten() for k, v in single_weights.items()]
     )
-    assert diffs.mean() <= 1e-6
-    # Adam divides by sqrt(v): a weight whose gradient is ~0 can move by up to lr per step on rounding noise
-    # (measured: max 1e-4, mean 3e-8 after 4 steps).
-    assert diffs.max() <= 1e-3
+    # float32 rounding noise is amplified by training: BatchNorm's backward cancels nearly equal terms, and
+    # Adam divides by sqrt(v), so a weight whose true gradient is 0 (a conv bias before BatchNorm) moves by up
+    # to ~lr per step on rounding noise alone. Measured on torch 2.14.1 CPU: mean 4.6e-6, max 9.2e-4 (float64:
+    # 5e-16), while a DDP with per-rank BatchNorm statistics or with jitter seeded by the local slot is off by
+    # a mean of 1.3e-3 / 1.4e-3. The bounds sit between the two: 10x the noise, 25x below the smallest bug.
+    assert diffs.mean() <= 5e-5
+    assert diffs.max() <= 4 * 1e-3  # 4 steps of at most ~lr each
