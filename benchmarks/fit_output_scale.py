@@ -21,7 +21,7 @@ import torch
 from featlift import create_backbone, load_checkpoint, read_checkpoint_config, save_checkpoint
 from featlift.train.cache import FeatureCache, cache_key
 from featlift.train.data import scan_images, split_images
-from featlift.train.loop import RESIZE_METHOD, calibration_images, fit_output_scale
+from featlift.train.loop import RESIZE_METHOD, calibration_images, checkpoint_batches, fit_output_scale
 
 
 def main() -> None:
@@ -66,7 +66,9 @@ def main() -> None:
             args.cache, cache_key(backbone, run_args["image_size"], RESIZE_METHOD, dtype), dtype
         )
     before = module.output_scale
-    module.output_scale = fit_output_scale(module, backbone, images, run_args["image_size"], cache)
+    module.output_scale = fit_output_scale(
+        module, checkpoint_batches(backbone, images, run_args["image_size"], cache)
+    )
     training["output_scale_fit"] = {
         "how": f"least squares to the backbone's 2x features on {how}, after training "
         "(benchmarks/fit_output_scale.py)",

@@ -10,7 +10,7 @@ from featlift.cli import main
 from featlift.images import collect_images
 from featlift.pretrained import find_shipped_checkpoint
 from featlift.train.data import TrainImage, scan_images, split_images
-from featlift.train.loop import calibration_images, fit_output_scale
+from featlift.train.loop import calibration_images, checkpoint_batches, fit_output_scale
 
 
 def test_training_fits_the_scale_on_training_images_not_on_held_out_ones(tmp_path):
@@ -22,8 +22,10 @@ def test_training_fits_the_scale_on_training_images_not_on_held_out_ones(tmp_pat
         backbone = create_backbone(TINY_NAME, weights=weights)
         module, config = load_checkpoint(run, backbone=backbone)
         train_images, held_out = split_images(scan_images(images).images, 0.34, 0)
-        on_train = fit_output_scale(module, backbone, calibration_images(train_images), 64)
-        on_held_out = fit_output_scale(module, backbone, held_out, 64)
+        on_train = fit_output_scale(
+            module, checkpoint_batches(backbone, calibration_images(train_images), 64)
+        )
+        on_held_out = fit_output_scale(module, checkpoint_batches(backbone, held_out, 64))
     assert abs(module.output_scale - on_train) < 1e-4  # a least-squares fixed point on the same images
     assert abs(module.output_scale - on_held_out) > 1e-3
 

@@ -14,7 +14,7 @@ from featlift.backbones import ViTBackbone
 from featlift.cli import main
 from featlift.train.augment import color_jitter
 from featlift.train.data import scan_images, split_images
-from featlift.train.loop import calibration_images, fit_output_scale, validate_checkpoint
+from featlift.train.loop import calibration_images, checkpoint_batches, fit_output_scale, validate_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +88,12 @@ def test_train_odd_tree_cache_resume_and_load(tmp_path, weights, monkeypatch, ca
     assert module.output_scale == epochs[1]["output_scale"] != 1.0
     train_images, held_out = split_images(scan_images(images).images, 0.34, 0)
     size = config.training["args"]["image_size"]
-    refit = fit_output_scale(module, backbone, calibration_images(train_images), size)
+    refit = fit_output_scale(module, checkpoint_batches(backbone, calibration_images(train_images), size))
     assert abs(refit - module.output_scale) < 1e-4
-    assert (
-        abs(
-            validate_checkpoint(module, backbone, held_out, size)["val_cosine_lift"]
-            - epochs[1]["val_cosine_lift"]
-        )
-        < 1e-4
-    )
+    held_out_cosine = validate_checkpoint(module, checkpoint_batches(backbone, held_out, size))[
+        "val_cosine_lift"
+    ]
+    assert abs(held_out_cosine - epochs[1]["val_cosine_lift"]) < 1e-4
     cache_files = list((run / "cache").rglob("*.safetensors"))
     assert len(cache_files) == 6 and all(f.stat().st_size > 0 for f in cache_files)
 

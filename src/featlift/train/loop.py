@@ -577,34 +577,29 @@ def calibration_images(train_images: list[TrainImage]) -> list[TrainImage]:
     return train_images[::step]
 
 
-def validate_checkpoint(
-    upsampler: Upsampler,
+def checkpoint_batches(
     backbone: ViTBackbone,
     images: list[TrainImage],
     image_size: int,
     cache: FeatureCache | None = None,
     cache_dtype: str = "float16",
     device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """`featlift train`'s validation of `upsampler` on `images` (cosine of LiFT and of bilinear to the
-    backbone's 2x features), outside a training run."""
-    loader = _Batches(backbone, images, image_size, cache, cache_dtype, torch.device(device), 0)
-    return _validate(upsampler.to(device), loader, DistInfo())
+) -> _Batches:
+    """`images` loaded as `featlift train` loads them (pyramid, cached backbone features), for
+    `validate_checkpoint` and `fit_output_scale` outside a training run."""
+    return _Batches(backbone, images, image_size, cache, cache_dtype, torch.device(device), 0)
 
 
-def fit_output_scale(
-    upsampler: Upsampler,
-    backbone: ViTBackbone,
-    images: list[TrainImage],
-    image_size: int,
-    cache: FeatureCache | None = None,
-    cache_dtype: str = "float16",
-    device: str | torch.device = "cpu",
-) -> float | None:
-    """`featlift train`'s fit of LiFT's ``output_scale`` on `images` (least squares to the backbone's 2x
-    features), outside a training run; None for an upsampler without one or when no image loads."""
-    loader = _Batches(backbone, images, image_size, cache, cache_dtype, torch.device(device), 0)
-    return _fit_output_scale(upsampler.to(device), loader, DistInfo())
+def validate_checkpoint(upsampler: Upsampler, batches: _Batches) -> dict[str, float]:
+    """`featlift train`'s validation of `upsampler` on `batches` (`checkpoint_batches`): the cosine of LiFT
+    and of bilinear to the backbone's 2x features."""
+    return _validate(upsampler.to(batches.device), batches, DistInfo())
+
+
+def fit_output_scale(upsampler: Upsampler, batches: _Batches) -> float | None:
+    """`featlift train`'s fit of LiFT's ``output_scale`` on `batches` (`checkpoint_batches`): least squares
+    to the backbone's 2x features; None for an upsampler without one or when no image loads."""
+    return _fit_output_scale(upsampler.to(batches.device), batches, DistInfo())
 
 
 @torch.no_grad()
