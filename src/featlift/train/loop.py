@@ -573,7 +573,7 @@ def calibration_images(train_images: list[TrainImage]) -> list[TrainImage]:
     Training images, so that the validation images stay held out for measuring the fitted module; a
     subset, so that the fit costs about as much as the validation and not another pass over the data.
     """
-    step = math.ceil(len(train_images) / CALIBRATION_IMAGES)
+    step = max(1, math.ceil(len(train_images) / CALIBRATION_IMAGES))
     return train_images[::step]
 
 
