@@ -1,10 +1,12 @@
-"""Fit LiFT's ``output_scale`` for a checkpoint trained before `featlift train` fitted it every epoch.
+"""Fit LiFT's ``output_scale`` of a checkpoint again, e.g. one trained before `featlift train` fitted it.
 
-Rebuilds the checkpoint's own held-out split (its image folder, ``val_fraction`` and ``seed`` from
-config.json; for a checkpoint with no training run, e.g. one imported from the original LiFT code, all
-images of ``--images``), runs the same validation as ``featlift train``
-(`featlift.train.loop.validate_checkpoint`) and writes the fitted scale, with the validation numbers,
-back into the checkpoint (model.safetensors is rewritten unchanged; config.json gains the argument).
+Rebuilds the checkpoint's own training split (its image folder, ``val_fraction`` and ``seed`` from
+config.json) and fits the scale as ``featlift train`` does after every epoch: least squares to the
+backbone's 2x features on `featlift.train.loop.calibration_images` of the training images, so the
+held-out images stay unused for measuring the result (``benchmarks/output_scale.py``). For a checkpoint
+with no training run, e.g. one imported from the original LiFT code, it fits on all images of ``--images``.
+Writes the fitted scale back into the checkpoint (model.safetensors is rewritten unchanged; config.json
+gains the argument and a record of the fit).
 
     python benchmarks/fit_output_scale.py CHECKPOINT [--images DIR] --weights W [--cache DIR]
 """
@@ -19,7 +21,7 @@ import torch
 from featlift import create_backbone, load_checkpoint, read_checkpoint_config, save_checkpoint
 from featlift.train.cache import FeatureCache, cache_key
 from featlift.train.data import scan_images, split_images
-from featlift.train.loop import RESIZE_METHOD, validate_checkpoint
+from featlift.train.loop import RESIZE_METHOD, calibration_images, checkpoint_batches, fit_output_scale
 
 
 def main() -> None:
@@ -49,10 +51,14 @@ def main() -> None:
     )
     module, config = load_checkpoint(args.checkpoint, backbone=backbone)
     scan = scan_images(args.images or run_args["images"])
-    if "val_fraction" in run_args:  # the run's own held-out split
-        _, val_images = split_images(scan.images, run_args["val_fraction"], run_args["seed"])
+    if "val_fraction" in run_args:  # the run's own training split, as featlift train fits it
+        train_images, _ = split_images(scan.images, run_args["val_fraction"], run_args["seed"])
+        images, how = (
+            calibration_images(train_images),
+            "featlift.train.loop.calibration_images of the run's training split",
+        )
     else:  # no training run recorded (an imported checkpoint): every image of --images
-        val_images = scan.images
+        images, how = scan.images, "all images of --images"
     cache = None
     if args.cache:
         dtype = run_args.get("cache_dtype", "float16")
@@ -60,13 +66,15 @@ def main() -> None:
             args.cache, cache_key(backbone, run_args["image_size"], RESIZE_METHOD, dtype), dtype
         )
     before = module.output_scale
-    metrics = validate_checkpoint(module, backbone, val_images, run_args["image_size"], cache)
-    module.output_scale = metrics["output_scale"]
+    module.output_scale = fit_output_scale(
+        module, checkpoint_batches(backbone, images, run_args["image_size"], cache)
+    )
     training["output_scale_fit"] = {
-        "how": "least squares to the backbone's 2x features on the held-out images, after training "
+        "how": f"least squares to the backbone's 2x features on {how}, after training "
         "(benchmarks/fit_output_scale.py)",
+        "images": len(images),
         "previous": before,
-        **metrics,
+        "output_scale": module.output_scale,
     }
     save_checkpoint(args.checkpoint, module, backbone, training=training, normalization=config.normalization)
     print(json.dumps(training["output_scale_fit"], indent=2))

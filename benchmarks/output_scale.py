@@ -1,8 +1,9 @@
 """How close LiFT's features come to the backbone's own denser features, in direction and in scale.
 
-For held-out images of the shipped module's training run (its validation split), compares one and two
-passes from the 224 px input with the backbone's features on the 448 px and 896 px image: mean cosine,
-ratio of mean feature norms, and relative L2 error (mean |pred - target| / mean |target|), for bilinear
+For held-out images of the shipped module's training run (its validation split, which neither training
+nor the fit of ``output_scale`` uses: that is fitted on training images), compares one and two passes
+from the 224 px input with the backbone's features on the 448 px and 896 px image: mean cosine, ratio
+of mean feature norms, and relative L2 error (mean |pred - target| / mean |target|), for bilinear
 upsampling, LiFT with ``output_scale`` 1 (as trained by the cosine loss) and LiFT with its fitted scale.
 
     python benchmarks/output_scale.py [--count 20] [--weights W] [--images DIR] [--checkpoint CKPT]

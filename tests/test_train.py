@@ -14,7 +14,7 @@ from featlift.backbones import ViTBackbone
 from featlift.cli import main
 from featlift.train.augment import color_jitter
 from featlift.train.data import scan_images, split_images
-from featlift.train.loop import validate_checkpoint
+from featlift.train.loop import calibration_images, checkpoint_batches, fit_output_scale, validate_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +83,17 @@ def test_train_odd_tree_cache_resume_and_load(tmp_path, weights, monkeypatch, ca
         out = module(backbone(backbone.normalize(image)), backbone.normalize(image))
     assert out.shape == (1, backbone.channels, 8, 8)
 
-    # output_scale: fitted every epoch, saved in the checkpoint, and a least-squares fixed point: fitting
-    # again on the same held-out images gives the same scale, and scaling keeps the cosine
+    # output_scale: fitted every epoch on training images, saved in the checkpoint, and a least-squares fixed
+    # point: fitting again on the same images gives the same scale, and scaling keeps the held-out cosine
     assert module.output_scale == epochs[1]["output_scale"] != 1.0
-    held_out = split_images(scan_images(images).images, 0.34, 0)[1]
-    refit = validate_checkpoint(module, backbone, held_out, config.training["args"]["image_size"])
-    assert abs(refit["output_scale"] - module.output_scale) < 1e-4
-    assert abs(refit["val_cosine_lift"] - epochs[1]["val_cosine_lift"]) < 1e-4
+    train_images, held_out = split_images(scan_images(images).images, 0.34, 0)
+    size = config.training["args"]["image_size"]
+    refit = fit_output_scale(module, checkpoint_batches(backbone, calibration_images(train_images), size))
+    assert abs(refit - module.output_scale) < 1e-4
+    held_out_cosine = validate_checkpoint(module, checkpoint_batches(backbone, held_out, size))[
+        "val_cosine_lift"
+    ]
+    assert abs(held_out_cosine - epochs[1]["val_cosine_lift"]) < 1e-4
     cache_files = list((run / "cache").rglob("*.safetensors"))
     assert len(cache_files) == 6 and all(f.stat().st_size > 0 for f in cache_files)
 

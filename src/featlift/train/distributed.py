@@ -1,10 +1,15 @@
-"""DDP setup from torchrun's environment: gloo on CPU, nccl on CUDA; a no-op for one process."""
+"""DDP setup from torchrun's environment: gloo on CPU, nccl on CUDA; a no-op for one process.
+
+Every collective of the training loop goes through the helpers here, which hand `torch.distributed`
+tensors on the process group's device (``DistInfo.device``: the rank's GPU under nccl, which accepts
+CUDA tensors only; the CPU under gloo) whatever device the caller's tensor is on.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -19,6 +24,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     initialized_here: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
 
     @property
     def enabled(self) -> bool:
@@ -44,7 +50,21 @@ def setup_distributed(device: torch.device) -> DistInfo:
         dist.init_process_group(backend=backend)
         initialized_here = True
         logger.info("DDP: rank %d of %d (%s)", rank, world, backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, initialized_here=initialized_here)
+    return DistInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        initialized_here=initialized_here,
+        device=collective_device(local_rank),
+    )
+
+
+def collective_device(local_rank: int) -> torch.device:
+    """The device the initialized default process group takes tensors on: nccl the GPU of the local
+    rank, any other backend (gloo) the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def rank_device(device: torch.device, info: DistInfo) -> torch.device:
@@ -55,9 +75,21 @@ def rank_device(device: torch.device, info: DistInfo) -> torch.device:
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of `tensor` over all ranks (`tensor` itself for one process), on the process group's device
+    (a copy when `tensor` is elsewhere; read it with ``.tolist()`` or ``float``)."""
     if info.enabled:
+        tensor = tensor.to(info.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_ranks_agree(ok: bool, info: DistInfo) -> bool:
+    """True on every rank when `ok` is true on every rank, else False on every rank: a collective, so
+    every rank must call it at the same point (e.g. before a step that only some ranks could take)."""
+    if not info.enabled:
+        return ok
+    failing = all_reduce_sum(torch.tensor([0.0 if ok else 1.0]), info)
+    return float(failing) == 0.0
 
 
 def barrier(info: DistInfo) -> None:

@@ -3,7 +3,8 @@
 One `train` call: check the output and cache folders, build the frozen backbone, scan and split the
 images, then run epochs. Each step loads the backbone features of its images from the cache (or
 computes and caches them), jitters the guide images if asked, and takes one Adam step. After every
-epoch it measures the validation cosine (LiFT and bilinear, 2x from ``S/2`` to ``S``), then writes
+epoch it measures the validation cosine (LiFT and bilinear, 2x from ``S/2`` to ``S``) and fits LiFT's
+``output_scale`` on a subset of the training images (`calibration_images`), then writes
 ``train_state.safetensors`` (for ``--resume``) and ``model.safetensors`` + ``config.json`` (loadable by
 `load_checkpoint` at any time), all atomically. Under torchrun it runs DDP (`distributed`). What may
 already be in ``--out`` is checked first (`run_folder`); a non-finite step or an epoch that could not
@@ -55,6 +56,7 @@ from .cache import DTYPES, FeatureCache, cache_key
 from .data import TrainImage, check_image_size, epoch_order, load_pyramid, scan_images, split_images
 from .distributed import (
     DistInfo,
+    all_ranks_agree,
     all_reduce_sum,
     barrier,
     rank_device,
@@ -69,6 +71,7 @@ from .state import check_resumable, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
+CALIBRATION_IMAGES = 64  # training images that output_scale is fitted on after every epoch (at most)
 RESIZE_METHOD = "upright-rgb8-torch-bicubic-aa-once"
 OBJECTIVE = (
     "L(LiFT(img/2, f(img/2)), f(img)) + L(LiFT(img/4, f(img/4)), f(img/2)); img, img/2 and img/4 each resized "
@@ -444,6 +447,10 @@ def _train(
     val_loader = _Batches(
         backbone, val_images, config.image_size, cache, config.cache_dtype, device, config.workers
     )
+    calibration = calibration_images(train_images)
+    calibration_loader = _Batches(
+        backbone, calibration, config.image_size, cache, config.cache_dtype, device, config.workers
+    )
     log = _Log(run_dir / LOG_FILE, info.is_main, keep_before_epoch=start_epoch if saved is not None else None)
     if start_epoch == 0:
         log.write(
@@ -481,7 +488,18 @@ def _train(
             )
             loss_sum, loss_count = 0.0, 0
             for step, loaded in enumerate(loader.iterate(local)):
-                if loaded is None:
+                # every rank takes the step or none does: a rank without images would skip the backward
+                # that the others wait for in DDP's gradient all-reduce
+                if not all_ranks_agree(loaded is not None, info):
+                    if info.enabled:
+                        logger.warning(
+                            "step %d skipped on all %d processes: %s",
+                            step + 1,
+                            info.world_size,
+                            "none of this process's images could be read"
+                            if loaded is None
+                            else "another process could read none of its images",
+                        )
                     bar.update(1)
                     continue
                 positions, raw2, raw4, f1, f2, f4 = loaded
@@ -496,7 +514,7 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                value = float(all_reduce_sum(loss.detach().clone().cpu(), info)) / info.world_size
+                value = float(all_reduce_sum(loss.detach().clone(), info)) / info.world_size
                 guard.after_step(value, upsampler, epoch, step)
                 loss_sum += value
                 loss_count += 1
@@ -505,8 +523,10 @@ def _train(
                 bar.update(1)
             bar.close()
             metrics = _validate(upsampler, val_loader, info)
-            if "output_scale" in metrics:
-                upsampler.output_scale = metrics["output_scale"]  # saved with the checkpoint's config below
+            scale = _fit_output_scale(upsampler, calibration_loader, info)
+            if scale is not None:
+                upsampler.output_scale = scale  # saved with the checkpoint's config below
+                metrics.update(output_scale=scale, output_scale_images=len(calibration))
             counts = torch.tensor(
                 [
                     loader.hits + val_loader.hits,
@@ -515,7 +535,7 @@ def _train(
                 ],
                 dtype=torch.float64,
             )
-            counts = all_reduce_sum(counts, info)
+            counts = all_reduce_sum(counts, info).tolist()
             record = {
                 "type": "epoch",
                 "epoch": epoch,
@@ -575,26 +595,44 @@ def _train(
     return result(wall_time_s=wall, history=history, start_epoch=start_epoch)
 
 
-def validate_checkpoint(
-    upsampler: Upsampler,
+def calibration_images(train_images: list[TrainImage]) -> list[TrainImage]:
+    """The training images that ``output_scale`` is fitted on: every k-th, at most `CALIBRATION_IMAGES`.
+
+    Training images, so that the validation images stay held out for measuring the fitted module; a
+    subset, so that the fit costs about as much as the validation and not another pass over the data.
+    """
+    step = max(1, math.ceil(len(train_images) / CALIBRATION_IMAGES))
+    return train_images[::step]
+
+
+def checkpoint_batches(
     backbone: ViTBackbone,
     images: list[TrainImage],
     image_size: int,
     cache: FeatureCache | None = None,
     cache_dtype: str = "float16",
     device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """`featlift train`'s validation of `upsampler` on `images` (cosine of LiFT and of bilinear to the
-    backbone's 2x features, and the least-squares ``output_scale``), outside a training run."""
-    loader = _Batches(backbone, images, image_size, cache, cache_dtype, torch.device(device), 0)
-    return _validate(upsampler.to(device), loader, DistInfo())
+) -> _Batches:
+    """`images` loaded as `featlift train` loads them (pyramid, cached backbone features), for
+    `validate_checkpoint` and `fit_output_scale` outside a training run."""
+    return _Batches(backbone, images, image_size, cache, cache_dtype, torch.device(device), 0)
+
+
+def validate_checkpoint(upsampler: Upsampler, batches: _Batches) -> dict[str, float]:
+    """`featlift train`'s validation of `upsampler` on `batches` (`checkpoint_batches`): the cosine of LiFT
+    and of bilinear to the backbone's 2x features."""
+    return _validate(upsampler.to(batches.device), batches, DistInfo())
+
+
+def fit_output_scale(upsampler: Upsampler, batches: _Batches) -> float | None:
+    """`featlift train`'s fit of LiFT's ``output_scale`` on `batches` (`checkpoint_batches`): least squares
+    to the backbone's 2x features; None for an upsampler without one or when no image loads."""
+    return _fit_output_scale(upsampler.to(batches.device), batches, DistInfo())
 
 
 @torch.no_grad()
-def _validate(
-    upsampler: Upsampler, loader: _Batches, info: DistInfo, batch_size: int = 8
-) -> dict[str, float]:
-    """Mean over held-out images of the cosine to f(img) of LiFT(img/2, f(img/2)) and of bilinear(f(img/2))."""
+def _sums(upsampler: Upsampler, loader: _Batches, info: DistInfo, batch_size: int = 8) -> list[float]:
+    """`validation_sums` over the loader's images (each rank its share) and their count, summed over ranks."""
     images = list(range(len(loader.dataset)))[info.rank :: info.world_size]
     sums = torch.zeros(5, dtype=torch.float64)
     was_training = upsampler.training
@@ -608,18 +646,29 @@ def _validate(
         sums[:4] += validation_sums(upsampler, guide2, f1, f2).cpu()
         sums[4] += len(positions)
     upsampler.train(was_training)
-    sums = all_reduce_sum(sums, info)
-    if sums[4] == 0:
+    return all_reduce_sum(sums, info).tolist()
+
+
+def _validate(upsampler: Upsampler, loader: _Batches, info: DistInfo) -> dict[str, float]:
+    """Mean over held-out images of the cosine to f(img) of LiFT(img/2, f(img/2)) and of bilinear(f(img/2))."""
+    cosine_lift, cosine_bilinear, _, _, count = _sums(upsampler, loader, info)
+    if count == 0:
         return {}
-    metrics = {
-        "val_cosine_lift": round(float(sums[0] / sums[4]), 5),
-        "val_cosine_bilinear": round(float(sums[1] / sums[4]), 5),
-        "val_images": int(sums[4]),
+    return {
+        "val_cosine_lift": round(cosine_lift / count, 5),
+        "val_cosine_bilinear": round(cosine_bilinear / count, 5),
+        "val_images": int(count),
     }
-    if hasattr(upsampler, "output_scale") and sums[3] > 0:
-        # least squares: the scale s minimising |s * LiFT_unscaled - f(img)|^2 (the current scale cancels out)
-        metrics["output_scale"] = round(float(upsampler.output_scale * sums[2] / sums[3]), 5)
-    return metrics
+
+
+def _fit_output_scale(upsampler: Upsampler, loader: _Batches, info: DistInfo) -> float | None:
+    """The scale s minimising |s * LiFT_unscaled(img/2, f(img/2)) - f(img)|^2 over the loader's images."""
+    if not hasattr(upsampler, "output_scale"):
+        return None
+    _, _, dot, square, _ = _sums(upsampler, loader, info)
+    if square <= 0:
+        return None
+    return round(upsampler.output_scale * dot / square, 5)  # the current scale cancels out
 
 
 def _summary(
