@@ -209,7 +209,10 @@ def test_rerun_skips_finished_and_refuses_other_settings(tmp_path, tiny_timm_wei
     assert (
         extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "none", "--out", str(out)) == 2
     )
-    assert "holds features extracted with other settings (upsampler: 'bilinear' there, 'none' now" in capsys.readouterr().err
+    assert (
+        "holds features extracted with other settings (upsampler: 'bilinear' there, 'none' now"
+        in capsys.readouterr().err
+    )
     assert (
         extract(
             tmp_path,

@@ -269,13 +269,15 @@ def extract_to_folder(
         )
     if not todo:
         return report
+    batches = -(-len(todo) // batch_size)
+    converted = torch.device(device).type != "cpu" or dtype != torch.float32  # a copy on the host
     check_extraction_fits(
         pipeline,
         batch=min(batch_size, len(todo)),
         size=size,
         device=device,
         stored_dtype=dtype,
-        queued_batches=2 * writer_threads,
+        held_batches=min(2 * writer_threads, batches - 1) + converted,
     )
     pipeline = optimize_pipeline(pipeline.to(device).eval(), options).to(device).eval()
     loader = DataLoader(
@@ -324,7 +326,8 @@ def extract_to_folder(
                 continue
             computed = pipeline(images.to(device, non_blocking=True))
             features = computed.to("cpu", dtype)
-            finite = features.flatten(1).isfinite().all(1).tolist()
+            low, high = torch.aminmax(features.flatten(1), dim=1)  # NaN propagates; no per-value mask
+            finite = (low.isfinite() & high.isfinite()).tolist()
             if not all(finite):
                 for position in [p for p, ok in enumerate(finite) if not ok]:
                     item = todo[indices[position]][0]

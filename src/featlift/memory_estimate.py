@@ -90,18 +90,24 @@ def check_extraction_fits(
     size: tuple[int, int],
     device: str | torch.device,
     stored_dtype: torch.dtype,
-    queued_batches: int,
+    held_batches: int,
 ) -> None:
     """Refuse (`FeatliftError`, with the numbers and what to lower) an extraction that cannot fit in memory.
 
-    Counted: one pipeline call on `batch` images on `device`, and `queued_batches` finished batches of
-    features held on the host in `stored_dtype` until they are written.
+    Counted: one pipeline call on `batch` images on `device`, and `held_batches` batches of features
+    held on the host in `stored_dtype` meanwhile (converted, or waiting to be written).
     """
     device = torch.device(device)
     channels = pipeline.backbone.channels
     grid = pipeline.output_grid(*size)
-    stored = queued_batches * batch * channels * grid[0] * grid[1] * stored_dtype.itemsize
-    compute = batch_peak_bytes(pipeline, batch, size)
+    stored = held_batches * batch * channels * grid[0] * grid[1] * stored_dtype.itemsize
+    try:
+        compute = batch_peak_bytes(pipeline, batch, size)
+    except (RuntimeError, NotImplementedError) as exc:  # an op without a meta kernel, or data-dependent
+        logger.info(
+            "cannot estimate the memory of %s, so it is not checked: %s", type(pipeline).__name__, exc
+        )
+        return
     needs = [(compute + stored, device)] if device.type == "cpu" else [(compute, device), (stored, None)]
     shape = f"{batch} x {channels} x {grid[0]} x {grid[1]}"
     for need, where in needs:
