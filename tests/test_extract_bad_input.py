@@ -24,17 +24,24 @@ from conftest import (
     write_images,
 )
 from PIL import Image
-from test_extract_cli import extract, image_tree, outputs  # noqa: F401 (image_tree is a fixture)
+from test_extract_cli import extract, outputs
 
 import featlift.fileio
 from featlift import FeaturePipeline, LiFT, create_backbone, extract_to_folder, load_features, save_checkpoint
 from featlift.cli import main
-from featlift.errors import FeatliftError, OutputWriteError
-from featlift.folder_settings import SETTINGS_FILE, claim_folder
+from featlift.errors import FeatliftError
 from featlift.images import ImageItem
 from featlift.upsamplers import Bilinear
 
 BILINEAR = ["--upsampler", "bilinear"]
+SETTINGS_FILE = "featlift-extract.json"  # the folder's settings (featlift.folder_settings)
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A folder of three small images: ``img 0.jpg``, ``img'1.png``, ``img 2.jpg``."""
+    write_images(tmp_path / "photos", count=3)
+    return tmp_path / "photos"
 
 
 def files_under(folder: Path) -> list[str]:
@@ -84,9 +91,9 @@ def test_api_refuses_output_paths_that_leave_the_folder(tmp_path, tiny_backbone,
 # --- item 7: the resume key ------------------------------------------------------------------------
 
 
-def test_other_output_size_is_not_already_done(tmp_path, tiny_timm_weights, image_tree, capsys):  # noqa: F811
+def test_other_output_size_is_not_already_done(tmp_path, tiny_timm_weights, photos, capsys):
     out = tmp_path / "out"
-    argv = [str(image_tree), *BILINEAR, "--out", str(out)]
+    argv = [str(photos), *BILINEAR, "--out", str(out)]
     assert extract(tmp_path, tiny_timm_weights, *argv, "--output-size", "8") == 0
     capsys.readouterr()
     assert extract(tmp_path, tiny_timm_weights, *argv, "--output-size", "16") == 2
@@ -94,18 +101,18 @@ def test_other_output_size_is_not_already_done(tmp_path, tiny_timm_weights, imag
     assert load_features(out / "img 0.jpg.safetensors")[0].shape[-2:] == (8, 8)
 
 
-def test_an_image_changed_in_place_is_extracted_again(tmp_path, tiny_timm_weights, image_tree, capsys):  # noqa: F811
+def test_an_image_changed_in_place_is_extracted_again(tmp_path, tiny_timm_weights, photos, capsys):
     out = tmp_path / "out"
-    argv = [str(image_tree), *BILINEAR, "--out", str(out)]
+    argv = [str(photos), *BILINEAR, "--out", str(out)]
     assert extract(tmp_path, tiny_timm_weights, *argv) == 0
     before = load_features(out / "img 0.jpg.safetensors")[0]
-    Image.fromarray(np.full((40, 56, 3), 200, np.uint8)).save(image_tree / "img 0.jpg")
+    Image.fromarray(np.full((40, 56, 3), 200, np.uint8)).save(photos / "img 0.jpg")
     capsys.readouterr()
     assert extract(tmp_path, tiny_timm_weights, *argv) == 0
-    assert "1 written, 4 already done" in capsys.readouterr().out
+    assert "1 written, 2 already done" in capsys.readouterr().out
     features, meta = load_features(out / "img 0.jpg.safetensors")
     assert not torch.allclose(features, before)
-    assert meta["source_size"] == str((image_tree / "img 0.jpg").stat().st_size)
+    assert meta["source_size"] == str((photos / "img 0.jpg").stat().st_size)
 
 
 def test_another_folder_with_the_same_names_is_not_already_done(tmp_path, tiny_timm_weights, capsys):
@@ -157,6 +164,8 @@ def test_second_run_with_other_settings_into_one_folder_is_refused(tmp_path, tin
 
 def test_concurrent_claims_of_a_folder(tmp_path):
     """Of runs starting at once with different settings exactly one gets the folder; same settings share it."""
+    from featlift.folder_settings import claim_folder
+
     settings = [{"upsampler": "lift" if i % 2 else "bilinear"} for i in range(8)]
     results: list[str] = [""] * len(settings)
     start = threading.Barrier(len(settings))
@@ -179,12 +188,10 @@ def test_concurrent_claims_of_a_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [SETTINGS_FILE]
 
 
-def test_unreadable_settings_file_is_reported(tmp_path, tiny_timm_weights, image_tree, capsys):  # noqa: F811
+def test_unreadable_settings_file_is_reported(tmp_path, tiny_timm_weights, photos, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / SETTINGS_FILE).write_text("[1, 2]")
-    assert (
-        extract(tmp_path, tiny_timm_weights, str(image_tree), *BILINEAR, "--out", str(tmp_path / "out")) == 2
-    )
+    assert extract(tmp_path, tiny_timm_weights, str(photos), *BILINEAR, "--out", str(tmp_path / "out")) == 2
     assert f"{SETTINGS_FILE}: not a featlift extraction settings file" in capsys.readouterr().err
 
 
@@ -216,18 +223,16 @@ def test_nan_features_of_one_image_are_reported_and_not_written(tmp_path, tiny_b
     assert outputs(out) == ["img 0.jpg.safetensors", "img'1.png.safetensors"]
 
 
-def test_features_beyond_float16_are_reported_not_written_as_inf(
-    tmp_path, tiny_timm_weights, image_tree, capsys
-):  # noqa: F811
+def test_features_beyond_float16_are_reported_not_written_as_inf(tmp_path, tiny_timm_weights, photos, capsys):
     backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights)
     save_checkpoint(
         tmp_path / "ckpt", LiFT(backbone.channels, backbone.patch_size, output_scale=1e9), backbone
     )
     out = tmp_path / "out"
-    argv = [str(image_tree), "--checkpoint", str(tmp_path / "ckpt"), "--dtype", "float16", "--out", str(out)]
+    argv = [str(photos), "--checkpoint", str(tmp_path / "ckpt"), "--dtype", "float16", "--out", str(out)]
     assert extract(tmp_path, tiny_timm_weights, *argv) == 1
     captured = capsys.readouterr().out
-    assert "0 written, 0 already done, 5 failed" in captured
+    assert "0 written, 0 already done, 3 failed" in captured
     assert "exceed the range of float16; use --dtype float32" in captured
     assert outputs(out) == []
 
@@ -235,16 +240,16 @@ def test_features_beyond_float16_are_reported_not_written_as_inf(
 # --- items 13 and 22: broken symlinks and names that are not UTF-8 ------------------------------------
 
 
-def test_broken_and_looping_symlinks_are_reported(tmp_path, tiny_timm_weights, image_tree, capsys):  # noqa: F811
-    (image_tree / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
-    (image_tree / "loop.jpg").symlink_to(image_tree / "loop.jpg")
+def test_broken_and_looping_symlinks_are_reported(tmp_path, tiny_timm_weights, photos, capsys):
+    (photos / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (photos / "loop.jpg").symlink_to(photos / "loop.jpg")
     out = tmp_path / "out"
-    assert extract(tmp_path, tiny_timm_weights, str(image_tree), *BILINEAR, "--out", str(out)) == 1
+    assert extract(tmp_path, tiny_timm_weights, str(photos), *BILINEAR, "--out", str(out)) == 1
     captured = capsys.readouterr().out
-    assert "5 written, 0 already done, 2 failed" in captured
-    assert "failed: " + str(image_tree / "broken.jpg") in captured
-    assert "failed: " + str(image_tree / "loop.jpg") in captured
-    assert len(outputs(out)) == 5
+    assert "3 written, 0 already done, 2 failed" in captured
+    assert "failed: " + str(photos / "broken.jpg") in captured
+    assert "failed: " + str(photos / "loop.jpg") in captured
+    assert len(outputs(out)) == 3
 
 
 def test_name_that_is_not_utf8_is_reported_and_the_rest_extracted(tmp_path, tiny_timm_weights, capsys):
@@ -263,6 +268,8 @@ def test_name_that_is_not_utf8_is_reported_and_the_rest_extracted(tmp_path, tiny
 
 
 def test_full_disk_on_a_write_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    from featlift.errors import OutputWriteError
+
     def disk_full(path, data):
         path.write_bytes(data[:10])  # what a write that runs out of space leaves
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -319,13 +326,13 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_what_is_done(tmp_path, tin
 # --- item 25: a run that cannot fit in memory is refused before it starts ----------------------------
 
 
-def test_too_many_iters_are_refused_with_the_memory_needed(tmp_path, tiny_timm_weights, image_tree, capsys):  # noqa: F811
+def test_too_many_iters_are_refused_with_the_memory_needed(tmp_path, tiny_timm_weights, photos, capsys):
     out = tmp_path / "out"
-    argv = [str(image_tree), *BILINEAR, "--iters", "14", "--out", str(out)]
+    argv = [str(photos), *BILINEAR, "--iters", "14", "--out", str(out)]
     assert extract(tmp_path, tiny_timm_weights, *argv) == 2
     err = capsys.readouterr().err
-    # 5 images x 192 channels x (2 * 2**14) x (3 * 2**14) float32, the bilinear output alone: 5.6 TiB
-    assert "extracting needs about 5760.0 GiB on cpu (features of one batch, 5 x 192 x 32768 x 49152" in err
+    # 3 images x 192 channels x (2 * 2**14) x (3 * 2**14) float32: the bilinear output alone is 3456 GiB
+    assert "extracting needs about 3456.0 GiB on cpu (features of one batch, 3 x 192 x 32768 x 49152" in err
     assert "lower --iters, --batch-size or --output-size" in err
     assert outputs(out) == []
 
