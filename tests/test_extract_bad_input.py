@@ -332,7 +332,7 @@ def test_too_many_iters_are_refused_with_the_memory_needed(tmp_path, tiny_timm_w
     assert extract(tmp_path, tiny_timm_weights, *argv) == 2
     err = capsys.readouterr().err
     # 3 images x 192 channels x (2 * 2**14) x (3 * 2**14) float32: the bilinear output alone is 3456 GiB
-    assert "extracting needs about 3456.0 GiB on cpu (features of one batch, 3 x 192 x 32768 x 49152" in err
+    assert "needs about 3456.0 GiB on cpu (one batch, 3 x 192 x 32768 x 49152 features at the output" in err
     assert "lower --iters, --batch-size or --output-size" in err
     assert outputs(out) == []
 
@@ -363,5 +363,5 @@ def test_real_dinov2_with_ten_lift_passes_is_refused_before_running(tmp_path, ca
     ]
     assert main([*argv, "--workers", "0", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "features of one batch, 1 x 384 x 16384 x 16384 at the output grid" in err
+    assert "(one batch, 1 x 384 x 16384 x 16384 features at the output grid" in err
     assert outputs(tmp_path / "out") == []

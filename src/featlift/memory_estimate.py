@@ -2,10 +2,10 @@
 
 `batch_peak_bytes` runs the pipeline once on the ``meta`` device (tensors with shapes but no data) under
 `TensorMemoryTracker`, so the peak of the tensors alive at the same time -- the output and every
-intermediate of the backbone and the upsampler -- is known exactly and at no cost, whatever the
-upsampler is. `check_extraction_fits` compares it, plus the finished batches waiting to be written, with
-the free memory of the device and of the host, and refuses a run that cannot fit before it starts,
-instead of letting it die in the allocator or be killed for memory after loading.
+intermediate of the backbone and the upsampler -- is known exactly without allocating any of it,
+whatever the upsampler is. `check_extraction_fits` compares it, plus the finished batches waiting to be
+written, with the free memory of the device and of the host, and refuses a run that cannot fit before it
+starts, instead of letting it die in the allocator or be killed for memory after loading.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 MEMINFO = Path("/proc/meminfo")
 CGROUP = Path("/sys/fs/cgroup")
 GIB = 2**30
+PROBE_MARGIN = 64  # a batch whose input and output fit this many times over is not probed
 
 
 def batch_peak_bytes(pipeline: FeaturePipeline, batch: int, size: tuple[int, int]) -> int:
@@ -95,12 +96,23 @@ def check_extraction_fits(
     """Refuse (`FeatliftError`, with the numbers and what to lower) an extraction that cannot fit in memory.
 
     Counted: one pipeline call on `batch` images on `device`, and `held_batches` batches of features
-    held on the host in `stored_dtype` meanwhile (converted, or waiting to be written).
+    held on the host in `stored_dtype` meanwhile (converted, or waiting to be written). The probe
+    (`batch_peak_bytes`) takes a fraction of a second, so a run is not probed when its input and
+    output batch, times `PROBE_MARGIN`, fit.
     """
     device = torch.device(device)
     channels = pipeline.backbone.channels
     grid = pipeline.output_grid(*size)
-    stored = held_batches * batch * channels * grid[0] * grid[1] * stored_dtype.itemsize
+    output = batch * channels * grid[0] * grid[1]
+    held = held_batches * output * stored_dtype.itemsize
+    device_free = device_free_bytes(device)
+    host_free = host_free_bytes() if device.type != "cpu" else None
+    held_on_device = held if device.type == "cpu" else 0
+    plain = (output + batch * 3 * size[0] * size[1]) * 4 * PROBE_MARGIN
+    if (device_free is None or plain + held_on_device <= device_free) and (
+        host_free is None or held <= host_free
+    ):
+        return
     try:
         compute = batch_peak_bytes(pipeline, batch, size)
     except (RuntimeError, NotImplementedError) as exc:  # an op without a meta kernel, or data-dependent
@@ -108,16 +120,18 @@ def check_extraction_fits(
             "cannot estimate the memory of %s, so it is not checked: %s", type(pipeline).__name__, exc
         )
         return
-    needs = [(compute + stored, device)] if device.type == "cpu" else [(compute, device), (stored, None)]
-    shape = f"{batch} x {channels} x {grid[0]} x {grid[1]}"
-    for need, where in needs:
-        free = device_free_bytes(where) if where is not None else host_free_bytes()
-        place = f"{where}" if where is not None else "host memory"
-        logger.debug("memory: %.2f GiB needed on %s, %s free", need / GIB, place, free)
+    what = f"one batch, {batch} x {channels} x {grid[0]} x {grid[1]} features at the output grid, with the "
+    what += "backbone's and upsampler's intermediates"
+    held_what = f"{held_batches} batches of features held for writing"
+    checks = [
+        (compute + held_on_device, str(device), device_free, what + (f", and {held_what}" if held else ""))
+    ]
+    if device.type != "cpu":
+        checks.append((held, "host memory", host_free, held_what))
+    for need, place, free, reason in checks:
+        logger.debug("memory: %.2f GiB needed on %s, %s bytes free", need / GIB, place, free)
         if free is not None and need > free:
             raise FeatliftError(
-                f"extracting needs about {need / GIB:.1f} GiB on {place} (features of one batch, "
-                f"{shape} at the output grid, with the backbone's and upsampler's intermediates"
-                f"{' and the batches waiting to be written' if where is None or where.type == 'cpu' else ''}), "
-                f"but only {free / GIB:.1f} GiB is free; lower --iters, --batch-size or --output-size"
+                f"extracting needs about {need / GIB:.1f} GiB on {place} ({reason}), but only "
+                f"{free / GIB:.1f} GiB is free; lower --iters, --batch-size or --output-size"
             )
