@@ -150,7 +150,7 @@ def test_lift_checkpoint_float16_and_glob(tmp_path, tiny_timm_weights, image_tre
     save_checkpoint(tmp_path / "rescaled", module, backbone)
     argv = [pattern, "--checkpoint", str(tmp_path / "rescaled"), "--dtype", "float16", "--out", str(out)]
     assert extract(tmp_path, tiny_timm_weights, *argv) == 2
-    assert "holds features extracted with other settings (upsampler_fingerprint:" in capsys.readouterr().err
+    assert "exists with other settings (upsampler_fingerprint:" in capsys.readouterr().err
 
 
 def test_checkpoint_for_another_layer_is_refused(tmp_path, tiny_timm_weights, image_tree, capsys):
@@ -209,10 +209,7 @@ def test_rerun_skips_finished_and_refuses_other_settings(tmp_path, tiny_timm_wei
     assert (
         extract(tmp_path, tiny_timm_weights, str(image_tree), "--upsampler", "none", "--out", str(out)) == 2
     )
-    assert (
-        "holds features extracted with other settings (upsampler: 'bilinear' there, 'none' now"
-        in capsys.readouterr().err
-    )
+    assert "exists with other settings (upsampler: 'bilinear' there, 'none' now" in capsys.readouterr().err
     assert (
         extract(
             tmp_path,

@@ -91,8 +91,8 @@ def check_inside(out_dir: Path, outputs: list[Path]) -> None:
     for folder in sorted({path.parent for path in outputs}):
         if not Path(os.path.realpath(folder)).is_relative_to(root):
             raise FeatliftError(
-                f"{folder} is a symlink to {os.path.realpath(folder)}, outside the output folder {out_dir}; "
-                "outputs are only written inside it"
+                f"{folder} leads through a symlink to {os.path.realpath(folder)}, outside the output folder "
+                f"{out_dir}; outputs are only written inside it"
             )
 
 
@@ -238,7 +238,6 @@ def extract_to_folder(
     report = ExtractionReport()
     outputs = [output_path(out_dir, item) for item in items]
     check_inside(out_dir, outputs)
-    claim_folder(out_dir, {k: settings[k] for k in SETTINGS_KEYS}, outputs, overwrite)
     for folder in {path.parent for path in outputs}:
         remove_stale_temp_files(folder)
     todo: list[tuple[ImageItem, Path, dict[str, str]]] = []
@@ -267,18 +266,20 @@ def extract_to_folder(
             "extracting them again",
             outdated,
         )
+    if todo:
+        batches = -(-len(todo) // batch_size)
+        converted = torch.device(device).type != "cpu" or dtype != torch.float32  # a copy on the host
+        check_extraction_fits(
+            pipeline,
+            batch=min(batch_size, len(todo)),
+            size=size,
+            device=device,
+            stored_dtype=dtype,
+            held_batches=min(2 * writer_threads, batches - 1) + converted,
+        )
+    claim_folder(out_dir, {k: settings[k] for k in SETTINGS_KEYS}, outputs, overwrite)
     if not todo:
         return report
-    batches = -(-len(todo) // batch_size)
-    converted = torch.device(device).type != "cpu" or dtype != torch.float32  # a copy on the host
-    check_extraction_fits(
-        pipeline,
-        batch=min(batch_size, len(todo)),
-        size=size,
-        device=device,
-        stored_dtype=dtype,
-        held_batches=min(2 * writer_threads, batches - 1) + converted,
-    )
     pipeline = optimize_pipeline(pipeline.to(device).eval(), options).to(device).eval()
     loader = DataLoader(
         ImageFileDataset([item for item, _, _ in todo], size),
