@@ -41,7 +41,8 @@ def extract(tmp_path, weights, *args):
 
 
 def outputs(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    """The feature files in `folder` (not the settings file)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors") if p.is_file())
 
 
 def test_folder_with_odd_names_bilinear(tmp_path, tiny_timm_weights, image_tree, capsys):
@@ -370,15 +371,16 @@ KILL_MID_WRITE = """
 import os, signal, sys
 import featlift.fileio
 from featlift.cli import main
-original, calls = featlift.fileio.save_file, [0]
-def save_file(tensors, filename, metadata=None):
+original, calls = featlift.fileio._write_bytes, [0]
+def write_bytes(path, data):
+    if path.name.startswith(".featlift-extract.json"):
+        return original(path, data)
     calls[0] += 1
     if calls[0] == {kill_at}:  # half a file in the temp path, then the process dies
-        with open(filename, "wb") as handle:
-            handle.write(b"half a safetensors file")
+        original(path, data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(tensors, filename, metadata=metadata)
-featlift.fileio.save_file = save_file
+    return original(path, data)
+featlift.fileio._write_bytes = write_bytes
 sys.exit(main({argv!r}))
 """
 

@@ -25,3 +25,7 @@ class ImageReadError(FeatliftError):
 
 class InputSizeError(FeatliftError, ValueError):
     """An input tensor or size does not fit the backbone (e.g. not a multiple of the patch size)."""
+
+
+class OutputWriteError(FeatliftError):
+    """An output file cannot be written (full disk, quota, read-only file system, I/O error)."""

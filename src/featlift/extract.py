@@ -1,9 +1,13 @@
 """Batch feature extraction from image files to one ``.safetensors`` file per image.
 
 Each output ``OUT/<relative path>.safetensors`` holds ``features`` ``[C, H, W]`` and string metadata
-(backbone, fingerprint, layer, facet, upsampler and its weights' fingerprint, checkpoint, iters, input size, source). Files are
-written atomically; outputs that already exist with the same settings are skipped, so a re-run
-resumes an interrupted one. Unreadable images are reported and skipped.
+(backbone, fingerprint, layer, facet, upsampler and its weights' fingerprint, checkpoint, iters, input and
+output size, source and its size and modification time). Files are written atomically. An output that
+exists with the same settings and was made from the image as it is now (same size and modification
+time) is skipped, so a re-run resumes an interrupted one; an output of an image changed since is made
+again. A folder holds one set of settings (`featlift.folder_settings`). Unreadable images, names that
+are not UTF-8 and images whose features are not finite are reported and skipped; a run that would not
+fit in memory is refused before it starts (`featlift.memory_estimate`).
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
-from .errors import FeatliftError, ImageReadError
+from .errors import FeatliftError, ImageReadError, OutputWriteError
 from .fileio import check_writable_dir, remove_stale_temp_files, save_safetensors_atomic
 from .fingerprint import state_dict_fingerprint
+from .folder_settings import OUTPUT_SUFFIX, claim_folder
 from .images import ImageItem, image_to_tensor, load_image
 from .inference import InferenceOptions, optimize_pipeline
+from .memory_estimate import check_extraction_fits
 from .pipeline import FeaturePipeline
 
 logger = logging.getLogger(__name__)
@@ -42,9 +48,12 @@ SETTINGS_KEYS = (
     "upsampler_fingerprint",
     "iters",
     "input_size",
+    "output_size",
     "dtype",
     "amp",
 )
+# Metadata keys that identify the image an output was made from: a changed image is extracted again.
+SOURCE_KEYS = ("source_size", "source_mtime_ns")
 
 
 @dataclass
@@ -52,6 +61,10 @@ class ExtractionReport:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+
+    def fail(self, path: Path, message: str) -> None:
+        logger.warning("skipping image: %s", message)
+        self.failed.append((path, message))
 
     @property
     def ok(self) -> bool:
@@ -62,7 +75,47 @@ class ExtractionReport:
 
 
 def output_path(out_dir: Path, item: ImageItem) -> Path:
-    return out_dir / f"{item.relative}.safetensors"
+    """``out_dir/<item.relative>.safetensors``; an error if the relative path leads out of `out_dir`."""
+    relative = Path(os.path.normpath(item.relative))
+    if relative.is_absolute() or relative.parts[:1] in ((os.pardir,), (os.curdir,)):
+        raise FeatliftError(
+            f"{display_path(item.path)}: its relative path {display_path(item.relative)} would put its output "
+            f"outside the output folder {out_dir}; outputs are only written inside it"
+        )
+    return out_dir / f"{relative}{OUTPUT_SUFFIX}"
+
+
+def check_inside(out_dir: Path, outputs: list[Path]) -> None:
+    """Refuse outputs whose folder, symlinks resolved, is not inside `out_dir` (a symlink placed in it)."""
+    root = Path(os.path.realpath(out_dir))
+    for folder in sorted({path.parent for path in outputs}):
+        if not Path(os.path.realpath(folder)).is_relative_to(root):
+            raise FeatliftError(
+                f"{folder} leads through a symlink to {os.path.realpath(folder)}, outside the output folder "
+                f"{out_dir}; outputs are only written inside it"
+            )
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` as printable text: bytes that are not UTF-8 shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8_name(path: str | os.PathLike) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def source_identity(path: Path) -> dict[str, str] | None:
+    """Size and modification time of the image file (its symlink's target), or None if it cannot be read."""
+    try:
+        stat = path.stat()
+    except (OSError, RuntimeError):  # missing, no permission, symlink loop
+        return None
+    return {"source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -91,6 +144,7 @@ def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: t
         "checkpoint": pipeline.checkpoint or "",
         "iters": str(pipeline.iters if upsampler is not None else 0),
         "input_size": f"{size[0]}x{size[1]}",
+        "output_size": "x".join(map(str, pipeline.output_size)) if pipeline.output_size else "none",
         "dtype": str(dtype).replace("torch.", ""),
         "featlift_version": __version__,
     }
@@ -123,7 +177,8 @@ def _collate(batch):
     return indices, images, failed
 
 
-def _is_done(path: Path, settings: dict[str, str], overwrite: bool) -> bool:
+def _is_done(path: Path, settings: dict[str, str], source: dict[str, str] | None, overwrite: bool) -> bool:
+    """True if `path` exists, made with `settings` from the image as it is now (`source`)."""
     if not path.exists() or overwrite:
         return False
     try:
@@ -136,7 +191,21 @@ def _is_done(path: Path, settings: dict[str, str], overwrite: bool) -> bool:
         raise FeatliftError(
             f"{path} exists with other settings ({details}); use another --out folder or --overwrite"
         )
-    return True
+    return source is not None and all(existing.get(k) == source[k] for k in SOURCE_KEYS)
+
+
+def non_finite_message(item: ImageItem, stored: torch.Tensor, computed: torch.Tensor) -> str:
+    nan, inf = int(stored.isnan().sum()), int(stored.isinf().sum())
+    if computed.isfinite().all():
+        cause = (
+            f"the features exceed the range of {str(stored.dtype).replace('torch.', '')}; use --dtype float32"
+        )
+    else:
+        cause = "check the image and the backbone and upsampler weights for NaN or infinite values"
+    return (
+        f"{display_path(item.path)}: features have {nan} NaN and {inf} infinite values "
+        f"(of {stored.numel()}), not written; {cause}"
+    )
 
 
 def extract_to_folder(
@@ -160,6 +229,7 @@ def extract_to_folder(
     keeps outputs equal to float rounding; ``amp`` is recorded in the metadata since it changes them).
     With ``writer_threads >= 1`` files are written by background threads while the next batch is
     computed (and `workers` processes decode the next images), so decoding, compute and writing overlap.
+    A failed write (e.g. a full disk) raises `OutputWriteError`; the files written before it are kept.
     """
     pipeline.backbone.grid_size(*size)  # fail before any work if the size does not fit the patch
     out_dir = check_writable_dir(out_dir)
@@ -167,25 +237,52 @@ def extract_to_folder(
     settings = {**pipeline_metadata(pipeline, size, dtype), "amp": options.amp or "none"}
     report = ExtractionReport()
     outputs = [output_path(out_dir, item) for item in items]
+    check_inside(out_dir, outputs)
     for folder in {path.parent for path in outputs}:
         remove_stale_temp_files(folder)
-    todo = []
+    todo: list[tuple[ImageItem, Path, dict[str, str]]] = []
+    outdated = 0
     for item, path in zip(items, outputs, strict=True):
-        if _is_done(path, settings, overwrite):
+        if not is_utf8_name(item.path):
+            report.fail(
+                item.path, f"{display_path(item.path)}: file name is not valid UTF-8; rename the file"
+            )
+            continue
+        source = source_identity(item.path)
+        if _is_done(path, settings, source, overwrite):
             report.skipped.append(path)
-        else:
-            todo.append(item)
+            continue
+        outdated += path.exists() and not overwrite
+        todo.append((item, path, source or {}))
     if report.skipped:
         logger.info(
             "%d of %d outputs already exist with the same settings; skipping them",
             len(report.skipped),
             len(items),
         )
+    if outdated:
+        logger.info(
+            "%d outputs are out of date (their image changed since, or the file is unreadable); "
+            "extracting them again",
+            outdated,
+        )
+    if todo:
+        batches = -(-len(todo) // batch_size)
+        converted = torch.device(device).type != "cpu" or dtype != torch.float32  # a copy on the host
+        check_extraction_fits(
+            pipeline,
+            batch=min(batch_size, len(todo)),
+            size=size,
+            device=device,
+            stored_dtype=dtype,
+            held_batches=min(2 * writer_threads, batches - 1) + converted,
+        )
+    claim_folder(out_dir, {k: settings[k] for k in SETTINGS_KEYS}, outputs, overwrite)
     if not todo:
         return report
     pipeline = optimize_pipeline(pipeline.to(device).eval(), options).to(device).eval()
     loader = DataLoader(
-        ImageFileDataset(todo, size),
+        ImageFileDataset([item for item, _, _ in todo], size),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -195,22 +292,19 @@ def extract_to_folder(
 
     write_failed = threading.Event()
 
-    def write(indices: list[int], features: torch.Tensor) -> list[Path]:
-        paths = []
+    def write(indices: list[int], features: torch.Tensor) -> None:
         for index, feature in zip(indices, features, strict=True):
             if write_failed.is_set():  # an earlier write failed: write nothing more, as a serial run would
-                return paths
-            item = todo[index]
-            path = output_path(out_dir, item)
+                return
+            item, path, source = todo[index]
             try:
                 save_safetensors_atomic(
-                    {"features": feature}, path, metadata={**settings, "source": str(item.path)}
+                    {"features": feature}, path, metadata={**settings, "source": str(item.path), **source}
                 )
             except BaseException:
                 write_failed.set()
                 raise
-            paths.append(path)
-        return paths
+            report.written.append(path)
 
     writer = (
         ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="featlift-writer")
@@ -221,20 +315,31 @@ def extract_to_folder(
 
     def finish_oldest() -> None:
         future, count = pending.popleft()
-        report.written.extend(future.result())
+        future.result()
         bar.update(count)
 
     try:
         for indices, images, failed in loader:
             for index, message in failed:
-                logger.warning("skipping unreadable image: %s", message)
-                report.failed.append((todo[index].path, message))
+                report.fail(todo[index][0].path, message)
             bar.update(len(failed))
             if images is None:
                 continue
-            features = pipeline(images.to(device, non_blocking=True)).to("cpu", dtype)
+            computed = pipeline(images.to(device, non_blocking=True))
+            features = computed.to("cpu", dtype)
+            low, high = torch.aminmax(features.flatten(1), dim=1)  # NaN propagates; no per-value mask
+            finite = (low.isfinite() & high.isfinite()).tolist()
+            if not all(finite):
+                for position in [p for p, ok in enumerate(finite) if not ok]:
+                    item = todo[indices[position]][0]
+                    report.fail(item.path, non_finite_message(item, features[position], computed[position]))
+                bar.update(finite.count(False))
+                keep = [p for p, ok in enumerate(finite) if ok]
+                indices, features = [indices[p] for p in keep], features[keep]
+                if not keep:
+                    continue
             if writer is None:
-                report.written.extend(write(indices, features))
+                write(indices, features)
                 bar.update(len(indices))
                 continue
             pending.append((writer.submit(write, indices, features), len(indices)))
@@ -242,6 +347,11 @@ def extract_to_folder(
                 finish_oldest()
         while pending:
             finish_oldest()
+    except OutputWriteError as exc:
+        raise OutputWriteError(
+            f"{exc}; stopped after {report.summary()} (the files written are complete and kept; "
+            "a re-run resumes)"
+        ) from exc
     finally:
         if writer is not None:
             writer.shutdown(wait=True)

@@ -1,8 +1,13 @@
-"""Atomic file writes: a reader never sees a half-written file, and an interrupted write leaves none."""
+"""Atomic file writes: a reader never sees a half-written file, and an interrupted write leaves none.
+
+A write that the file system refuses (full disk, quota, read-only, I/O error) raises `OutputWriteError`
+naming the file and, for a full disk, the file system that is full.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -14,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from .errors import OutputWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -32,24 +39,55 @@ STALE_TEMP_AGE_S = 3600.0
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 
+    With `exclusive`, the temp file is linked to `path` instead, which raises `FileExistsError` when
+    `path` exists: of several writers, exactly one creates it, and nobody sees it half written.
     The temp name is ``.<name>.<pid>.<random>.featlift-tmp``: the writer's process id lets
     `remove_stale_temp_files` tell a file left by a killed process from one still being written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp_path, path)
+        if exclusive:
+            os.link(tmp_path, path)
+        else:
+            os.replace(tmp_path, path)
+    except OSError as exc:
+        if exclusive and isinstance(exc, FileExistsError):
+            raise
+        raise write_error(path, exc) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the file system that holds `path` (or would hold it, if it does not exist yet)."""
+    path = Path(os.path.realpath(path))
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def write_error(path: Path, exc: OSError) -> OutputWriteError:
+    """`exc`, raised while writing `path`, as an error that names the file and the reason."""
+    if exc.errno == errno.ENOSPC:
+        return OutputWriteError(f"no space left on {mount_point(path)} while writing {path}")
+    if exc.errno == errno.EDQUOT:
+        return OutputWriteError(f"disk quota exceeded on {mount_point(path)} while writing {path}")
+    return OutputWriteError(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def _process_alive(pid: int) -> bool:
@@ -94,16 +132,31 @@ def remove_stale_temp_files(folder: str | os.PathLike, recursive: bool = False) 
     return removed
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
+    # Serialised here and written by Python, so that a failed write is an OSError with its errno
+    # (safetensors' own file writer reports it as a SafetensorError carrying only a message).
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _write_bytes(tmp, data)
 
 
-def save_json_atomic(data: Any, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+def save_json_atomic(data: Any, path: str | os.PathLike, exclusive: bool = False) -> bool:
+    """Write `data` as JSON to `path`; with `exclusive`, only if no file is there. True if written."""
+    try:
+        with atomic_path(path, exclusive=exclusive) as tmp:
+            _write_bytes(tmp, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+    except FileExistsError:
+        if not exclusive:
+            raise
+        return False
+    return True
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:

@@ -150,22 +150,44 @@ def _glob_root(pattern: str) -> Path:
     return Path(*static) if static else Path(".")
 
 
+def _is_image_entry(path: Path) -> bool:
+    """An image file, or a symlink named like one whose target is missing or loops.
+
+    Such a symlink is kept so that reading it fails and is reported like any unreadable image,
+    instead of being dropped without a word.
+    """
+    return is_image_file(path) and (path.is_file() or (path.is_symlink() and not path.exists()))
+
+
+def _relative_inside(path: Path, root: Path, pattern: str) -> Path:
+    """`path` relative to `root`, with ``.``/``..`` resolved by name; an error if it leaves `root`.
+
+    A glob with ``..`` after a wildcard (``photos/*/../../x.jpg``) can match files outside its fixed
+    folder, and their outputs would be written outside the output folder.
+    """
+    relative = Path(os.path.relpath(path, root))  # lexical: abspath + normpath of both
+    if relative.parts[:1] == ("..",):
+        raise FeatliftError(
+            f"{pattern}: matches {path}, which is outside the pattern's fixed folder {root}, so its output "
+            f"would be written outside the output folder; start the pattern at a folder that holds every match"
+        )
+    return relative
+
+
 def collect_images(inputs: list[str | os.PathLike]) -> list[ImageItem]:
     """Expand files, folders (recursive) and glob patterns into a sorted list of image files.
 
     The relative path of each image is taken from the folder or the glob's fixed prefix it was
     found under; a file named directly keeps only its file name. Two images that would map to
-    the same relative path are an error, since their outputs would overwrite each other.
+    the same relative path are an error, since their outputs would overwrite each other, and so
+    is a glob match outside the glob's fixed folder. Broken or looping symlinks named like images
+    are kept, so that reading them fails and is reported.
     """
     items: dict[Path, ImageItem] = {}
     for raw in inputs:
         entry = Path(raw)
         if entry.is_dir():
-            found = [
-                (p, p.relative_to(entry))
-                for p in sorted(entry.rglob("*"))
-                if p.is_file() and is_image_file(p)
-            ]
+            found = [(p, p.relative_to(entry)) for p in sorted(entry.rglob("*")) if _is_image_entry(p)]
             if not found:
                 raise FeatliftError(
                     f"{entry}: folder contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -175,13 +197,13 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[ImageItem]:
         elif glob.has_magic(str(raw)):
             root = _glob_root(str(raw))
             matches = sorted(Path(p) for p in glob.glob(str(raw), recursive=True))
-            found = [(p, p.relative_to(root)) for p in matches if p.is_file() and is_image_file(p)]
+            found = [(p, _relative_inside(p, root, str(raw))) for p in matches if _is_image_entry(p)]
             if not found:
                 raise FeatliftError(f"{raw}: pattern matches no image files")
         else:
             raise FeatliftError(f"{raw}: no such file, folder or glob pattern")
         for path, relative in found:
-            key = path.resolve()
+            key = Path(os.path.realpath(path))  # unlike Path.resolve, no error for a symlink loop
             if key in items:
                 continue
             items[key] = ImageItem(path=path, relative=relative)

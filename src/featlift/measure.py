@@ -58,10 +58,10 @@ class TensorMemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in tree_flatten(out)[0]:
-            if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            if not isinstance(value, torch.Tensor):
                 continue
-            storage = value.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
+            storage = value.untyped_storage()  # meta tensors count too: they have sizes but no data
+            key, nbytes = id(storage), storage.nbytes()
             if nbytes == 0 or key in self._alive:
                 continue
             self._alive.add(key)

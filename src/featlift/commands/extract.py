@@ -31,8 +31,9 @@ def register(subparsers) -> None:
         "extract",
         help="extract (upsampled) ViT features for images, folders or globs",
         description="Write OUT/<relative path>.safetensors with `features` [C, H, W] for every input image. "
-        "Existing outputs with the same settings are skipped; unreadable images are reported and skipped "
-        "(exit code 1).",
+        "Existing outputs with the same settings, made from the image as it is now, are skipped; an output "
+        "folder holds one set of settings. Unreadable images and non-finite features are reported and "
+        "skipped (exit code 1).",
     )
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns"
