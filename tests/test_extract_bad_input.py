@@ -365,3 +365,37 @@ def test_real_dinov2_with_ten_lift_passes_is_refused_before_running(tmp_path, ca
     err = capsys.readouterr().err
     assert "(one batch, 1 x 384 x 16384 x 16384 features at the output grid" in err
     assert outputs(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("link_errno", [errno.EPERM, errno.ENOTSUP])
+def test_folder_claims_work_on_file_systems_without_hard_links(tmp_path, monkeypatch, link_errno):
+    """FAT, exFAT and some network mounts refuse os.link: the claim is still made, and still exclusive."""
+    from featlift.folder_settings import claim_folder
+
+    def no_links(source, target):
+        raise OSError(link_errno, os.strerror(link_errno))
+
+    monkeypatch.setattr(featlift.fileio.os, "link", no_links)
+    claim_folder(tmp_path, {"upsampler": "lift"}, [], overwrite=False)
+    claim_folder(tmp_path, {"upsampler": "lift"}, [], overwrite=False)  # same settings share the folder
+    with pytest.raises(FeatliftError, match="bilinear"):
+        claim_folder(tmp_path, {"upsampler": "bilinear"}, [], overwrite=False)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["settings"] == {"upsampler": "lift"}
+    assert [p.name for p in tmp_path.iterdir()] == [SETTINGS_FILE]
+
+
+def test_memory_check_counts_the_weights_a_gpu_still_has_to_receive(tiny_backbone, monkeypatch):
+    """Before the pipeline moves to the GPU its weights are on the host: the GPU must hold them too."""
+    from featlift import memory_estimate
+
+    backbone = tiny_backbone()
+    pipeline = FeaturePipeline(backbone, LiFT(backbone.channels, backbone.patch_size).eval())
+    weights = sum(t.nbytes for t in [*pipeline.parameters(), *pipeline.buffers()])
+    compute = memory_estimate.batch_peak_bytes(pipeline, 1, (64, 64))
+    monkeypatch.setattr(memory_estimate, "host_free_bytes", lambda: 2**40)
+    kwargs = dict(batch=1, size=(64, 64), device="cuda", stored_dtype=torch.float32, held_batches=2)
+    monkeypatch.setattr(memory_estimate, "device_free_bytes", lambda device: compute + weights)
+    memory_estimate.check_extraction_fits(pipeline, **kwargs)  # exactly enough
+    monkeypatch.setattr(memory_estimate, "device_free_bytes", lambda device: compute + weights - 1)
+    with pytest.raises(FeatliftError, match=r"on cuda .*GiB of weights"):
+        memory_estimate.check_extraction_fits(pipeline, **kwargs)

@@ -59,7 +59,7 @@ def atomic_path(path: str | os.PathLike, exclusive: bool = False) -> Iterator[Pa
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         if exclusive:
-            os.link(tmp_path, path)
+            _create_exclusively(tmp_path, path)
         else:
             os.replace(tmp_path, path)
     except OSError as exc:
@@ -69,6 +69,23 @@ def atomic_path(path: str | os.PathLike, exclusive: bool = False) -> Iterator[Pa
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _create_exclusively(source: Path, path: Path) -> None:
+    """Give `path` the content of `source`, raising `FileExistsError` if `path` exists.
+
+    A hard link makes the whole file appear at once. File systems without hard links (FAT, exFAT, some
+    network and FUSE mounts) get an ``O_EXCL`` create and a copy instead, still exclusive.
+    """
+    try:
+        os.link(source, path)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(source.read_bytes())
 
 
 def mount_point(path: str | os.PathLike) -> Path:

@@ -108,6 +108,11 @@ def check_extraction_fits(
     device_free = device_free_bytes(device)
     host_free = host_free_bytes() if device.type != "cpu" else None
     held_on_device = held if device.type == "cpu" else 0
+    # weights still on the host will take device memory once the pipeline moves there (before the call)
+    weights = sum(
+        t.nbytes for t in [*pipeline.parameters(), *pipeline.buffers()] if t.device.type != device.type
+    )
+    held_on_device += weights
     plain = (output + batch * 3 * size[0] * size[1]) * 4 * PROBE_MARGIN
     if (device_free is None or plain + held_on_device <= device_free) and (
         host_free is None or held <= host_free
@@ -123,9 +128,9 @@ def check_extraction_fits(
     what = f"one batch, {batch} x {channels} x {grid[0]} x {grid[1]} features at the output grid, with the "
     what += "backbone's and upsampler's intermediates"
     held_what = f"{held_batches} batches of features held for writing"
-    checks = [
-        (compute + held_on_device, str(device), device_free, what + (f", and {held_what}" if held else ""))
-    ]
+    extra = [f"{held_what}"] if device.type == "cpu" and held else []
+    extra += [f"{weights / GIB:.1f} GiB of weights"] if weights else []
+    checks = [(compute + held_on_device, str(device), device_free, ", and ".join([what, *extra]))]
     if device.type != "cpu":
         checks.append((held, "host memory", host_free, held_what))
     for need, place, free, reason in checks:
