@@ -341,3 +341,17 @@ def test_import_names_a_file_that_is_not_a_weights_file(tmp_path, tiny_timm_weig
     err = capsys.readouterr().err
     assert f"LiFT file {tmp_path / 'notes.pth'}: not a PyTorch or safetensors weights file" in err
     assert "it starts with b'this is not a ch'" in err
+
+
+def test_saving_leaves_the_random_state_and_the_weights_hash_as_written(tmp_path, tiny_backbone):
+    """The check that a saved config loads builds no real module (no RNG draws); the hash is the file's."""
+    backbone = tiny_backbone()
+    lift = LiFT(backbone.channels, backbone.patch_size)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    save_checkpoint(tmp_path / "ckpt", lift, backbone)
+    torch.testing.assert_close(torch.rand(3), expected)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    weights = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    assert config["weights_sha256"] == hashlib.sha256(weights).hexdigest()

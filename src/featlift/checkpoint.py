@@ -116,12 +116,24 @@ class CheckpointConfig:
 
     def build_upsampler(self, source: str) -> Upsampler:
         """A fresh module from ``upsampler`` and ``args``; values its constructor refuses raise `CheckpointError`."""
-        try:
-            return create_upsampler(self.upsampler, **self.upsampler_args)
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(
-                f"{source}: upsampler.args {json.dumps(self.upsampler_args)}: {exc}"
-            ) from exc
+        return _build(self.upsampler, self.upsampler_args, source)
+
+
+def _build(name: str, args: dict[str, Any], source: str) -> Upsampler:
+    try:
+        return create_upsampler(name, **args)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{source}: upsampler.args {json.dumps(args)}: {exc}") from exc
+
+
+def check_buildable(name: str, args: dict[str, Any], source: str) -> None:
+    """Raise `CheckpointError` if upsampler `name` refuses `args`, as `load_checkpoint` would.
+
+    The module is built on the meta device (no memory, no initialisation work) with the global random
+    state saved and restored, so checking a config before a save changes nothing else.
+    """
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        _build(name, args, source)
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -196,11 +208,12 @@ def save_checkpoint(
     directory = Path(directory)
     source = f"cannot save checkpoint {directory}"
     validate_checkpoint_json(config.to_json(), source, FORMAT_VERSION)
-    config.build_upsampler(source)  # what is saved must load: the constructor accepts these args
+    check_buildable(config.upsampler, config.upsampler_args, source)  # what is saved must load
     state = {k: v for k, v in upsampler.state_dict().items()}
     refuse_non_finite(state, source, CheckpointError)
-    save_safetensors_atomic(state, directory / WEIGHTS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
-    config.weights_sha256 = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()
+    config.weights_sha256 = save_safetensors_atomic(
+        state, directory / WEIGHTS_FILE, metadata={"format_version": str(FORMAT_VERSION)}
+    )
     save_json_atomic(config.to_json(), directory / CONFIG_FILE)  # last: it vouches for the weights file
     return directory
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -156,12 +157,14 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
-) -> None:
+) -> str:
+    """Write `tensors` to `path` atomically; return the SHA-256 (hex) of the bytes written."""
     # Serialised here and written by Python, so that a failed write is an OSError with its errno
     # (safetensors' own file writer reports it as a SafetensorError carrying only a message).
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     with atomic_path(path) as tmp:
         _write_bytes(tmp, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_json_atomic(data: Any, path: str | os.PathLike, exclusive: bool = False) -> bool:

@@ -13,31 +13,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..errors import FeatliftError
-from ..upsamplers import Upsampler, create_upsampler
+from ..checkpoint import check_buildable
+from ..errors import CheckpointError, FeatliftError
+from ..upsamplers import Upsampler
+from ..weightfiles import non_finite_tensors
 
 
 class TrainingDivergedError(FeatliftError):
     """Training gave a non-finite loss, non-finite weights or a model that featlift cannot load."""
-
-
-def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, or None.
-
-    A finite sum proves a tensor finite (NaN and infinity propagate), and summing is far cheaper than
-    ``isfinite`` on CPU, so only a tensor whose sum is not finite (or overflows) is looked at element-wise.
-    """
-    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point()]
-    if not floats:
-        return None
-    sums = torch.stack([t.sum().float() for _, t in floats])
-    for index in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
-        name, tensor = floats[index]
-        if not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
 
 
 def _non_finite_numbers(values: dict[str, Any]) -> list[str]:
@@ -56,23 +39,22 @@ class DivergenceGuard:
         where = f"step {step + 1}"
         if not math.isfinite(loss):
             self._stop(epoch, where, f"the loss is {loss}")
-        name = first_non_finite(upsampler.state_dict())
-        if name is not None:
-            self._stop(epoch, where, f"the weights {name} are not finite after the optimizer step")
+        bad = non_finite_tensors(upsampler.state_dict())
+        if bad:
+            self._stop(epoch, where, f"the weights {bad[0]} are not finite after the optimizer step")
 
     def before_save(self, upsampler: Upsampler, epoch: int, record: dict[str, Any]) -> None:
         """Raise instead of letting epoch `epoch` save a model or metrics that are not usable."""
         where = "before saving it"
-        name = first_non_finite(upsampler.state_dict())
-        if name is not None:
-            self._stop(epoch, where, f"the weights {name} are not finite")
+        bad = non_finite_tensors(upsampler.state_dict())
+        if bad:
+            self._stop(epoch, where, f"the weights {bad[0]} are not finite")
         bad = _non_finite_numbers(record) + _non_finite_numbers(upsampler.config())
         if bad:
             self._stop(epoch, where, f"not finite: {', '.join(bad)}")
-        try:  # the check `load_checkpoint` will do: rebuild the upsampler from its config, RNG untouched
-            with torch.random.fork_rng(devices=[]), torch.device("meta"):
-                create_upsampler(upsampler.name, **upsampler.config())
-        except ValueError as exc:
+        try:  # the check `load_checkpoint` will do: rebuild the upsampler from its config
+            check_buildable(upsampler.name, upsampler.config(), "its config")
+        except CheckpointError as exc:
             self._stop(epoch, where, f"its model could not be loaded again ({exc})")
         self.last_saved_epoch = epoch + 1
 
