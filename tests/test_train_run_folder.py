@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import DINOV2_NAME, DINOV2_WEIGHTS, IMAGENET_SAMPLE, requires_shared
 from safetensors.torch import load_file
-from train_helpers import one_thread, save_tiny_weights, train_args, write_image_tree
+from train_helpers import TINY_NAME, one_thread, save_tiny_weights, train_args, write_image_tree
 
 import featlift
 from featlift import load_checkpoint
@@ -212,3 +212,18 @@ def test_huge_lr_on_the_real_backbone_stops_without_a_checkpoint(tmp_path, capsy
     assert main(real_train_args(tmp_path, 3, run, *options)) == 2
     assert "training diverged in epoch 1" in capsys.readouterr().err
     assert not (run / "model.safetensors").exists() and not (run / "train_state.safetensors").exists()
+
+
+def test_weights_from_the_environment_variable_are_used(tmp_path, monkeypatch):
+    """`$FEATLIFT_WEIGHTS` stands in for --weights in train as in every other command; the fingerprint shows it."""
+    weights = save_tiny_weights(tmp_path / "tiny.safetensors")
+    images = write_image_tree(tmp_path / "images", count=4, corrupt=False)
+    argv = train_args(images, tmp_path / "run", weights, "--epochs", "1")
+    at = argv.index("--weights")
+    del argv[at : at + 2]
+    monkeypatch.setenv("FEATLIFT_WEIGHTS", str(weights))
+    with one_thread():
+        assert main(argv) == 0
+    expected = featlift.create_backbone(TINY_NAME, weights=str(weights)).fingerprint()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["backbone"]["fingerprint"] == expected

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from ..train import LOSSES, TrainConfig, train
 from ..upsamplers import available_upsamplers, get_upsampler_class
-from .common import add_backbone_args, add_device_arg, positive_int
+from .common import add_backbone_args, add_device_arg, positive_int, weights_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from .common import WEIGHTS_ENV
-
     config = TrainConfig(
         images=args.images,
         out=args.out,
         backbone=args.backbone,
-        weights=args.weights or os.environ.get(WEIGHTS_ENV) or None,
+        weights=weights_from_args(args),
         layer=args.layer,
         facet=args.facet,
         upsampler=args.upsampler,
