@@ -18,7 +18,8 @@ import json
 
 import torch
 
-from featlift import create_backbone, load_checkpoint, read_checkpoint_config, save_checkpoint
+from featlift import create_backbone, load_checkpoint
+from featlift.checkpoint import read_checkpoint_config, save_checkpoint
 from featlift.train.cache import FeatureCache, cache_key
 from featlift.train.data import scan_images, split_images
 from featlift.train.loop import RESIZE_METHOD, calibration_images, checkpoint_batches, fit_output_scale

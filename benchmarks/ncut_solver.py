@@ -17,8 +17,10 @@ import time
 import numpy as np
 import torch
 
-from featlift import create_backbone, image_to_tensor, load_image, parse_variants
+from featlift import create_backbone
 from featlift.evaluate.discovery import ncut
+from featlift.images import image_to_tensor, load_image
+from featlift.variants import parse_variants
 
 
 def main() -> None:

@@ -16,9 +16,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from featlift import LiFT, create_backbone, image_to_tensor, load_checkpoint, load_image
+from featlift import create_backbone, load_checkpoint
+from featlift.images import image_to_tensor, load_image
 from featlift.pretrained import find_shipped_checkpoint
 from featlift.train.data import scan_images, split_images
+from featlift.upsamplers import LiFT
 
 BASE = 224
 

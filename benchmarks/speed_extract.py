@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from featlift import FeaturePipeline, collect_images, create_backbone, extract_to_folder
-from featlift.bench import environment
+from featlift import create_backbone, extract_to_folder
+from featlift.environment import environment
 from featlift.extract import pipeline_metadata
 from featlift.fileio import save_safetensors_atomic
-from featlift.images import image_to_tensor, load_image
+from featlift.images import collect_images, image_to_tensor, load_image
 from featlift.inference import InferenceOptions, optimize_pipeline
-from featlift.pipeline import resolve_upsampler
+from featlift.pipeline import FeaturePipeline, resolve_upsampler
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 DEFAULT_WEIGHTS = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors"

@@ -10,7 +10,7 @@ import timm
 import torch
 from PIL import Image
 
-from featlift import ViTBackbone
+from featlift.backbones import ViTBackbone
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -10,7 +10,8 @@ import torch
 from conftest import DINOV2_NAME, DINOV2_WEIGHTS, TINY_TIMM_NAME, requires_shared, tiny_vit, write_images
 from safetensors.torch import save_file
 
-from featlift import BackboneError, InputSizeError, ViTBackbone, create_backbone
+from featlift import BackboneError, InputSizeError, create_backbone
+from featlift.backbones import ViTBackbone
 from featlift.cli import main
 
 

@@ -9,10 +9,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from featlift import LiFT, create_backbone, save_checkpoint
+from featlift import create_backbone
 from featlift.bench import count_flops, find_max_size
+from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
 from featlift.measure import TensorMemoryTracker
+from featlift.upsamplers import LiFT
 from featlift.variants import parse_variant
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
@@ -188,11 +190,10 @@ def test_bench_stages_run_under_the_speed_options_of_the_pipeline(tiny_setup, tm
     """Under --amp the backbone-alone and upsampler-alone timings see the same autocast dtype as the whole
     pipeline, and the upsampler alone gets channels-last features as inside it."""
     from featlift.backbones import ViTBackbone
-    from featlift.upsamplers import Upsampler
 
     weights, ckpt, _, _ = tiny_setup
     seen = {"backbone": set(), "upsampler": set()}
-    backbone_forward, upsampler_forward = ViTBackbone.forward, Upsampler.forward
+    backbone_forward, upsampler_forward = ViTBackbone.forward, LiFT.forward
 
     def recording_backbone(self, images):
         seen["backbone"].add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
@@ -204,7 +205,7 @@ def test_bench_stages_run_under_the_speed_options_of_the_pipeline(tiny_setup, tm
         return upsampler_forward(self, features, image, *args, **kwargs)
 
     monkeypatch.setattr(ViTBackbone, "forward", recording_backbone)
-    monkeypatch.setattr(Upsampler, "forward", recording_upsampler)
+    monkeypatch.setattr(LiFT, "forward", recording_upsampler)
     args = ["--sizes", "32", "--variants", f"lift:{ckpt}", *ONE_QUICK_CALL]
     assert bench(weights, *args, "--amp", "bf16", "--out", str(tmp_path / "out")) == 0
     assert seen == {"backbone": {torch.bfloat16}, "upsampler": {(torch.bfloat16, True)}}

@@ -12,18 +12,12 @@ from original_lift import ORIGINAL_LIFT_32_CHANNELS, original_lift_state
 from safetensors.torch import load_file, save_file
 
 import featlift.checkpoint
-from featlift import (
-    BackboneSpec,
-    CheckpointError,
-    CheckpointMismatchError,
-    LiFT,
-    import_original_lift,
-    load_checkpoint,
-    read_checkpoint_config,
-    save_checkpoint,
-)
+from featlift import CheckpointError, CheckpointMismatchError, load_checkpoint
+from featlift.checkpoint import BackboneSpec, read_checkpoint_config, save_checkpoint
 from featlift.cli import main
+from featlift.lift_import import import_original_lift
 from featlift.pretrained import shipped_checkpoints
+from featlift.upsamplers import LiFT
 
 
 def trained_like_lift(channels, patch, seed=0):
@@ -62,7 +56,7 @@ def test_round_trip_records_everything(tmp_path, tiny_backbone):
     loaded, loaded_config = load_checkpoint(tmp_path / "ckpt" / "model.safetensors", backbone=backbone)
     assert loaded_config.backbone.facet == "key" and not loaded.training
     features, image = torch.randn(1, 32, 4, 4), torch.randn(1, 3, 56, 56)
-    torch.testing.assert_close(loaded(features, image), lift(features, image))
+    torch.testing.assert_close(loaded(features, image, (8, 8)), lift(features, image, (8, 8)))
 
 
 @pytest.mark.parametrize(
@@ -136,7 +130,7 @@ def test_import_original_lift_pth(tmp_path, tiny_backbone):
         torch.testing.assert_close(ours[our_name], original["module." + original_name], rtol=0, atol=0)
     reloaded, _ = load_checkpoint(tmp_path / "converted", backbone=backbone)
     features, image = torch.randn(2, 32, 3, 5), torch.randn(2, 3, 48, 80)
-    torch.testing.assert_close(reloaded(features, image), imported(features, image))
+    torch.testing.assert_close(reloaded(features, image, (6, 10)), imported(features, image, (6, 10)))
 
 
 def test_import_refuses_wrong_channels_and_non_lift_files(tmp_path, tiny_backbone):

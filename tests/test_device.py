@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_TIMM_NAME
 
 from featlift.cli import main
-from featlift.commands.common import resolve_device
+from featlift.devices import resolve_device
 
 
 def parse_error(argv: list[str], capsys) -> str:

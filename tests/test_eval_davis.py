@@ -152,7 +152,9 @@ def davis_cli(data, weights, out, *extra):
 
 
 def test_cli_2016_all_variants(tmp_path, tiny_timm_weights, capsys):
-    from featlift import LiFT, create_backbone, save_checkpoint
+    from featlift import create_backbone
+    from featlift.checkpoint import save_checkpoint
+    from featlift.upsamplers import LiFT
 
     backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights)
     save_checkpoint(tmp_path / "ckpt", LiFT(backbone.channels, backbone.patch_size, residual=True), backbone)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import write_images
 
-from featlift import FeatliftError, parse_variants
+from featlift import FeatliftError
 from featlift.evaluate.runner import (
     FeatureTimer,
     add_eval_args,
@@ -17,6 +17,7 @@ from featlift.evaluate.runner import (
     load_batch,
     require_path,
 )
+from featlift.variants import parse_variants
 
 
 def test_timer_counts_images_and_returns_features(tiny_backbone):

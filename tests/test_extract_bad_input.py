@@ -27,11 +27,14 @@ from PIL import Image
 from test_extract_cli import extract, outputs
 
 import featlift.fileio
-from featlift import FeaturePipeline, LiFT, create_backbone, extract_to_folder, load_features, save_checkpoint
+from featlift import create_backbone, extract_to_folder
+from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
 from featlift.errors import FeatliftError
+from featlift.extract import load_features
 from featlift.images import ImageItem
-from featlift.upsamplers import Bilinear
+from featlift.pipeline import FeaturePipeline
+from featlift.upsamplers import Bilinear, LiFT
 
 BILINEAR = ["--upsampler", "bilinear"]
 SETTINGS_FILE = "featlift-extract.json"  # the folder's settings (featlift.folder_settings)
@@ -211,7 +214,7 @@ def test_nan_features_of_one_image_are_reported_and_not_written(tmp_path, tiny_b
     folder = tmp_path / "in"
     write_images(folder, count=2)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "black.png")
-    from featlift import collect_images
+    from featlift.images import collect_images
 
     pipeline = DarkImagesGiveNaN(tiny_backbone(), Bilinear())
     out = tmp_path / "out"
@@ -284,7 +287,7 @@ def test_full_disk_on_a_write_is_an_error_naming_the_file(tmp_path, monkeypatch)
 FULL_DISK = """
 import json, os, sys
 from featlift.cli import main
-from featlift import load_features
+from featlift.extract import load_features
 code = main({argv!r})
 out = {out!r}
 names = sorted(os.listdir(out))
@@ -342,7 +345,7 @@ def test_memory_estimate_equals_the_memory_a_real_call_allocates(tiny_backbone):
     from featlift.memory_estimate import batch_peak_bytes
 
     backbone = tiny_backbone()
-    pipeline = FeaturePipeline(backbone, LiFT(backbone.channels, backbone.patch_size).eval(), iters=2)
+    pipeline = FeaturePipeline(backbone, LiFT(backbone.channels, backbone.patch_size, iters=2).eval())
     with torch.inference_mode(), TensorMemoryTracker() as tracker:
         pipeline(torch.rand(3, 3, 64, 96))
     assert batch_peak_bytes(pipeline, 3, (64, 96)) == tracker.peak > 3 * 32 * 16 * 24 * 4

@@ -10,8 +10,13 @@ import torch
 from conftest import TINY_TIMM_NAME, write_images
 
 import featlift.extract
-from featlift import LiFT, create_backbone, load_checkpoint, load_features, save_checkpoint
+from featlift import create_backbone, load_checkpoint
+from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
+from featlift.extract import load_features
+from featlift.images import image_to_tensor, load_image
+from featlift.pipeline import FeaturePipeline
+from featlift.upsamplers import LiFT
 
 
 @pytest.fixture
@@ -68,7 +73,11 @@ def test_folder_with_odd_names_bilinear(tmp_path, tiny_timm_weights, image_tree,
     ]
     features, meta = load_features(out / "nested dir" / "img'1.png.safetensors")
     assert features.shape == (192, 8, 12) and features.dtype == torch.float32
-    assert meta["upsampler"] == "bilinear" and meta["iters"] == "2" and meta["input_size"] == "32x48"
+    assert (
+        meta["upsampler"] == "bilinear"
+        and meta["upsampler_options"] == '{"iters": 2}'
+        and meta["input_size"] == "32x48"
+    )
     assert (
         meta["backbone"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
         and meta["layer"] == "11"
@@ -98,9 +107,9 @@ def test_features_equal_the_python_api(tmp_path, tiny_timm_weights, image_tree):
     )
     features, meta = load_features(out / "img 0.jpg.safetensors")
     backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights, layer=3, facet="value")
-    image = featlift.image_to_tensor(featlift.load_image(image_tree / "img 0.jpg"), (32, 48))[None]
-    torch.testing.assert_close(features, featlift.FeaturePipeline(backbone)(image)[0])
-    assert meta["upsampler"] == "none" and meta["iters"] == "0"
+    image = image_to_tensor(load_image(image_tree / "img 0.jpg"), (32, 48))[None]
+    torch.testing.assert_close(features, FeaturePipeline(backbone)(image)[0])
+    assert meta["upsampler"] == "none" and meta["upsampler_options"] == "{}"
 
 
 def test_lift_checkpoint_float16_and_glob(tmp_path, tiny_timm_weights, image_tree, capsys):

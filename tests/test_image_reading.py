@@ -10,9 +10,11 @@ import torch
 from conftest import IMAGENET_SAMPLE, TINY_TIMM_NAME
 from PIL import Image
 
-from featlift import FeaturePipeline, image_to_tensor, load_features, load_image
 from featlift.cli import main
 from featlift.errors import ImageReadError
+from featlift.extract import load_features
+from featlift.images import image_to_tensor, load_image
+from featlift.pipeline import FeaturePipeline
 from featlift.train.data import load_pyramid, scan_images
 
 HEIGHT, WIDTH = 32, 48

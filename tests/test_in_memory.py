@@ -6,14 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from featlift import FeaturePipeline, InputSizeError, LiFT, extract_features, image_to_tensor
+from featlift import InputSizeError, extract_features
+from featlift.images import image_to_tensor
+from featlift.pipeline import FeaturePipeline
+from featlift.upsamplers import LiFT
 
 
 @pytest.fixture
 def pipeline(tiny_backbone):
     torch.manual_seed(0)
     backbone = tiny_backbone(patch_size=16)
-    return FeaturePipeline(backbone, LiFT(backbone.channels, 16).eval(), iters=1)
+    return FeaturePipeline(backbone, LiFT(backbone.channels, 16).eval())
 
 
 def test_batches_give_the_same_features_as_one_call(pipeline):

@@ -10,9 +10,13 @@ import torch
 from conftest import write_images
 from safetensors.torch import save_file
 
-from featlift import FeaturePipeline, LiFT, create_backbone, load_features, save_checkpoint
+from featlift import create_backbone
+from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
+from featlift.extract import load_features
 from featlift.inference import InferenceOptions, fold_batchnorm, optimize_pipeline
+from featlift.pipeline import FeaturePipeline
+from featlift.upsamplers import LiFT
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
 
@@ -47,8 +51,8 @@ def test_folded_lift_equals_unfolded_and_leaves_the_original_alone(residual):
     )
     features, image = torch.randn(2, 48, 6, 5), torch.randn(2, 3, 84, 70)
     with torch.inference_mode():
-        for iters in (1, 2):
-            expected, got = lift(features, image, iters=iters), folded(features, image, iters=iters)
+        for size in ((12, 10), (24, 20)):
+            expected, got = lift(features, image, size), folded(features, image, size)
             assert got.shape == expected.shape
             assert (got - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
 
@@ -63,7 +67,8 @@ def test_optimized_pipeline_matches_plain(tiny_backbone):
     backbone = tiny_backbone(patch_size=16)
     lift = LiFT(backbone.channels, 16)
     randomize_batchnorm(lift, seed=1)
-    plain = FeaturePipeline(backbone, lift, iters=2)
+    lift.iters = 2
+    plain = FeaturePipeline(backbone, lift)
     images = torch.rand(2, 3, 64, 48)
     expected = plain(images)
     for options in (InferenceOptions(), InferenceOptions(channels_last=False)):
@@ -173,7 +178,7 @@ def test_speed_options_keep_real_dinov2_lift_features(dinov2_backbone):
     torch.manual_seed(0)
     lift = LiFT(dinov2_backbone.channels, dinov2_backbone.patch_size, residual=True)
     randomize_batchnorm(lift, seed=3)
-    plain = FeaturePipeline(dinov2_backbone, lift, iters=1)
+    plain = FeaturePipeline(dinov2_backbone, lift)
     images = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     expected = plain(images)
     got = optimize_pipeline(plain, InferenceOptions())(images)

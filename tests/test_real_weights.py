@@ -9,15 +9,12 @@ import torch
 from conftest import DINOV2_NAME, DINOV2_WEIGHTS, IMAGENET_SAMPLE, requires_shared
 from test_backbone import hand_block_inputs, hand_facet, to_map
 
-from featlift import (
-    CheckpointMismatchError,
-    LiFT,
-    ViTBackbone,
-    load_checkpoint,
-    load_features,
-    save_checkpoint,
-)
+from featlift import CheckpointMismatchError, load_checkpoint
+from featlift.backbones import ViTBackbone
+from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
+from featlift.extract import load_features
+from featlift.upsamplers import LiFT
 
 pytestmark = [requires_shared, pytest.mark.shared]
 
@@ -90,7 +87,7 @@ def test_extract_real_images_bilinear_and_lift(tmp_path, real_image_dir, dinov2_
         == 0
     )
     features, meta = load_features(tmp_path / "lift2" / f"{REAL_IMAGES[0]}.safetensors")
-    assert features.shape == (384, 64, 64) and meta["iters"] == "2"
+    assert features.shape == (384, 64, 64) and meta["upsampler_options"] == '{"iters": 2}'
 
 
 def test_real_checkpoint_for_another_layer_or_facet_is_refused(
@@ -118,7 +115,8 @@ def test_real_checkpoint_for_another_layer_or_facet_is_refused(
 
 def test_in_memory_features_equal_the_files_extract_writes(tmp_path, real_image_dir, dinov2_backbone):
     """The Python API on PIL images and `featlift extract` on their files: the same features (shipped LiFT)."""
-    from featlift import build_pipeline, extract_features, load_image
+    from featlift import build_pipeline, extract_features
+    from featlift.images import load_image
 
     assert run_extract(real_image_dir, tmp_path / "files") == 0  # default upsampler: the shipped LiFT
     pipeline = build_pipeline(dinov2_backbone, upsampler="lift")

@@ -10,9 +10,11 @@ import torch
 from conftest import IMAGENET_SAMPLE, TINY_TIMM_NAME
 from PIL import Image
 
-from featlift import FeaturePipeline, create_backbone, extract_features, load_features, load_image
+from featlift import create_backbone, extract_features
 from featlift.cli import main
-from featlift.images import image_to_tensor, resize_images
+from featlift.extract import load_features
+from featlift.images import image_to_tensor, load_image, resize_images
+from featlift.pipeline import FeaturePipeline
 from featlift.train.data import TrainImage, load_pyramid
 
 

@@ -80,7 +80,7 @@ def test_train_odd_tree_cache_resume_and_load(tmp_path, weights, monkeypatch, ca
     assert config.backbone.fingerprint == backbone.fingerprint()
     image = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        out = module(backbone(backbone.normalize(image)), backbone.normalize(image))
+        out = module(backbone(backbone.normalize(image)), backbone.normalize(image), (8, 8))
     assert out.shape == (1, backbone.channels, 8, 8)
 
     # output_scale: fitted every epoch on training images, saved in the checkpoint, and a least-squares fixed

@@ -45,7 +45,7 @@ def test_shipped_lift_beats_bilinear_on_held_out_images(dinov2_backbone):
             target = backbone(backbone.normalize(full))
             guide = backbone.normalize(half)
             coarse = backbone(guide)
-            lifted = module(coarse, guide)
+            lifted = module(coarse, guide, tuple(target.shape[-2:]))
             bilinear = F.interpolate(coarse, size=target.shape[-2:], mode="bilinear", align_corners=False)
             lift_scores.append(F.cosine_similarity(lifted, target, dim=1).mean().item())
             bilinear_scores.append(F.cosine_similarity(bilinear, target, dim=1).mean().item())

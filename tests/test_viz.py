@@ -9,8 +9,12 @@ from conftest import TINY_TIMM_NAME
 from PIL import Image
 from skimage import data as skdata
 
-from featlift import LiFT, create_backbone, image_to_tensor, parse_variants, save_checkpoint
+from featlift import create_backbone
+from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
+from featlift.images import image_to_tensor
+from featlift.upsamplers import LiFT
+from featlift.variants import parse_variants
 from featlift.viz import pca_rgb, short_label, similarity_figure, similarity_map
 
 TITLE_PX = 28

@@ -1,16 +1,16 @@
-"""featlift: denser dense features for pretrained Vision Transformers (LiFT and friends)."""
+"""featlift: denser dense features for pretrained vision backbones (LiFT and friends).
+
+The public API, timm-style; everything else is importable from its module (``featlift.pipeline``, ...)::
+
+    backbone = featlift.create_backbone("vit_small_patch14_dinov2.lvd142m")
+    pipeline = featlift.build_pipeline(backbone, upsampler="lift", iters=2)
+    features = featlift.extract_features(pipeline, images)
+"""
 
 __version__ = "0.1.0"
 
-from .backbones import FACETS, ViTBackbone, create_backbone  # noqa: E402
-from .checkpoint import (  # noqa: E402
-    BackboneSpec,
-    CheckpointConfig,
-    import_original_lift,
-    load_checkpoint,
-    read_checkpoint_config,
-    save_checkpoint,
-)
+from .backbones import create_backbone  # noqa: E402
+from .checkpoint import load_checkpoint  # noqa: E402
 from .errors import (  # noqa: E402
     BackboneError,
     CheckpointError,
@@ -18,52 +18,27 @@ from .errors import (  # noqa: E402
     FeatliftError,
     ImageReadError,
     InputSizeError,
+    OutputWriteError,
 )
-from .extract import ExtractionReport, extract_to_folder, load_features  # noqa: E402
-from .images import collect_images, image_to_tensor, load_image  # noqa: E402
+from .extract import extract_to_folder  # noqa: E402
 from .in_memory import extract_features  # noqa: E402
-from .pipeline import FeaturePipeline, build_pipeline  # noqa: E402
-from .upsamplers import (  # noqa: E402
-    LiFT,
-    Upsampler,
-    available_upsamplers,
-    create_upsampler,
-    register_upsampler,
-)
-from .variants import FeatureVariant, parse_variant, parse_variants  # noqa: E402
+from .pipeline import build_pipeline  # noqa: E402
+from .upsamplers import available_upsamplers, create_upsampler  # noqa: E402
 
 __all__ = [
-    "FACETS",
     "BackboneError",
-    "BackboneSpec",
-    "CheckpointConfig",
     "CheckpointError",
     "CheckpointMismatchError",
-    "ExtractionReport",
     "FeatliftError",
-    "FeaturePipeline",
-    "FeatureVariant",
     "ImageReadError",
     "InputSizeError",
-    "LiFT",
-    "Upsampler",
-    "ViTBackbone",
+    "OutputWriteError",
     "available_upsamplers",
     "build_pipeline",
-    "collect_images",
     "create_backbone",
     "create_upsampler",
     "extract_features",
     "extract_to_folder",
-    "image_to_tensor",
-    "import_original_lift",
     "load_checkpoint",
-    "load_features",
-    "load_image",
-    "parse_variant",
-    "parse_variants",
-    "read_checkpoint_config",
-    "register_upsampler",
-    "save_checkpoint",
     "__version__",
 ]

@@ -19,11 +19,9 @@ a busy machine slows every variant alike and ratios stay meaningful even when ab
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import os
-import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +31,6 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import __version__
 from .fileio import atomic_path, save_json_atomic
 from .inference import InferenceOptions, optimize_pipeline
 from .measure import peak_memory_mib, synchronize, timed_call
@@ -148,13 +145,15 @@ def _stage_tasks(variant: FeatureVariant, images: torch.Tensor) -> dict[str, Cal
     pipeline = variant.pipeline
     backbone = pipeline.backbone
     amp = pipeline.amp
+    size = pipeline.output_grid(*images.shape[-2:])
     with torch.inference_mode(), autocast(images.device, amp):
         normalized = backbone.normalize(images)
         features = backbone(normalized)
-    guide = normalized
+        guide = pipeline.guide(images, size)
     if pipeline.channels_last:
         features = features.contiguous(memory_format=torch.channels_last)
-        guide = normalized.contiguous(memory_format=torch.channels_last)
+        if guide is not None:
+            guide = guide.contiguous(memory_format=torch.channels_last)
 
     def run_backbone():
         with autocast(images.device, amp):
@@ -166,7 +165,7 @@ def _stage_tasks(variant: FeatureVariant, images: torch.Tensor) -> dict[str, Cal
 
         def run_upsampler():
             with autocast(images.device, amp):
-                return upsampler(features, guide, iters=pipeline.iters, output_size=pipeline.output_size)
+                return upsampler(features, guide, size)
 
         tasks["upsampler"] = run_upsampler
     return tasks
@@ -308,27 +307,6 @@ def find_max_size(
                 torch.cuda.empty_cache()
         size *= 2
     return largest, failed
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    info = {
-        "featlift": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    return info
 
 
 # ---------------------------------------------------------------------------------------------- reports

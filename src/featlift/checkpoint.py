@@ -41,8 +41,7 @@ from .checkpoint_schema import validate_checkpoint_json
 from .errors import CheckpointError, CheckpointMismatchError
 from .fileio import save_json_atomic, save_safetensors_atomic
 from .upsamplers import Upsampler, create_upsampler
-from .upsamplers.lift import LiFT, convert_original_state_dict
-from .weightfiles import read_weights_file, refuse_non_finite
+from .weightfiles import refuse_non_finite
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -114,9 +113,10 @@ class CheckpointConfig:
             weights_sha256=data.get("weights_sha256"),
         )
 
-    def build_upsampler(self, source: str) -> Upsampler:
-        """A fresh module from ``upsampler`` and ``args``; values its constructor refuses raise `CheckpointError`."""
-        return _build(self.upsampler, self.upsampler_args, source)
+    def build_upsampler(self, source: str, options: dict[str, Any] | None = None) -> Upsampler:
+        """A fresh module from ``upsampler`` and ``args`` (`options` over them); values its constructor
+        refuses raise `CheckpointError`."""
+        return _build(self.upsampler, {**self.upsampler_args, **(options or {})}, source)
 
 
 def _build(name: str, args: dict[str, Any], source: str) -> Upsampler:
@@ -219,17 +219,21 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike, backbone: ViTBackbone | None = None, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    backbone: ViTBackbone | None = None,
+    map_location: str | torch.device = "cpu",
+    options: dict[str, Any] | None = None,
 ) -> tuple[Upsampler, CheckpointConfig]:
     """Rebuild the upsampler of a checkpoint, strictly, in eval mode.
 
-    With `backbone`, first check that it gives the features the checkpoint was trained on.
+    With `backbone`, first check that it gives the features the checkpoint was trained on. `options`
+    are constructor arguments that apply over the stored ones (e.g. LiFT's ``iters``).
     """
     directory = resolve_checkpoint_dir(path)
     config = read_checkpoint_config(directory)
     if backbone is not None:
         check_compatible(config.backbone, backbone, source=f"checkpoint {directory}")
-    module = config.build_upsampler(str(directory / CONFIG_FILE))
+    module = config.build_upsampler(str(directory / CONFIG_FILE), options)
     weights_path = directory / WEIGHTS_FILE
     try:
         payload = weights_path.read_bytes()
@@ -267,40 +271,3 @@ def check_weights_hash(config: CheckpointConfig, actual: str, directory: Path) -
             "different saves (e.g. a save killed between its two writes). Save the checkpoint again, or restore "
             "both files together"
         )
-
-
-def import_original_lift(
-    pth: str | os.PathLike, backbone: ViTBackbone, directory: str | os.PathLike
-) -> tuple[LiFT, CheckpointConfig]:
-    """Convert a checkpoint of the original LiFT code (a bare state dict) into featlift's format.
-
-    The original files record nothing about their backbone, so `backbone` (with its layer and facet)
-    must be the one the file was trained for; channel count and shapes are checked against it.
-    """
-    pth = Path(pth)
-    state = read_weights_file(pth, CheckpointError, what="LiFT file")
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{pth}: expected a LiFT state dict, found {type(state).__name__}")
-    refuse_non_finite(state, f"LiFT file {pth}", CheckpointError)
-    state = convert_original_state_dict(state)
-    head = state.get("head.weight")
-    if head is None:
-        raise CheckpointError(
-            f"{pth}: not a LiFT state dict (no outc.weight); keys start {sorted(state)[:5]}"
-        )
-    if head.shape[0] != backbone.channels:
-        raise CheckpointMismatchError(
-            f"{pth} outputs {head.shape[0]} channels, but {backbone.name} layer {backbone.layer} facet "
-            f"{backbone.facet} gives {backbone.channels}"
-        )
-    module = LiFT(channels=backbone.channels, patch_size=backbone.patch_size, residual=False)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{pth}: does not fit the LiFT architecture: {exc}") from exc
-    save_checkpoint(
-        directory, module, backbone, training={"imported_from": str(pth), "source": "original LiFT code"}
-    )
-    return module.eval(), read_checkpoint_config(directory)

@@ -1,7 +1,7 @@
 """Batch feature extraction from image files to one ``.safetensors`` file per image.
 
 Each output ``OUT/<relative path>.safetensors`` holds ``features`` ``[C, H, W]`` and string metadata
-(backbone, fingerprint, layer, facet, upsampler and its weights' fingerprint, checkpoint, iters, input and
+(backbone, fingerprint, layer, facet, upsampler and its weights' fingerprint, checkpoint, upsampler options, input and
 output size, source and its size and modification time). Files are written atomically. An output that
 exists with the same settings and was made from the image as it is now (same size and modification
 time) is skipped, so a re-run resumes an interrupted one; an output of an image changed since is made
@@ -12,6 +12,7 @@ fit in memory is refused before it starts (`featlift.memory_estimate`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -46,7 +47,7 @@ SETTINGS_KEYS = (
     "facet",
     "upsampler",
     "upsampler_fingerprint",
-    "iters",
+    "upsampler_options",
     "input_size",
     "output_size",
     "dtype",
@@ -142,12 +143,19 @@ def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: t
         if upsampler is not None
         else "",
         "checkpoint": pipeline.checkpoint or "",
-        "iters": str(pipeline.iters if upsampler is not None else 0),
+        "upsampler_options": json.dumps(upsampler_options(upsampler), sort_keys=True),
         "input_size": f"{size[0]}x{size[1]}",
         "output_size": "x".join(map(str, pipeline.output_size)) if pipeline.output_size else "none",
         "dtype": str(dtype).replace("torch.", ""),
         "featlift_version": __version__,
     }
+
+
+def upsampler_options(upsampler) -> dict:
+    """The values of the options (``lift:iters=2``) an upsampler was built with; {} for none."""
+    if upsampler is None:
+        return {}
+    return {name: getattr(upsampler, name, None) for name in upsampler.options}
 
 
 class ImageFileDataset(Dataset):

@@ -98,7 +98,7 @@ def optimize_upsampler(upsampler: Upsampler | None, options: InferenceOptions) -
     if options.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if options.compile:
-        module.upsample_once = torch.compile(module.upsample_once, dynamic=False)
+        module.forward = torch.compile(module.forward, dynamic=False)
     return module
 
 
@@ -124,7 +124,6 @@ def optimize_pipeline(pipeline: FeaturePipeline, options: InferenceOptions | Non
     optimized = FeaturePipeline(
         pipeline.backbone,
         optimize_upsampler(pipeline.upsampler, options),
-        iters=pipeline.iters,
         output_size=pipeline.output_size,
         amp=options.amp,
         channels_last=options.channels_last,

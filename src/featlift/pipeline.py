@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .backbones import ViTBackbone
-from .errors import InputSizeError
+from .backbones import ViTBackbone, create_backbone
+from .checkpoint import load_checkpoint
+from .errors import FeatliftError, InputSizeError
+from .images import resize_images
 from .pixels import check_layout, check_values
-from .upsamplers import Upsampler
+from .pretrained import find_shipped_checkpoint
+from .upsamplers import Upsampler, get_upsampler_class
+from .upsamplers.base import resize_features
+
+SourceImages = torch.Tensor | Sequence[torch.Tensor] | None
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,14 +38,17 @@ def autocast(device: str | torch.device, amp: str | None):
 class FeaturePipeline(nn.Module):
     """``[B, 3, H, W]`` images in ``[0, 1]`` -> ``[B, C, h', w']`` features.
 
-    Without an upsampler, ``h' = H / patch``. With one, ``h' = 2**iters * H / patch``, or ``output_size``
-    when given. The upsampler is guided by the same normalised image the backbone sees. ``amp``
-    ("bf16"/"fp16") runs both under autocast and ``channels_last`` feeds the upsampler NHWC tensors
-    (see `featlift.inference`); the output is always float32. ``checkpoint`` records where the
-    upsampler's weights came from.
+    Without an upsampler, ``(h', w')`` is the token grid ``(H / patch, W / patch)`` (or ``output_size``, by
+    bilinear resizing). With one, it is ``output_size`` when given, else the upsampler's
+    `~featlift.upsamplers.Upsampler.native_output_size` for the grid (LiFT: ``2**iters`` times it). The
+    upsampler gets the guide its capabilities ask for (`featlift.upsamplers.base.GUIDES`), built from the
+    images the backbone sees or, when the caller passes them, the decoded source images. ``amp``
+    ("bf16"/"fp16") runs both under autocast and ``channels_last`` feeds the upsampler NHWC tensors (see
+    `featlift.speedups`); the output is always float32. ``checkpoint`` records where the upsampler's
+    weights came from.
 
     Example:
-        >>> pipe = FeaturePipeline(backbone, load_checkpoint("lift_ckpt", backbone)[0], iters=2)
+        >>> pipe = FeaturePipeline(backbone, create_upsampler("lift", ..., iters=2))
         >>> pipe(images).shape  # images: [4, 3, 224, 224] with patch 14 -> [4, 384, 64, 64]
     """
 
@@ -45,7 +56,6 @@ class FeaturePipeline(nn.Module):
         self,
         backbone: ViTBackbone,
         upsampler: Upsampler | None = None,
-        iters: int = 1,
         output_size: tuple[int, int] | None = None,
         *,
         amp: str | None = None,
@@ -53,85 +63,136 @@ class FeaturePipeline(nn.Module):
         checkpoint: str | None = None,
     ):
         super().__init__()
-        if iters < 0:
-            raise ValueError(f"iters must be >= 0, got {iters}")
         check_amp(amp)
+        if output_size is not None:
+            output_size = tuple(int(s) for s in output_size)
+            if len(output_size) != 2 or min(output_size) < 1:
+                raise ValueError(f"output_size must be (height, width) >= 1, got {output_size!r}")
         self.backbone = backbone
         self.upsampler = upsampler.eval() if upsampler is not None else None
-        self.iters = iters
-        self.output_size = tuple(output_size) if output_size is not None else None
+        self.output_size = output_size
         self.amp = amp
         self.channels_last = channels_last
         self.checkpoint = checkpoint
 
-    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+    def check_images(self, images: torch.Tensor, where: str = "images") -> torch.Tensor:
         """`images` as the backbone takes them (its device, dtype), else `InputSizeError` saying what is wrong.
 
         Expected: RGB ``[B, 3, H, W]`` float pixels in ``[0, 1]`` (see `featlift.pixels`) on the pipeline's
         device; float16, bfloat16 and float64 pixels are converted to the backbone's dtype.
         """
-        check_layout(images, "images", batched=True)
+        check_layout(images, where, batched=True)
         weight = next(self.backbone.parameters())
         if images.device != weight.device:
             raise InputSizeError(
-                f"images are on {images.device}, the pipeline on {weight.device}: "
+                f"{where} are on {images.device}, the pipeline on {weight.device}: "
                 f"move them with .to({str(weight.device)!r})"
             )
         if images.device.type != "meta":  # a shape-only run (`featlift.memory_estimate`) has no values
-            check_values(images, "images", uint8=False)
+            check_values(images, where, uint8=False)
         return images.to(weight.dtype)
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The ``(h', w')`` of the features of ``height x width`` images."""
         grid = self.backbone.grid_size(height, width)
         if self.output_size is not None:
             return self.output_size
         if self.upsampler is None:
             return grid
-        return grid[0] * 2**self.iters, grid[1] * 2**self.iters
+        return tuple(self.upsampler.native_output_size(grid))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def guide(
+        self, images: torch.Tensor, output_size: tuple[int, int], sources: SourceImages = None
+    ) -> torch.Tensor | None:
+        """The normalised guide image the upsampler asks for (None for ``guide="none"`` or no upsampler).
+
+        ``input``: `images`; ``output``: the sources (else `images`) resized to `output_size` with
+        `featlift.images.resize_images`; ``source``: the sources at their own size (several sizes: all
+        resized to the largest), else `images`.
+        """
+        wanted = self.upsampler.capabilities.guide if self.upsampler is not None else "none"
+        if wanted == "none":
+            return None
+        pixels = images
+        if wanted in ("output", "source") and sources is not None:
+            pixels = self._source_batch(sources, images)
+        if wanted == "output":
+            pixels = resize_images(pixels, output_size)
+        return self.backbone.normalize(pixels)
+
+    def _source_batch(self, sources: SourceImages, images: torch.Tensor) -> torch.Tensor:
+        items = list(sources) if not isinstance(sources, torch.Tensor) else sources
+        if len(items) != images.shape[0]:
+            raise InputSizeError(f"sources: {len(items)} images for a batch of {images.shape[0]}")
+        if isinstance(items, torch.Tensor):
+            return self.check_images(items, "sources")
+        checked = [self.check_images(item[None], f"sources[{k}]") for k, item in enumerate(items)]
+        size = (max(c.shape[-2] for c in checked), max(c.shape[-1] for c in checked))
+        return torch.cat([resize_images(c, size) for c in checked])
+
+    def forward(self, images: torch.Tensor, sources: SourceImages = None) -> torch.Tensor:
+        """Features of `images`; `sources` (optional) are the same pictures before any resize, as a
+        ``[B, 3, H0, W0]`` tensor or a list of ``[3, Hk, Wk]`` tensors, for methods guided at high resolution."""
         images = self.check_images(images)
         with torch.inference_mode(), autocast(images.device, self.amp):
             normalized = self.backbone.normalize(images)
             features = self.backbone(normalized)
-            if self.upsampler is not None:
-                if self.channels_last:
-                    features = features.contiguous(memory_format=torch.channels_last)
-                    normalized = normalized.contiguous(memory_format=torch.channels_last)
-                features = self.upsampler(
-                    features, normalized, iters=self.iters, output_size=self.output_size
-                )
-            elif self.output_size is not None:
-                features = nn.functional.interpolate(
-                    features, size=self.output_size, mode="bilinear", align_corners=False
-                )
-            return features.float().contiguous()
+            size = self.output_grid(*images.shape[-2:])
+            if self.upsampler is None:
+                return resize_features(features, size).float().contiguous()
+            guide = self.guide(images, size, sources)
+            if self.channels_last:
+                features = features.contiguous(memory_format=torch.channels_last)
+                if guide is not None:
+                    guide = guide.contiguous(memory_format=torch.channels_last)
+            if self.upsampler.capabilities.fitting != "per-image":
+                return self.upsampler(features, guide, size).float().contiguous()
+        # a method optimised per image needs autograd: leave inference mode, with ordinary copies of its inputs
+        features = features.clone()
+        guide = guide.clone() if guide is not None else None
+        with torch.enable_grad(), autocast(images.device, self.amp):
+            features = self.upsampler(features, guide, size)
+        return features.detach().float().contiguous()
 
 
 def resolve_upsampler(
-    backbone: ViTBackbone, upsampler: str | None = "lift", checkpoint: str | None = None
+    backbone: ViTBackbone,
+    upsampler: str | None = "lift",
+    checkpoint: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> tuple[Upsampler | None, str | None]:
     """Build the upsampler named `upsampler` for `backbone`; return it and the checkpoint folder used.
 
-    ``None``/``"none"`` -> no upsampler. A trainable upsampler needs `checkpoint`, except when featlift
-    ships one for this backbone, layer and facet, which is then used.
+    ``None``/``"none"`` -> no upsampler. A trained upsampler needs `checkpoint`, except when featlift
+    ships one for this backbone, layer and facet, which is then used. `options` are constructor
+    arguments the class lists in ``options`` (e.g. LiFT's ``iters``); they apply over a checkpoint's.
     """
-    from .checkpoint import load_checkpoint
-    from .errors import FeatliftError
-    from .pretrained import find_shipped_checkpoint
-    from .upsamplers import create_upsampler, get_upsampler_class
-
+    options = dict(options or {})
     if upsampler in (None, "none"):
         if checkpoint is not None:
             raise FeatliftError(
                 "a checkpoint was given with upsampler 'none'; pass --upsampler lift (or drop --checkpoint)"
             )
+        if options:
+            raise FeatliftError(f"upsampler 'none' takes no options, got {', '.join(sorted(options))}")
         return None, None
     cls = get_upsampler_class(upsampler)
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        raise FeatliftError(
+            f"upsampler {upsampler!r} takes no option(s) {', '.join(unknown)}; "
+            f"its options: {', '.join(cls.options) or 'none'}"
+        )
     if not cls.trainable:
         if checkpoint is not None:
-            raise FeatliftError(f"upsampler {upsampler!r} has no weights, so --checkpoint does not apply")
-        return create_upsampler(upsampler, channels=backbone.channels, patch_size=backbone.patch_size), None
+            raise FeatliftError(
+                f"upsampler {upsampler!r} has no trained weights, so --checkpoint does not apply"
+            )
+        try:
+            module = cls.from_features(backbone.channels, backbone.patch_size, **options)
+        except (TypeError, ValueError) as exc:
+            raise FeatliftError(f"upsampler {upsampler!r} with {options}: {exc}") from exc
+        return module, None
     if checkpoint is None:
         shipped = find_shipped_checkpoint(backbone.name, backbone.layer, backbone.facet, upsampler)
         if shipped is None:
@@ -140,7 +201,7 @@ def resolve_upsampler(
                 f"{backbone.layer} facet {backbone.facet}; train one with `featlift train` or use --upsampler bilinear"
             )
         checkpoint = str(shipped)
-    module, config = load_checkpoint(checkpoint, backbone=backbone)
+    module, config = load_checkpoint(checkpoint, backbone=backbone, options=options)
     if config.upsampler != upsampler:
         raise FeatliftError(
             f"checkpoint {checkpoint} holds a {config.upsampler!r} upsampler, not {upsampler!r}"
@@ -156,15 +217,14 @@ def build_pipeline(
     facet: str = "token",
     upsampler: str | None = "lift",
     checkpoint: str | None = None,
-    iters: int = 1,
     output_size: tuple[int, int] | None = None,
+    **options: Any,
 ) -> FeaturePipeline:
-    """One call from names to a ready `FeaturePipeline` (what ``featlift extract`` runs)."""
-    from .backbones import create_backbone
+    """One call from names to a ready `FeaturePipeline` (what ``featlift extract`` runs).
 
+    Keyword arguments beyond these are the upsampler's options, e.g. ``build_pipeline(..., iters=2)``.
+    """
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, weights=weights, layer=layer, facet=facet)
-    module, used = resolve_upsampler(backbone, upsampler, checkpoint)
-    return FeaturePipeline(
-        backbone, module, iters=iters if module is not None else 0, output_size=output_size, checkpoint=used
-    )
+    module, used = resolve_upsampler(backbone, upsampler, checkpoint, options)
+    return FeaturePipeline(backbone, module, output_size=output_size, checkpoint=used)

@@ -1,12 +1,14 @@
 """Named feature variants for side-by-side comparisons: ``none``, ``bilinear``, ``input-2x``, ``lift:CKPT:iters=2``.
 
-Spec grammar: ``NAME[:CHECKPOINT][:key=value...]``
+Spec grammar: ``NAME[:CHECKPOINT][:key=value...]``, for any registered upsampler ``NAME``:
 
-- ``none``: raw backbone tokens;
-- ``input-Nx``: the backbone on the image resized N times larger (N a power of two), e.g. ``input-2x``;
-- ``bilinear[:iters=K]``: bilinear upsampling by ``2**K``;
-- ``lift[:CKPT][:iters=K]`` (or any registered trainable upsampler): without ``CKPT``, the checkpoint
-  featlift ships for the backbone.
+- ``none``: raw backbone tokens; ``input-Nx``: the backbone on the image resized N times larger (N a
+  power of two), e.g. ``input-2x``;
+- any registered upsampler, e.g. ``bilinear``, ``lift``, ``lift:CKPT:iters=2``: ``CKPT`` is a checkpoint
+  folder (a trained method without one uses the checkpoint featlift ships for the backbone);
+- ``size=HxW`` (or ``size=S``), for every variant: the output size of the features;
+- every other ``key=value`` is an argument of the method's constructor that its class lists in
+  ``options`` (LiFT's ``iters``), typed as the constructor annotates it.
 
 Callers load each image at ``variant.input_size(base)`` and call ``variant(images)``; so ``input-2x``
 sees real pixels from the original image, not an upsampled base image.
@@ -15,12 +17,18 @@ sees real pixels from the original image, not an upsampled base image.
 from __future__ import annotations
 
 import re
+import typing
+from typing import Any
 
 import torch
 
 from .backbones import ViTBackbone
 from .errors import FeatliftError
+from .images import parse_size
 from .pipeline import FeaturePipeline, resolve_upsampler
+from .upsamplers import get_upsampler_class
+
+GRAMMAR = "NAME[:CHECKPOINT][:key=value...]"
 
 _INPUT_SCALE = re.compile(r"^input-(\d+)x$")
 
@@ -61,42 +69,67 @@ class FeatureVariant:
 def parse_variant(spec: str, backbone: ViTBackbone) -> FeatureVariant:
     """Build the variant `spec` describes, for `backbone` (see the module docstring for the grammar)."""
     name, *rest = spec.split(":")
-    options: dict[str, str] = {}
+    text_options: dict[str, str] = {}
     checkpoint = None
     for part in rest:
         if "=" in part:
-            key, value = part.split("=", 1)
-            options[key.strip()] = value.strip()
+            key, value = (s.strip() for s in part.split("=", 1))
+            if key in text_options:
+                raise FeatliftError(f"variant {spec!r}: option {key} is given twice")
+            text_options[key] = value
         elif checkpoint is None and part:
             checkpoint = part
         else:
-            raise FeatliftError(
-                f"variant {spec!r}: unexpected part {part!r} (grammar: NAME[:CHECKPOINT][:iters=K])"
-            )
-    unknown = set(options) - {"iters"}
-    if unknown:
-        raise FeatliftError(f"variant {spec!r}: unknown option(s) {', '.join(sorted(unknown))}; known: iters")
-    try:
-        iters = int(options.get("iters", 1))
-    except ValueError:
-        raise FeatliftError(f"variant {spec!r}: iters must be an integer") from None
-    if iters < 1:
-        raise FeatliftError(f"variant {spec!r}: iters must be >= 1")
+            raise FeatliftError(f"variant {spec!r}: unexpected part {part!r} (grammar: {GRAMMAR})")
+    output_size = None
+    if "size" in text_options:
+        try:
+            output_size = parse_size(text_options.pop("size"))
+        except FeatliftError as exc:
+            raise FeatliftError(f"variant {spec!r}: {exc}") from None
 
     scale = _INPUT_SCALE.match(name)
     if name == "none" or scale:
-        if rest:
-            raise FeatliftError(f"variant {spec!r}: {name} takes no checkpoint or options")
+        if checkpoint is not None or text_options:
+            raise FeatliftError(f"variant {spec!r}: {name} takes no checkpoint or options other than size")
         factor = int(scale.group(1)) if scale else 1
         if factor < 1 or factor & (factor - 1):
             raise FeatliftError(
                 f"variant {spec!r}: the input scale must be a power of two (input-2x, input-4x)"
             )
-        return FeatureVariant(spec, FeaturePipeline(backbone), input_scale=factor)
-    upsampler, used = resolve_upsampler(backbone, name, checkpoint)
+        return FeatureVariant(spec, FeaturePipeline(backbone, output_size=output_size), input_scale=factor)
+    try:
+        cls = get_upsampler_class(name)
+    except FeatliftError as exc:
+        raise FeatliftError(f"variant {spec!r}: {exc}; or none, input-Nx") from None
+    options = {key: option_value(cls, key, value, spec) for key, value in text_options.items()}
+    upsampler, used = resolve_upsampler(backbone, name, checkpoint, options)
     return FeatureVariant(
-        spec, FeaturePipeline(backbone, upsampler, iters=iters, checkpoint=used), checkpoint=used
+        spec, FeaturePipeline(backbone, upsampler, output_size=output_size, checkpoint=used), checkpoint=used
     )
+
+
+def option_value(cls: type, key: str, text: str, spec: str) -> Any:
+    """The value of option ``key=text`` for upsampler class `cls`, typed as its constructor annotates it."""
+    if key not in cls.options:
+        known = ", ".join(["size", *cls.options])
+        raise FeatliftError(f"variant {spec!r}: {cls.name} has no option {key!r}; its options: {known}")
+    annotation = typing.get_type_hints(cls.__init__).get(key, str)
+    members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if text.lower() == "none" and type(None) in typing.get_args(annotation):
+        return None
+    kind = members[0]
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if typing.get_origin(kind) is tuple or kind is tuple:
+            return parse_size(text)
+        return kind(text)
+    except (ValueError, TypeError, FeatliftError):
+        kind_name = getattr(kind, "__name__", str(kind))
+        raise FeatliftError(f"variant {spec!r}: {key}={text!r} is not a valid {kind_name}") from None
 
 
 def parse_variants(specs: list[str], backbone: ViTBackbone) -> list[FeatureVariant]:

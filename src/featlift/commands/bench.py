@@ -7,7 +7,9 @@ import logging
 
 import torch
 
-from ..bench import BenchSettings, environment, find_max_size, run_benchmark, write_bench_results
+from ..bench import BenchSettings, find_max_size, run_benchmark, write_bench_results
+from ..devices import resolve_device
+from ..environment import environment
 from ..errors import FeatliftError
 from ..fileio import check_writable_dir
 from ..inference import InferenceOptions
@@ -19,7 +21,6 @@ from .common import (
     add_device_arg,
     backbone_from_args,
     positive_int,
-    resolve_device,
     weights_from_args,
 )
 from .numbers import int_at_least

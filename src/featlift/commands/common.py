@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 from ..backbones import FACETS, ViTBackbone, create_backbone
+from ..devices import device_problem
 from ..errors import FeatliftError
 from ..images import parse_size
 from .numbers import int_at_least
@@ -49,10 +48,6 @@ def add_variant_arg(parser: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-ACCELERATORS = ("cuda", "mps", "xpu")  # device types whose torch module has is_available() and device_count()
-DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or xpu"
-
-
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
@@ -62,56 +57,12 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def available_devices() -> list[str]:
-    """The devices this machine can run featlift on, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
-    found = ["cpu"]
-    for kind in ACCELERATORS:
-        backend = getattr(torch, kind, None)
-        if backend is not None and backend.is_available():
-            found += [f"{kind}:{index}" for index in range(backend.device_count())]
-    return found
-
-
-def device_problem(name: str) -> str | None:
-    """Why this machine cannot run featlift on device `name`, or None when it can."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        return f"not a device name; expected {DEVICE_CHOICES}"
-    if device.type == "cpu":
-        return None
-    have = f"this machine has {', '.join(available_devices())}"
-    if device.type not in ACCELERATORS:
-        return f"featlift cannot compute on {device.type!r} devices; expected {DEVICE_CHOICES} ({have})"
-    backend = getattr(torch, device.type)
-    if not backend.is_available():
-        return f"{device.type} is not available on this machine ({have})"
-    if device.index is not None and device.index >= backend.device_count():
-        return f"no such {device.type} device ({have})"
-    return None
-
-
-def check_device(name: str) -> torch.device:
-    """The torch device `name`, if this machine has it; `FeatliftError` naming the devices it has otherwise."""
-    problem = device_problem(name)
-    if problem:
-        raise FeatliftError(f"--device {name}: {problem}")
-    return torch.device(name)
-
-
 def device_arg(text: str) -> str:
     """argparse type of ``--device``: refuse at parse time a device this machine does not have."""
     problem = device_problem(text)
     if problem:
         raise argparse.ArgumentTypeError(f"{text}: {problem}")
     return text
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """`name` checked by `check_device`, or by default cuda when available, else cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return check_device(name)
 
 
 def weights_from_args(args: argparse.Namespace) -> str | None:

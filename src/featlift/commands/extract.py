@@ -7,17 +7,19 @@ import logging
 
 import torch
 
+from ..devices import resolve_device
+from ..errors import FeatliftError
 from ..extract import extract_to_folder
 from ..images import collect_images
 from ..pipeline import FeaturePipeline, resolve_upsampler
-from ..upsamplers import available_upsamplers
+from ..upsamplers import available_upsamplers, get_upsampler_class
+from ..variants import option_value
 from .bench import add_inference_args, inference_options
 from .common import (
     add_backbone_args,
     add_device_arg,
     backbone_from_args,
     positive_int,
-    resolve_device,
     size_arg,
 )
 
@@ -49,7 +51,18 @@ def register(subparsers) -> None:
         "--checkpoint", default=None, help="upsampler checkpoint folder (model.safetensors + config.json)"
     )
     parser.add_argument(
-        "--iters", type=positive_int, default=1, help="upsampling passes, each 2x (default 1)"
+        "--iters",
+        type=positive_int,
+        default=None,
+        help="LiFT's upsampling passes, each 2x (default 1, or as many as reach --output-size); "
+        "short for --option iters=N",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the upsampler, as in variant specs (e.g. iters=2); repeatable",
     )
     parser.add_argument(
         "--size",
@@ -81,21 +94,35 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def upsampler_options_from_args(args: argparse.Namespace) -> dict:
+    """``--option KEY=VALUE`` and ``--iters`` as the upsampler's typed options."""
+    if args.upsampler in (None, "none"):
+        if args.option or args.iters is not None:
+            raise FeatliftError("--option/--iters: --upsampler none takes no options")
+        return {}
+    cls = get_upsampler_class(args.upsampler)
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FeatliftError(f"--option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = option_value(cls, key.strip(), value.strip(), f"--option {item}")
+    if args.iters is not None:
+        options["iters"] = option_value(cls, "iters", str(args.iters), "--iters")
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     items = collect_images(args.inputs)
     device = resolve_device(args.device)
     backbone = backbone_from_args(args)
     backbone.grid_size(*args.size)
-    upsampler, checkpoint = resolve_upsampler(backbone, args.upsampler, args.checkpoint)
+    upsampler, checkpoint = resolve_upsampler(
+        backbone, args.upsampler, args.checkpoint, upsampler_options_from_args(args)
+    )
     if checkpoint:
         logger.info("upsampler checkpoint: %s", checkpoint)
-    pipeline = FeaturePipeline(
-        backbone,
-        upsampler,
-        iters=args.iters if upsampler is not None else 0,
-        output_size=args.output_size,
-        checkpoint=checkpoint,
-    )
+    pipeline = FeaturePipeline(backbone, upsampler, output_size=args.output_size, checkpoint=checkpoint)
     grid = pipeline.output_grid(*args.size)
     logger.info("%d images -> %s, features [%d, %d, %d]", len(items), args.out, backbone.channels, *grid)
     report = extract_to_folder(

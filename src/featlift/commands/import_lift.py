@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import import_original_lift
+from ..lift_import import import_original_lift
 from .common import add_backbone_args, backbone_from_args
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..devices import resolve_device
 from ..errors import FeatliftError
 from ..fileio import check_writable_dir
 from ..images import load_image
@@ -17,7 +18,6 @@ from .common import (
     add_variant_arg,
     backbone_from_args,
     positive_int,
-    resolve_device,
     size_arg,
 )
 

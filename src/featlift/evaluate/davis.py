@@ -482,7 +482,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.common import resolve_device
+    from ..devices import resolve_device
 
     names = [s for s in args.sequences.split(",") if s] if args.sequences else None
     sequences = list_sequences(args.data, args.year, names, args.resolution, max_frames=args.max_frames)

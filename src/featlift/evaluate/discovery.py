@@ -407,7 +407,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.common import resolve_device
+    from ..devices import resolve_device
 
     items = load_discovery_dataset(args.data, args.format, args.split, args.annotations, args.limit)
     if not items:

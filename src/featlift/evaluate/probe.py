@@ -332,7 +332,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.common import resolve_device
+    from ..devices import resolve_device
 
     fmt = FORMATS[args.format]
     root = Path(args.data)

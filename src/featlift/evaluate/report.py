@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .. import __version__
+from ..environment import environment
 from ..fileio import atomic_path, save_json_atomic
 
 
@@ -24,17 +20,6 @@ class VariantResult:
     ms_per_image: float
     peak_memory_mib: float
     details: dict[str, Any] = field(default_factory=dict)  # e.g. per-sequence or per-category tables
-
-
-def environment() -> dict[str, str]:
-    return {
-        "featlift": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": str(torch.get_num_threads()),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
 
 
 def markdown_table(rows: list[VariantResult], metric_names: list[str] | None = None, digits: int = 1) -> str:
@@ -65,7 +50,7 @@ def write_results(
     payload = {
         "task": task,
         "settings": settings,
-        "environment": environment(),
+        "environment": environment(settings.get("device")),
         "results": [asdict(row) for row in rows],
     }
     save_json_atomic(payload, out_dir / "results.json")

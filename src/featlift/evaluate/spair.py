@@ -307,7 +307,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.common import resolve_device
+    from ..devices import resolve_device
 
     categories = [c for c in args.categories.split(",") if c] if args.categories else None
     pairs = load_spair_pairs(args.data, args.split, args.pairs_per_category, categories, args.seed)

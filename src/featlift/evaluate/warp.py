@@ -271,7 +271,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.common import resolve_device
+    from ..devices import resolve_device
 
     stereo = args.stereo or args.data == "stereo"
     images = (

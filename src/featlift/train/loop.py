@@ -320,7 +320,7 @@ class _Log:
 
 def train(config: TrainConfig, backbone: ViTBackbone | None = None) -> TrainResult:
     """Train an upsampler as `config` says; returns what it did. Under torchrun, runs DDP."""
-    from ..commands.common import resolve_device
+    from ..devices import resolve_device
 
     device = resolve_device(config.device)
     info = setup_distributed(device)

@@ -39,8 +39,8 @@ def lift_objective(
     kind: str = "cosine",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The two-scale objective. Guides are normalised images at ``S/2`` and ``S/4``; returns (loss, parts)."""
-    loss_2x = feature_loss(upsampler.upsample_once(f2, guide2), f1, kind)
-    loss_4x = feature_loss(upsampler.upsample_once(f4, guide4), f2, kind)
+    loss_2x = feature_loss(upsampler.upsample_2x(f2, guide2), f1, kind)
+    loss_4x = feature_loss(upsampler.upsample_2x(f4, guide4), f2, kind)
     return loss_2x + loss_4x, {
         "loss_half_to_full": float(loss_2x.detach()),
         "loss_quarter_to_half": float(loss_4x.detach()),
@@ -59,7 +59,7 @@ def validation_sums(
     """Sums over the images of: the mean cosine to ``f1`` of LiFT(img/2, f2) and of bilinear(f2), and
     ``<LiFT, f1>`` and ``<LiFT, LiFT>`` (whose ratio is the least-squares rescaling of LiFT's output):
     tensor ``[4]``."""
-    lifted = upsampler.upsample_once(f2, guide2)
+    lifted = upsampler.upsample_2x(f2, guide2)
     bilinear = F.interpolate(f2, size=f1.shape[-2:], mode="bilinear", align_corners=False)
     lifted64, target64 = lifted.double(), f1.double()
     return torch.stack(

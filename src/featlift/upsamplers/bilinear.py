@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .base import Upsampler, check_features_and_image
+from .base import Capabilities, Upsampler, check_inputs, resize_features
 from .registry import register_upsampler
 
 
 @register_upsampler("bilinear")
 class Bilinear(Upsampler):
-    """Bilinear upsampling (``align_corners=False``) by ``2**iters`` in one step; the image is unused."""
+    """Bilinear upsampling (``align_corners=False``) to any size in one step; no guide.
 
-    def __init__(self, channels: int | None = None, patch_size: int | None = None):
+    Without a requested size it enlarges the grid ``2**iters`` times (default 2x).
+    """
+
+    capabilities = Capabilities(guide="none", output_sizes="any", fitting="none")
+    options = ("iters",)
+
+    def __init__(self, iters: int = 1):
         super().__init__()
+        if iters < 1:
+            raise ValueError(f"bilinear iters must be >= 1, got {iters}")
+        self.iters = int(iters)
 
-    def upsample_once(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(features, scale_factor=2, mode="bilinear", align_corners=False)
+    def config(self):
+        return {"iters": self.iters}
 
-    def forward(self, features, image, iters: int = 1, output_size=None):
-        check_features_and_image(features, image)
-        size = (
-            tuple(output_size)
-            if output_size is not None
-            else (features.shape[-2] * 2**iters, features.shape[-1] * 2**iters)
-        )
-        if tuple(features.shape[-2:]) == size:
-            return features
-        return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+    def native_output_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid[0] * 2**self.iters, grid[1] * 2**self.iters
+
+    def forward(
+        self, features: torch.Tensor, guide: torch.Tensor | None, output_size: tuple[int, int]
+    ) -> torch.Tensor:
+        return resize_features(features, check_inputs(features, guide, output_size, needs_guide=False))

@@ -15,10 +15,15 @@ features to the output, and zero-initialises the last conv so that an untrained 
 bilinear. The module then only learns a correction, which trains much faster from few images.
 
 ``output_scale`` (featlift's addition) multiplies each pass's output. The cosine loss leaves the scale
-of the prediction free, and a trained module inflates feature norms (the shipped one by 1.21x per
-pass, so 1.50x after two); `featlift train` fits the scale by least squares to the backbone's own 2x
-features on the held-out images after every epoch. Cosine-based uses of one pass are unaffected; the
-features keep the backbone's scale, and a further pass gets inputs on the scale it was trained on.
+of the prediction free, and a trained module inflates feature norms (README, "Output scale"); the
+``lift`` objective fits the scale by least squares to the backbone's own 2x features after every epoch.
+Cosine-based uses of one pass are unaffected; the features keep the backbone's scale, and a further
+pass gets inputs on the scale it was trained on.
+
+Passes: LiFT doubles the grid per pass. ``iters`` fixes the number of passes; left at None, it is the
+fewest passes whose grid covers the requested output size (one when none is requested). Pass ``k``
+(from 0) is guided by the input image bilinearly enlarged ``2**k`` times, as the original iterative
+LiFT does; an output size between two powers of two is a bilinear resize of the larger.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputSizeError
-from .base import Upsampler
+from .base import Capabilities, Upsampler, check_inputs, resize_features
 from .registry import register_upsampler
 
 IMAGE_CHANNELS = 32
@@ -47,18 +52,28 @@ def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1, bias: boo
 
 @register_upsampler("lift")
 class LiFT(Upsampler):
-    """The LiFT module. ~1.19 M parameters for C=384, ~4.42 M for C=768.
+    """The LiFT module (its parameter counts are in the README).
 
     Example:
         >>> lift = LiFT(channels=384, patch_size=14)
-        >>> lift(torch.randn(1, 384, 16, 16), torch.randn(1, 3, 224, 224)).shape
+        >>> lift(torch.randn(1, 384, 16, 16), torch.randn(1, 3, 224, 224), (32, 32)).shape
         torch.Size([1, 384, 32, 32])
     """
 
-    trainable = True
+    capabilities = Capabilities(guide="input", output_sizes="power-of-two", objective="lift")
+    options = ("iters",)
 
-    def __init__(self, channels: int, patch_size: int, residual: bool = False, output_scale: float = 1.0):
+    def __init__(
+        self,
+        channels: int,
+        patch_size: int,
+        residual: bool = False,
+        output_scale: float = 1.0,
+        iters: int | None = None,
+    ):
         super().__init__()
+        if iters is not None and iters < 1:
+            raise ValueError(f"LiFT iters must be >= 1 (or None: from the output size), got {iters}")
         if channels < 2:
             raise ValueError(f"LiFT channels must be >= 2, got {channels}")
         if patch_size < 1:
@@ -69,6 +84,7 @@ class LiFT(Upsampler):
         self.patch_size = int(patch_size)
         self.residual = bool(residual)
         self.output_scale = float(output_scale)
+        self.iters = None if iters is None else int(iters)
         merged = channels + IMAGE_CHANNELS
         self.image_stem = nn.Sequential(
             *conv_bn_relu(3, IMAGE_CHANNELS, stride=2),
@@ -86,6 +102,7 @@ class LiFT(Upsampler):
             nn.init.zeros_(self.head.bias)
 
     def config(self) -> dict[str, Any]:
+        """The arguments that define the weights' function; ``iters`` is a choice of use, not stored."""
         return {
             "channels": self.channels,
             "patch_size": self.patch_size,
@@ -93,7 +110,34 @@ class LiFT(Upsampler):
             "output_scale": self.output_scale,
         }
 
-    def upsample_once(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def passes_for(self, grid: tuple[int, int], output_size: tuple[int, int] | None) -> int:
+        """The number of 2x passes for a token `grid` and a requested `output_size` (see the module doc)."""
+        if self.iters is not None:
+            return self.iters
+        if output_size is None:
+            return 1
+        ratio = max(output_size[0] / grid[0], output_size[1] / grid[1])
+        return max(1, math.ceil(math.log2(ratio) - 1e-9))
+
+    def native_output_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        passes = self.passes_for(grid, None)
+        return grid[0] * 2**passes, grid[1] * 2**passes
+
+    def forward(
+        self, features: torch.Tensor, guide: torch.Tensor | None, output_size: tuple[int, int]
+    ) -> torch.Tensor:
+        size = check_inputs(features, guide, output_size)
+        for step in range(self.passes_for(tuple(features.shape[-2:]), size)):
+            enlarged = (
+                guide
+                if step == 0
+                else F.interpolate(guide, scale_factor=2**step, mode="bilinear", align_corners=False)
+            )
+            features = self.upsample_2x(features, enlarged)
+        return resize_features(features, size)
+
+    def upsample_2x(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """One LiFT pass: ``[B, C, h, w]`` features and their guide image -> ``[B, C, 2h, 2w]``."""
         if features.shape[1] != self.channels:
             raise InputSizeError(
                 f"LiFT was built for {self.channels} channels, got features with {features.shape[1]}"
