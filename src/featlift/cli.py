@@ -15,6 +15,7 @@ import traceback
 
 from . import __version__, commands
 from .errors import FeatliftError
+from .plugins import PLUGINS_ENV, load_plugins
 
 EXIT_OK = 0
 EXIT_SOME_INPUTS_FAILED = 1
@@ -23,11 +24,22 @@ EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130
 
 
+def add_plugin_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE|FILE.py",
+        help=f"import a module that registers upsamplers or objectives (repeatable; also ${PLUGINS_ENV})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="featlift", description="Denser dense features for pretrained ViTs."
+        prog="featlift", description="Denser dense features for pretrained vision backbones."
     )
     parser.add_argument("--version", action="version", version=f"featlift {__version__}")
+    add_plugin_arg(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
@@ -41,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # plugins first: the sub-commands' choices (e.g. --upsampler) include the methods they register
+    early = argparse.ArgumentParser(add_help=False)
+    add_plugin_arg(early)
+    plugins = early.parse_known_args(argv)[0].plugin
+    try:
+        load_plugins(plugins)
+    except FeatliftError as exc:
+        print(f"featlift: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
