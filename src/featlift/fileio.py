@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from .errors import OutputWriteError
+from .errors import FeatliftError, OutputWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +181,6 @@ def save_json_atomic(data: Any, path: str | os.PathLike, exclusive: bool = False
 
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """Create `path` if needed and prove a file can be written there; raise a clear error otherwise."""
-    from .errors import FeatliftError
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

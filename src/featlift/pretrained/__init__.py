@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint import read_checkpoint_config
+
 PRETRAINED_DIR = Path(__file__).resolve().parent
 
 
@@ -15,8 +17,6 @@ def shipped_checkpoints() -> list[Path]:
 
 def find_shipped_checkpoint(backbone: str, layer: int, facet: str, upsampler: str = "lift") -> Path | None:
     """The shipped checkpoint trained for this backbone name, layer, facet and upsampler, if any."""
-    from ..checkpoint import read_checkpoint_config
-
     for directory in shipped_checkpoints():
         config = read_checkpoint_config(directory)
         spec = config.backbone

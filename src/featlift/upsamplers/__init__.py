@@ -1,4 +1,4 @@
-"""Feature upsamplers behind one interface, ``forward(features, image, iters=1, output_size=None)``.
+"""Feature upsamplers behind one contract, ``forward(features, guide, output_size)`` (see `base`).
 
 Every module in this package is imported here, so a new method is added by one file that
 decorates its class with ``@register_upsampler("name")``.
