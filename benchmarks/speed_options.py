@@ -22,8 +22,8 @@ import torch
 from featlift import create_backbone
 from featlift.bench import time_interleaved
 from featlift.environment import environment
-from featlift.inference import PLAIN, InferenceOptions, optimize_pipeline, optimize_upsampler
 from featlift.pipeline import FeaturePipeline, autocast, resolve_upsampler
+from featlift.speedups import PLAIN, InferenceOptions, optimize_pipeline, optimize_upsampler
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 DEFAULT_WEIGHTS = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors"

@@ -13,12 +13,34 @@ from featlift import create_backbone
 from featlift.bench import count_flops, find_max_size
 from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
-from featlift.measure import TensorMemoryTracker
-from featlift.upsamplers import LiFT
+from featlift.meters import TensorMemoryTracker
+from featlift.upsamplers import LiFT, Upsampler, register_upsampler
+from featlift.upsamplers.base import Capabilities, check_inputs, resize_features
 from featlift.variants import parse_variant
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
 ONE_QUICK_CALL = ["--batch-sizes", "1", "--repeats", "1", "--warmup", "0"]  # one timed call, no warm-up
+
+
+@register_upsampler("toy-stretch")
+class ToyStretch(Upsampler):
+    """An upsampler registered outside featlift: the grid stretched `factor` times (a 1x1 conv first)."""
+
+    capabilities = Capabilities(guide="none", fitting="none")
+    options = ("factor",)
+
+    def __init__(self, channels: int, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.mix = torch.nn.Conv2d(channels, channels, 1)
+
+    def native_output_size(self, grid):
+        return grid[0] * self.factor, grid[1] * self.factor
+
+    def forward(self, features, guide, output_size):
+        return resize_features(
+            self.mix(features), check_inputs(features, guide, output_size, needs_guide=False)
+        )
 
 
 def bench(weights, *args: str) -> int:
@@ -85,9 +107,19 @@ def test_bench_cli_writes_json_and_markdown(tiny_setup, tmp_path):
     assert two["flops"] > 4 * one["flops"] and two["peak_memory_mib"] > one["peak_memory_mib"]
     comp = data["comparisons"]
     assert {c["variant"] for c in comp["lift_vs_input_2x"]} == {"bilinear", f"lift:{ckpt}"}
-    assert [c["iters"] for c in comp["iterations"] if c["size"] == 32] == [1, 2]
+    # one group (lift with this checkpoint), against its smallest output grid; bilinear is alone in its group
+    grids = [
+        (c["variant"], c["output_grid"], c["smallest"]) for c in comp["by_output_grid"] if c["size"] == 32
+    ]
+    assert grids == [
+        (f"lift:{ckpt}", [4, 4], f"lift:{ckpt}"),
+        (f"lift:{ckpt}:iters=2", [8, 8], f"lift:{ckpt}"),
+    ]
+    first = next(c for c in comp["by_output_grid"] if c["size"] == 32)
+    assert first["time_vs_smallest"] == first["flops_vs_smallest"] == first["memory_vs_smallest"] == 1
     text = (out / "bench.md").read_text()
     assert "| 32 | `none` |" in text and "backbone@S + upsampler against backbone@2S" in text
+    assert "| size | variant | output grid | upsampler ms | time vs smallest |" in text
     assert data["settings"]["options"]["fold_bn"] is True
 
 
@@ -209,3 +241,22 @@ def test_bench_stages_run_under_the_speed_options_of_the_pipeline(tiny_setup, tm
     args = ["--sizes", "32", "--variants", f"lift:{ckpt}", *ONE_QUICK_CALL]
     assert bench(weights, *args, "--amp", "bf16", "--out", str(tmp_path / "out")) == 0
     assert seen == {"backbone": {torch.bfloat16}, "upsampler": {(torch.bfloat16, True)}}
+
+
+def test_bench_compares_any_method_by_output_grid_and_measures_it_in_a_fresh_process(tiny_setup, tmp_path):
+    """A method registered in this file, with its own option: grouped by method, compared with its smallest
+    grid, and found by the fresh --process-rss child, which imports this file to know it."""
+    weights, _, _, _ = tiny_setup
+    out = tmp_path / "toy"
+    args = ["--sizes", "32", "--variants", "toy-stretch:factor=4,toy-stretch,bilinear", *ONE_QUICK_CALL]
+    assert bench(weights, *args, "--threads", "1", "--process-rss", "--out", str(out)) == 0
+    data = json.loads((out / "bench.json").read_text())
+    rows = [(c["variant"], c["output_grid"], c["smallest"]) for c in data["comparisons"]["by_output_grid"]]
+    assert rows == [
+        ("toy-stretch", [4, 4], "toy-stretch"),
+        ("toy-stretch:factor=4", [8, 8], "toy-stretch"),
+    ]
+    assert {r["method"] for r in data["results"]} == {"toy-stretch", "bilinear"}
+    rss = data["process_rss"]
+    assert [r["variant"] for r in rss] == ["toy-stretch:factor=4", "toy-stretch", "bilinear"]
+    assert all(r["call_peak_mib"] >= r["before_call_mib"] > 100 for r in rss)

@@ -32,9 +32,9 @@ from .fileio import check_writable_dir, remove_stale_temp_files, save_safetensor
 from .fingerprint import state_dict_fingerprint
 from .folder_settings import OUTPUT_SUFFIX, claim_folder
 from .images import ImageItem, image_to_tensor, load_image
-from .inference import InferenceOptions, optimize_pipeline
 from .memory_estimate import check_extraction_fits
 from .pipeline import FeaturePipeline
+from .speedups import InferenceOptions, optimize_pipeline
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call
 
 from .errors import FeatliftError
-from .measure import TensorMemoryTracker
+from .meters import TensorMemoryTracker
 from .pipeline import FeaturePipeline
 
 logger = logging.getLogger(__name__)

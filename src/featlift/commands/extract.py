@@ -14,7 +14,6 @@ from ..images import collect_images
 from ..pipeline import FeaturePipeline, resolve_upsampler
 from ..upsamplers import available_upsamplers, get_upsampler_class
 from ..variants import option_value
-from .bench import add_inference_args, inference_options
 from .common import (
     add_backbone_args,
     add_device_arg,
@@ -22,6 +21,7 @@ from .common import (
     positive_int,
     size_arg,
 )
+from .inference_args import add_inference_args, inference_options
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from featlift import create_backbone
 from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
 from featlift.extract import load_features
-from featlift.inference import InferenceOptions, fold_batchnorm, optimize_pipeline
 from featlift.pipeline import FeaturePipeline
+from featlift.speedups import InferenceOptions, fold_batchnorm, optimize_pipeline
 from featlift.upsamplers import LiFT
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
