@@ -8,39 +8,23 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from toy_upsamplers import ToyStretch
 
 from featlift import create_backbone
 from featlift.bench import count_flops, find_max_size
 from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
 from featlift.meters import TensorMemoryTracker
-from featlift.upsamplers import LiFT, Upsampler, register_upsampler
-from featlift.upsamplers.base import Capabilities, check_inputs, resize_features
+from featlift.upsamplers import LiFT, register_upsampler
 from featlift.variants import parse_variant
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
 ONE_QUICK_CALL = ["--batch-sizes", "1", "--repeats", "1", "--warmup", "0"]  # one timed call, no warm-up
 
 
-@register_upsampler("toy-stretch")
-class ToyStretch(Upsampler):
-    """An upsampler registered outside featlift: the grid stretched `factor` times (a 1x1 conv first)."""
-
-    capabilities = Capabilities(guide="none", fitting="none")
-    options = ("factor",)
-
-    def __init__(self, channels: int, factor: int = 2):
-        super().__init__()
-        self.factor = factor
-        self.mix = torch.nn.Conv2d(channels, channels, 1)
-
-    def native_output_size(self, grid):
-        return grid[0] * self.factor, grid[1] * self.factor
-
-    def forward(self, features, guide, output_size):
-        return resize_features(
-            self.mix(features), check_inputs(features, guide, output_size, needs_guide=False)
-        )
+@register_upsampler("toy-stretch-in-test-file")
+class StretchDefinedHere(ToyStretch):
+    """A method registered in this test file: a fresh process knows it only by importing this file."""
 
 
 def bench(weights, *args: str) -> int:
@@ -244,11 +228,12 @@ def test_bench_stages_run_under_the_speed_options_of_the_pipeline(tiny_setup, tm
 
 
 def test_bench_compares_any_method_by_output_grid_and_measures_it_in_a_fresh_process(tiny_setup, tmp_path):
-    """A method registered in this file, with its own option: grouped by method, compared with its smallest
-    grid, and found by the fresh --process-rss child, which imports this file to know it."""
+    """Methods registered outside featlift, with their own option: grouped by method, compared with the
+    smallest grid of their group, and known to the fresh --process-rss child, which imports their modules."""
     weights, _, _, _ = tiny_setup
     out = tmp_path / "toy"
-    args = ["--sizes", "32", "--variants", "toy-stretch:factor=4,toy-stretch,bilinear", *ONE_QUICK_CALL]
+    variants = "toy-stretch:factor=4,toy-stretch,toy-stretch-in-test-file:factor=3,bilinear"
+    args = ["--sizes", "32", "--variants", variants, *ONE_QUICK_CALL]
     assert bench(weights, *args, "--threads", "1", "--process-rss", "--out", str(out)) == 0
     data = json.loads((out / "bench.json").read_text())
     rows = [(c["variant"], c["output_grid"], c["smallest"]) for c in data["comparisons"]["by_output_grid"]]
@@ -256,7 +241,8 @@ def test_bench_compares_any_method_by_output_grid_and_measures_it_in_a_fresh_pro
         ("toy-stretch", [4, 4], "toy-stretch"),
         ("toy-stretch:factor=4", [8, 8], "toy-stretch"),
     ]
-    assert {r["method"] for r in data["results"]} == {"toy-stretch", "bilinear"}
+    methods = {r["variant"]: r["method"] for r in data["results"]}
+    assert methods["toy-stretch-in-test-file:factor=3"] == "toy-stretch-in-test-file"
     rss = data["process_rss"]
-    assert [r["variant"] for r in rss] == ["toy-stretch:factor=4", "toy-stretch", "bilinear"]
+    assert [r["variant"] for r in rss] == variants.split(",")
     assert all(r["call_peak_mib"] >= r["before_call_mib"] > 100 for r in rss)
