@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     items = collect_images([args.images])[: args.count]
     backbone = create_backbone(args.backbone, weights=args.weights)
     lift, checkpoint = resolve_upsampler(backbone, "lift", args.checkpoint)
-    pipeline = FeaturePipeline(backbone, lift, iters=1, checkpoint=checkpoint)
+    pipeline = FeaturePipeline(backbone, lift, checkpoint=checkpoint)  # one pass
     fast = optimize_pipeline(pipeline, InferenceOptions())
     metadata = {**pipeline_metadata(pipeline, size, torch.float32), "amp": "none"}
     settings = [s for s in args.settings.split(",") if s]
