@@ -45,7 +45,8 @@ def register(subparsers) -> None:
         "--upsampler",
         default="lift",
         choices=["none", *available_upsamplers()],
-        help="lift (default; uses the shipped checkpoint for the default backbone), bilinear, or none",
+        help="a registered upsampler: lift (default; the shipped checkpoint for the default backbone), bilinear, "
+        "any other registered method, or none",
     )
     parser.add_argument(
         "--checkpoint", default=None, help="upsampler checkpoint folder (model.safetensors + config.json)"
