@@ -32,8 +32,8 @@ from featlift.environment import environment
 from featlift.extract import pipeline_metadata
 from featlift.fileio import save_safetensors_atomic
 from featlift.images import collect_images, image_to_tensor, load_image
-from featlift.inference import InferenceOptions, optimize_pipeline
 from featlift.pipeline import FeaturePipeline, resolve_upsampler
+from featlift.speedups import InferenceOptions, optimize_pipeline
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 DEFAULT_WEIGHTS = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors"
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     items = collect_images([args.images])[: args.count]
     backbone = create_backbone(args.backbone, weights=args.weights)
     lift, checkpoint = resolve_upsampler(backbone, "lift", args.checkpoint)
-    pipeline = FeaturePipeline(backbone, lift, iters=1, checkpoint=checkpoint)
+    pipeline = FeaturePipeline(backbone, lift, checkpoint=checkpoint)  # one pass
     fast = optimize_pipeline(pipeline, InferenceOptions())
     metadata = {**pipeline_metadata(pipeline, size, torch.float32), "amp": "none"}
     settings = [s for s in args.settings.split(",") if s]

@@ -22,8 +22,8 @@ import torch
 from featlift import create_backbone
 from featlift.bench import time_interleaved
 from featlift.environment import environment
-from featlift.inference import PLAIN, InferenceOptions, optimize_pipeline, optimize_upsampler
 from featlift.pipeline import FeaturePipeline, autocast, resolve_upsampler
+from featlift.speedups import PLAIN, InferenceOptions, optimize_pipeline, optimize_upsampler
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 DEFAULT_WEIGHTS = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors"
@@ -103,11 +103,16 @@ def main(argv: list[str] | None = None) -> int:
             lift, InferenceOptions(channels_last=False, compile=True)
         )
 
+    grid = tuple(features.shape[-2:])
+
     def lift_call(module, image, iters, amp=None, grad_mode=torch.inference_mode):
+        """LiFT alone for `iters` passes: the output size 2**iters times the grid (LiFT's passes for it)."""
+        output_size = (grid[0] * 2**iters, grid[1] * 2**iters)
+
         def call():
             with grad_mode(), autocast(device, amp):
                 feats = channels_last_features if image is channels_last_image else features
-                return module(feats, image, iters=iters)
+                return module(feats, image, output_size)
 
         return call
 
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "backbone alone", {"fp32": backbone_call(), "bf16": backbone_call("bf16")}, "fp32", args, device
     )
 
-    plain = FeaturePipeline(backbone, lift, iters=1)
+    plain = FeaturePipeline(backbone, lift)  # one pass: the output grid twice the tokens
     pipelines = {
         "plain": plain,
         "fold-bn": optimize_pipeline(plain, InferenceOptions(channels_last=False)),

@@ -8,17 +8,23 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from toy_upsamplers import ToyStretch
 
 from featlift import create_backbone
 from featlift.bench import count_flops, find_max_size
 from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
-from featlift.measure import TensorMemoryTracker
-from featlift.upsamplers import LiFT
+from featlift.meters import TensorMemoryTracker
+from featlift.upsamplers import LiFT, register_upsampler
 from featlift.variants import parse_variant
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
 ONE_QUICK_CALL = ["--batch-sizes", "1", "--repeats", "1", "--warmup", "0"]  # one timed call, no warm-up
+
+
+@register_upsampler("toy-stretch-in-test-file")
+class StretchDefinedHere(ToyStretch):
+    """A method registered in this test file: a fresh process knows it only by importing this file."""
 
 
 def bench(weights, *args: str) -> int:
@@ -85,9 +91,19 @@ def test_bench_cli_writes_json_and_markdown(tiny_setup, tmp_path):
     assert two["flops"] > 4 * one["flops"] and two["peak_memory_mib"] > one["peak_memory_mib"]
     comp = data["comparisons"]
     assert {c["variant"] for c in comp["lift_vs_input_2x"]} == {"bilinear", f"lift:{ckpt}"}
-    assert [c["iters"] for c in comp["iterations"] if c["size"] == 32] == [1, 2]
+    # one group (lift with this checkpoint), against its smallest output grid; bilinear is alone in its group
+    grids = [
+        (c["variant"], c["output_grid"], c["smallest"]) for c in comp["by_output_grid"] if c["size"] == 32
+    ]
+    assert grids == [
+        (f"lift:{ckpt}", [4, 4], f"lift:{ckpt}"),
+        (f"lift:{ckpt}:iters=2", [8, 8], f"lift:{ckpt}"),
+    ]
+    first = next(c for c in comp["by_output_grid"] if c["size"] == 32)
+    assert first["time_vs_smallest"] == first["flops_vs_smallest"] == first["memory_vs_smallest"] == 1
     text = (out / "bench.md").read_text()
     assert "| 32 | `none` |" in text and "backbone@S + upsampler against backbone@2S" in text
+    assert "| size | variant | output grid | upsampler ms | time vs smallest |" in text
     assert data["settings"]["options"]["fold_bn"] is True
 
 
@@ -209,3 +225,24 @@ def test_bench_stages_run_under_the_speed_options_of_the_pipeline(tiny_setup, tm
     args = ["--sizes", "32", "--variants", f"lift:{ckpt}", *ONE_QUICK_CALL]
     assert bench(weights, *args, "--amp", "bf16", "--out", str(tmp_path / "out")) == 0
     assert seen == {"backbone": {torch.bfloat16}, "upsampler": {(torch.bfloat16, True)}}
+
+
+def test_bench_compares_any_method_by_output_grid_and_measures_it_in_a_fresh_process(tiny_setup, tmp_path):
+    """Methods registered outside featlift, with their own option: grouped by method, compared with the
+    smallest grid of their group, and known to the fresh --process-rss child, which imports their modules."""
+    weights, _, _, _ = tiny_setup
+    out = tmp_path / "toy"
+    variants = "toy-stretch:factor=4,toy-stretch,toy-stretch-in-test-file:factor=3,bilinear"
+    args = ["--sizes", "32", "--variants", variants, *ONE_QUICK_CALL]
+    assert bench(weights, *args, "--threads", "1", "--process-rss", "--out", str(out)) == 0
+    data = json.loads((out / "bench.json").read_text())
+    rows = [(c["variant"], c["output_grid"], c["smallest"]) for c in data["comparisons"]["by_output_grid"]]
+    assert rows == [
+        ("toy-stretch", [4, 4], "toy-stretch"),
+        ("toy-stretch:factor=4", [8, 8], "toy-stretch"),
+    ]
+    methods = {r["variant"]: r["method"] for r in data["results"]}
+    assert methods["toy-stretch-in-test-file:factor=3"] == "toy-stretch-in-test-file"
+    rss = data["process_rss"]
+    assert [r["variant"] for r in rss] == variants.split(",")
+    assert all(r["call_peak_mib"] >= r["before_call_mib"] > 100 for r in rss)

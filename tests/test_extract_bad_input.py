@@ -341,8 +341,8 @@ def test_too_many_iters_are_refused_with_the_memory_needed(tmp_path, tiny_timm_w
 
 
 def test_memory_estimate_equals_the_memory_a_real_call_allocates(tiny_backbone):
-    from featlift.measure import TensorMemoryTracker
     from featlift.memory_estimate import batch_peak_bytes
+    from featlift.meters import TensorMemoryTracker
 
     backbone = tiny_backbone()
     pipeline = FeaturePipeline(backbone, LiFT(backbone.channels, backbone.patch_size, iters=2).eval())

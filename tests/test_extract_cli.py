@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TIMM_NAME, write_images
+from PIL import Image
+from toy_upsamplers import GuideRecorder, checkerboard
 
 import featlift.extract
 from featlift import create_backbone, load_checkpoint
@@ -436,3 +438,28 @@ def test_quiet_hides_the_progress_bar(tmp_path, tiny_timm_weights, image_tree, c
     loud = ["extract", *argv, str(tmp_path / "loud"), "--backbone", TINY_TIMM_NAME, "--size", "32x48"]
     assert main([*loud, "--weights", str(tiny_timm_weights), "--workers", "0"]) == 0
     assert "img/s" in capsys.readouterr().err
+
+
+def test_a_method_registered_outside_featlift_with_its_own_option(tmp_path, tiny_timm_weights, image_tree):
+    out = tmp_path / "out"
+    args = [str(image_tree), "--upsampler", "toy-stretch", "--option", "factor=4", "--out", str(out)]
+    assert extract(tmp_path, tiny_timm_weights, *args) == 0
+    features, meta = load_features(out / "img 0.jpg.safetensors")
+    assert features.shape == (192, 8, 12)  # the 2x3 grid of a 32x48 input, stretched 4 times
+    assert meta["upsampler"] == "toy-stretch" and meta["upsampler_options"] == '{"factor": 4}'
+
+
+def test_folder_extraction_guides_at_the_output_size_with_the_decoded_image(tmp_path, tiny_timm_weights):
+    """The guide comes from the file's pixels, not from the 32x48 input: a 1-pixel checkerboard survives."""
+    board = checkerboard(64, 96)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((board * 255).byte().permute(1, 2, 0).numpy()).save(folder / "board.png")
+    out = tmp_path / "out"
+    GuideRecorder.seen.clear()
+    args = [str(folder), "--upsampler", "toy-guide-recorder", "--output-size", "64x96", "--out", str(out)]
+    assert extract(tmp_path, tiny_timm_weights, *args) == 0
+    assert load_features(out / "board.png.safetensors")[0].shape == (192, 64, 96)
+    backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights)
+    [guide] = GuideRecorder.seen
+    torch.testing.assert_close(guide, backbone.normalize(board[None]))

@@ -8,14 +8,15 @@ import torch
 from conftest import TINY_TIMM_NAME
 from PIL import Image
 from skimage import data as skdata
+from toy_upsamplers import GuideRecorder
 
 from featlift import create_backbone
 from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
-from featlift.images import image_to_tensor
+from featlift.images import image_to_tensor, resize_images
 from featlift.upsamplers import LiFT
 from featlift.variants import parse_variants
-from featlift.viz import pca_rgb, short_label, similarity_figure, similarity_map
+from featlift.viz import pca_rgb, short_label, similarity_figure, similarity_map, variant_features
 
 TITLE_PX = 28
 
@@ -120,3 +121,21 @@ def test_real_dinov2_similarity_figure(tmp_path, dinov2_backbone):
     sim = similarity_map(features, (260, 150), (451, 300))
     # the cat's face (around the point) is more similar to the point than the image's top-left background corner
     assert sim[14:18, 16:20].mean() > sim[:4, :4].mean() + 0.2
+
+
+def test_cli_with_methods_registered_outside_featlift(tmp_path, tiny_timm_weights, chelsea_path, capsys):
+    """Any registered method and option: the 4x4 grid stretched 4 times, and a method guided at the output
+    size, which gets its guide from the photo itself, not from the 64 px input."""
+    out = tmp_path / "toys.png"
+    specs = "toy-stretch:factor=4,toy-guide-recorder:size=48x48"
+    GuideRecorder.seen.clear()
+    code = viz("pca", chelsea_path, tiny_timm_weights, out, "--variant", specs)
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).size == (3 * 120, round(120 * 300 / 451) + TITLE_PX)
+    backbone = create_backbone(TINY_TIMM_NAME, weights=tiny_timm_weights)
+    photo = image_to_tensor(Image.open(chelsea_path))[None]
+    [guide] = GuideRecorder.seen
+    torch.testing.assert_close(guide, backbone.normalize(resize_images(photo, (48, 48))))
+    variants = parse_variants([specs], backbone)
+    grids = [tuple(f.shape[-2:]) for f in variant_features(variants, Image.open(chelsea_path), (64, 64))]
+    assert grids == [(16, 16), (48, 48)]

@@ -5,7 +5,7 @@ random images of ``variant.input_size((S, S))``:
 
 - latency: median wall time per image at batch 1 over ``repeats`` calls, after ``warmup`` calls;
 - throughput: images/s at each batch size (batch / median time of one call);
-- peak memory of one call (`featlift.measure.peak_memory_mib`): ``max_memory_allocated`` on CUDA; on CPU
+- peak memory of one call (`featlift.meters.peak_memory_mib`): ``max_memory_allocated`` on CUDA; on CPU
   the peak of live tensors the call creates (RSS barely moves once the allocator has cached memory from
   warm-up; ``--process-rss`` measures RSS in a fresh process per variant instead, see `featlift.process_memory`);
 - FLOPs of one image (``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and
@@ -32,9 +32,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .fileio import atomic_path, save_json_atomic
-from .inference import InferenceOptions, optimize_pipeline
-from .measure import peak_memory_mib, synchronize, timed_call
+from .meters import peak_memory_mib, synchronize, timed_call
 from .pipeline import autocast
+from .speedups import InferenceOptions, optimize_pipeline
 from .variants import FeatureVariant
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class BenchRow:
     flops: int  # per image
     params: int  # backbone + upsampler
     upsampler_params: int
+    method: str | None = None  # the upsampler's registered name; None without one
+    checkpoint: str | None = None  # the upsampler's checkpoint folder, if trained
     backbone: Stage | None = None
     upsampler: Stage | None = None
     samples_ms: list[float] = field(default_factory=list)
@@ -228,7 +230,7 @@ def bench_size(variants: list[FeatureVariant], size: int, settings: BenchSetting
         if not samples:  # batch 1 not requested: latency from the smallest batch, per image
             first = settings.batch_sizes[0]
             samples = [t * 1000 / first for t in per_batch[first][variant.spec]]
-        backbone = variant.pipeline.backbone
+        backbone, upsampler = variant.pipeline.backbone, variant.pipeline.upsampler
         stages = {}
         params = {"backbone": parameter_count(backbone), "upsampler": upsampler_parameter_count(variant)}
         for stage in ("backbone", "upsampler"):
@@ -256,6 +258,8 @@ def bench_size(variants: list[FeatureVariant], size: int, settings: BenchSetting
                 flops=count_flops(lambda v=variant, x=images: v(x)),
                 params=params["backbone"] + params["upsampler"],
                 upsampler_params=params["upsampler"],
+                method=upsampler.name if upsampler is not None else None,
+                checkpoint=variant.checkpoint,
                 backbone=stages.get("backbone"),
                 upsampler=stages.get("upsampler"),
                 samples_ms=[round(s, 3) for s in samples],
@@ -316,18 +320,54 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.nan
 
 
+def _by_output_grid(size: int, rows) -> list[dict[str, Any]]:
+    """Rows of one base `size` grouped by method and checkpoint, each against its group's smallest output grid.
+
+    Groups of one variant are left out. The reference is the first variant of the group with the fewest
+    output cells; its own row has ratios 1.
+    """
+    groups: dict[tuple[str, str | None], list[BenchRow]] = {}
+    for row in rows:
+        if row.upsampler is not None and row.method is not None:
+            groups.setdefault((row.method, row.checkpoint), []).append(row)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        smallest = min(members, key=lambda r: math.prod(r.output_grid))
+        for row in sorted(members, key=lambda r: math.prod(r.output_grid)):
+            up, ref = row.upsampler, smallest.upsampler
+            out.append(
+                {
+                    "size": size,
+                    "variant": row.variant,
+                    "output_grid": row.output_grid,
+                    "smallest": smallest.variant,
+                    "upsampler_ms": up.ms,
+                    "time_vs_smallest": _ratio(up.ms, ref.ms),
+                    "upsampler_peak_mib": up.peak_memory_mib,
+                    "memory_vs_smallest": _ratio(up.peak_memory_mib, ref.peak_memory_mib),
+                    "flops_vs_smallest": _ratio(up.flops, ref.flops),
+                    "pipeline_ms": row.latency_ms,
+                }
+            )
+    return out
+
+
 def comparisons(rows: list[BenchRow]) -> dict[str, list[dict[str, Any]]]:
     """Ratios the README quotes, from the rows of one run.
 
     - ``upsampler_vs_backbone``: upsampler-alone time (and FLOPs) over backbone time at the same input;
     - ``lift_vs_input_2x``: whole-pipeline latency of ``input-2x`` over each one-pass upsampler variant at
       the same base size (the same output grid); > 1 means the upsampler is faster;
-    - ``iterations``: upsampler-alone time and memory of ``NAME:iters=K`` relative to one pass.
+    - ``by_output_grid``: upsampler-alone time, FLOPs and memory of the variants of one method and
+      checkpoint (e.g. ``lift``, ``lift:iters=2``, ``lift:size=96x96``) relative to the one of them with
+      the smallest output grid (`_by_output_grid`).
     """
     out: dict[str, list[dict[str, Any]]] = {
         "upsampler_vs_backbone": [],
         "lift_vs_input_2x": [],
-        "iterations": [],
+        "by_output_grid": [],
     }
     by_size: dict[int, dict[str, BenchRow]] = {}
     for row in rows:
@@ -363,30 +403,7 @@ def comparisons(rows: list[BenchRow]) -> dict[str, list[dict[str, Any]]]:
                             ),
                         }
                     )
-        families: dict[str, dict[int, BenchRow]] = {}
-        for row in table.values():
-            if row.upsampler is None:
-                continue
-            name, _, options = row.variant.partition(":iters=")
-            families.setdefault(name, {})[int(options) if options.isdigit() else 1] = row
-        for passes in families.values():
-            one = passes.get(1)
-            if one is None or len(passes) < 2:
-                continue
-            for iters, row in sorted(passes.items()):
-                out["iterations"].append(
-                    {
-                        "size": size,
-                        "variant": row.variant,
-                        "iters": iters,
-                        "upsampler_ms": row.upsampler.ms,
-                        "time_vs_1": _ratio(row.upsampler.ms, one.upsampler.ms),
-                        "upsampler_peak_mib": row.upsampler.peak_memory_mib,
-                        "memory_vs_1": _ratio(row.upsampler.peak_memory_mib, one.upsampler.peak_memory_mib),
-                        "flops_vs_1": _ratio(row.upsampler.flops, one.upsampler.flops),
-                        "pipeline_ms": row.latency_ms,
-                    }
-                )
+        out["by_output_grid"].extend(_by_output_grid(size, table.values()))
     return out
 
 
@@ -470,18 +487,21 @@ def markdown_report(
                 f"| {c['size']} | `{c['variant']}` | {c['variant_ms']:.1f} | {c['input_2x_ms']:.1f} | "
                 f"{c['speedup']:.2f}x | {c['flops_ratio']:.2f}x | {c['memory_ratio']:.2f}x |"
             )
-    if comp["iterations"]:
+    if comp["by_output_grid"]:
         lines += [
             "",
-            "### Iterative upsampling: cost of the upsampler alone by number of passes (batch 1)",
+            "### Upsampler alone by output grid, against the smallest grid of the same method and checkpoint (batch 1)",
             "",
-            "| size | variant | iters | upsampler ms | time vs 1 pass | FLOPs vs 1 | peak MiB | memory vs 1 | pipeline ms |",
+            "| size | variant | output grid | upsampler ms | time vs smallest | FLOPs vs smallest | peak MiB | "
+            "memory vs smallest | pipeline ms |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for c in comp["iterations"]:
+        for c in comp["by_output_grid"]:
+            grid = "x".join(map(str, c["output_grid"]))
             lines.append(
-                f"| {c['size']} | `{c['variant']}` | {c['iters']} | {c['upsampler_ms']:.2f} | {c['time_vs_1']:.2f}x | "
-                f"{c['flops_vs_1']:.2f}x | {c['upsampler_peak_mib']:.0f} | {c['memory_vs_1']:.2f}x | {c['pipeline_ms']:.1f} |"
+                f"| {c['size']} | `{c['variant']}` | {grid} | {c['upsampler_ms']:.2f} | {c['time_vs_smallest']:.2f}x | "
+                f"{c['flops_vs_smallest']:.2f}x | {c['upsampler_peak_mib']:.0f} | {c['memory_vs_smallest']:.2f}x | "
+                f"{c['pipeline_ms']:.1f} |"
             )
     if extra and extra.get("max_size"):
         lines += [

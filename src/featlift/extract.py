@@ -5,7 +5,9 @@ Each output ``OUT/<relative path>.safetensors`` holds ``features`` ``[C, H, W]``
 output size, source and its size and modification time). Files are written atomically. An output that
 exists with the same settings and was made from the image as it is now (same size and modification
 time) is skipped, so a re-run resumes an interrupted one; an output of an image changed since is made
-again. A folder holds one set of settings (`featlift.folder_settings`). Unreadable images, names that
+again. A folder holds one set of settings (`featlift.folder_settings`). An upsampler guided by the image
+at the output size or at its own size (`guided_by_source`) gets the decoded image before the resize to
+``size``; others get only the resized batch. Unreadable images, names that
 are not UTF-8 and images whose features are not finite are reported and skipped; a run that would not
 fit in memory is refused before it starts (`featlift.memory_estimate`).
 """
@@ -32,9 +34,9 @@ from .fileio import check_writable_dir, remove_stale_temp_files, save_safetensor
 from .fingerprint import state_dict_fingerprint
 from .folder_settings import OUTPUT_SUFFIX, claim_folder
 from .images import ImageItem, image_to_tensor, load_image
-from .inference import InferenceOptions, optimize_pipeline
 from .memory_estimate import check_extraction_fits
 from .pipeline import FeaturePipeline
+from .speedups import InferenceOptions, optimize_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -158,31 +160,47 @@ def upsampler_options(upsampler) -> dict:
     return {name: getattr(upsampler, name, None) for name in upsampler.options}
 
 
-class ImageFileDataset(Dataset):
-    """Decodes and resizes images in worker processes; a failure becomes an error string, not an exception."""
+def guided_by_source(pipeline: FeaturePipeline) -> bool:
+    """True when the pipeline's upsampler is guided by the image at the output size or its own size
+    (``capabilities.guide`` ``"output"`` or ``"source"``), so callers hand it the pixels before any resize."""
+    upsampler = pipeline.upsampler
+    return upsampler is not None and upsampler.capabilities.guide in ("output", "source")
 
-    def __init__(self, items: list[ImageItem], size: tuple[int, int]):
+
+class ImageFileDataset(Dataset):
+    """Decodes and resizes images in worker processes; a failure becomes an error string, not an exception.
+
+    With `keep_sources` each item also carries the decoded image at its own size, for a pipeline guided by
+    it (`guided_by_source`); otherwise that slot is None.
+    """
+
+    def __init__(self, items: list[ImageItem], size: tuple[int, int], keep_sources: bool = False):
         self.items = items
         self.size = size
+        self.keep_sources = keep_sources
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
         try:
-            return index, image_to_tensor(load_image(self.items[index].path), self.size), None
+            image = load_image(self.items[index].path)
+            source = image_to_tensor(image) if self.keep_sources else None
+            return index, image_to_tensor(image, self.size), source, None
         except ImageReadError as exc:
-            return index, None, str(exc)
+            return index, None, None, str(exc)
         except Exception as exc:  # a decoder bug must not stop the whole run either
-            return index, None, f"{self.items[index].path}: {type(exc).__name__}: {exc}"
+            return index, None, None, f"{self.items[index].path}: {type(exc).__name__}: {exc}"
 
 
 def _collate(batch):
-    ok = [(i, img) for i, img, err in batch if err is None]
-    failed = [(i, err) for i, _, err in batch if err is not None]
-    indices = [i for i, _ in ok]
-    images = torch.stack([img for _, img in ok]) if ok else None
-    return indices, images, failed
+    """``(indices, images [B, 3, H, W] or None, sources (a list of [3, Hk, Wk]) or None, failed)``."""
+    ok = [(i, img, src) for i, img, src, err in batch if err is None]
+    failed = [(i, err) for i, _, _, err in batch if err is not None]
+    indices = [i for i, _, _ in ok]
+    images = torch.stack([img for _, img, _ in ok]) if ok else None
+    sources = [src for _, _, src in ok] if ok and ok[0][2] is not None else None
+    return indices, images, sources, failed
 
 
 def _is_done(path: Path, settings: dict[str, str], source: dict[str, str] | None, overwrite: bool) -> bool:
@@ -290,7 +308,7 @@ def extract_to_folder(
         return report
     pipeline = optimize_pipeline(pipeline.to(device).eval(), options).to(device).eval()
     loader = DataLoader(
-        ImageFileDataset([item for item, _, _ in todo], size),
+        ImageFileDataset([item for item, _, _ in todo], size, keep_sources=guided_by_source(pipeline)),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -327,13 +345,17 @@ def extract_to_folder(
         bar.update(count)
 
     try:
-        for indices, images, failed in loader:
+        for indices, images, sources, failed in loader:
             for index, message in failed:
                 report.fail(todo[index][0].path, message)
             bar.update(len(failed))
             if images is None:
                 continue
-            computed = pipeline(images.to(device, non_blocking=True))
+            images = images.to(device, non_blocking=True)
+            if sources is None:
+                computed = pipeline(images)
+            else:  # guided by the pixels before the resize
+                computed = pipeline(images, [source.to(device, non_blocking=True) for source in sources])
             features = computed.to("cpu", dtype)
             low, high = torch.aminmax(features.flatten(1), dim=1)  # NaN propagates; no per-value mask
             finite = (low.isfinite() & high.isfinite()).tolist()

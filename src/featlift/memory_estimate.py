@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call
 
 from .errors import FeatliftError
-from .measure import TensorMemoryTracker
+from .meters import TensorMemoryTracker
 from .pipeline import FeaturePipeline
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def check_extraction_fits(
 
     Counted: one pipeline call on `batch` images on `device`, and `held_batches` batches of features
     held on the host in `stored_dtype` meanwhile (converted, or waiting to be written). The probe
-    (`batch_peak_bytes`) takes a fraction of a second, so a run is not probed when its input and
+    (`batch_peak_bytes`) runs every op of a call in Python, so a run is not probed when its input and
     output batch, times `PROBE_MARGIN`, fit.
     """
     device = torch.device(device)

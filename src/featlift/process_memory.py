@@ -1,20 +1,24 @@
 """Peak resident memory (RSS) of one variant call, measured in a fresh process (Linux).
 
-Inside one long-lived process RSS hardly moves once warm-up has run: the allocator keeps the memory it
-freed, so a later variant reuses what an earlier one left behind. A fresh process per variant gives the
-numbers a user sees. ``python -m featlift.process_memory`` builds the backbone and the variant, makes
-the random input, records its RSS, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs
-the variant once, and prints, as JSON: the peak while loading, the RSS before the call, and the peak
-during the call. The parent (`measure_process_rss`) runs one such child per variant.
+This is a different quantity from `featlift.meters.peak_memory_mib`, featlift's one in-process meter (the
+peak of the tensors one call creates): inside one long-lived process RSS hardly moves once warm-up has
+run, because the allocator keeps the memory it freed and a later variant reuses what an earlier one left
+behind. A fresh process per variant gives the numbers a user sees, libraries and weights included.
+
+`measure_process_rss` runs ``python -m featlift.process_memory JOB`` once per variant, with the `RssJob`
+as JSON: the child imports the modules that register upsamplers defined outside featlift, builds the
+backbone and the variant, makes the random input, records its RSS, resets the kernel's peak-RSS mark
+(``/proc/self/clear_refs``), runs the variant once, and prints, as JSON: the peak while loading, the RSS
+before the call, and the peak during the call.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import FeatliftError
@@ -99,57 +103,117 @@ def run_child(argv: list[str]) -> dict:
         ) from None
 
 
-def measure_process_rss(
-    backbone_argv: list[str], spec: str, size: int, batch: int, threads: int | None = None
-) -> ProcessRss:
-    """RSS of a fresh process that loads the variant `spec` (the backbone from `backbone_argv`, e.g.
-    ``["--backbone", NAME, "--weights", F]`` plus inference flags) and runs it once on `batch` images."""
+@dataclass
+class RssJob:
+    """What a measuring child loads and runs: the backbone, the variant `spec`, `batch` images of `size`.
+
+    `modules` (module name -> file) register upsamplers defined outside featlift (a user's module, a test
+    file); the child imports them before it parses the variant (see `upsampler_module_files`).
+    """
+
+    backbone: str
+    variant: str
+    size: int
+    batch: int = 1
+    weights: str | None = None
+    layer: int | None = None
+    facet: str = "token"
+    options: dict = field(default_factory=dict)  # `featlift.speedups.InferenceOptions` as a dict
+    threads: int | None = None
+    modules: dict[str, str] = field(default_factory=dict)
+
+
+def upsampler_module_files(upsampler_classes) -> dict[str, str]:
+    """Module name -> source file, for those of `upsampler_classes` defined outside featlift.
+
+    A fresh process imports featlift's own methods by itself; one registered elsewhere (a user's module,
+    a test file, a script) exists there only once its module has been imported again.
+    """
+    files = {}
+    for cls in upsampler_classes:
+        module = sys.modules.get(cls.__module__)
+        if module is None or module.__name__.split(".")[0] == "featlift":
+            continue
+        path = getattr(module, "__file__", None)
+        if not path:
+            raise FeatliftError(
+                f"upsampler {cls.name!r} is defined in {cls.__module__!r}, which has no file, so a fresh "
+                "process cannot import it; define it in a module file to measure its process RSS"
+            )
+        files[module.__name__] = str(path)
+    return files
+
+
+def import_module_file(name: str, path: str) -> None:
+    """Import the module `name` from the file `path`, its folder first on ``sys.path`` (for its own imports).
+
+    A script (``__main__``) is imported as ``__mp_main__``, as multiprocessing does, so its main block
+    does not run.
+    """
+    folder = str(Path(path).parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = "__mp_main__" if name == "__main__" else name
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FeatliftError(f"cannot import the upsampler module {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+def measure_process_rss(job: RssJob) -> ProcessRss:
+    """RSS of a fresh process that loads the variant of `job` and runs it once on ``job.batch`` images."""
     check_supported()
-    argv = [sys.executable, "-m", "featlift.process_memory", *backbone_argv]
-    argv += ["--variant", spec, "--size", str(size), "--batch", str(batch)]
-    if threads:
-        argv += ["--threads", str(threads)]
-    result = run_child(argv)
+    result = run_child([sys.executable, "-m", "featlift.process_memory", json.dumps(asdict(job))])
     return ProcessRss(
-        spec, size, batch, result["load_peak_mib"], result["before_call_mib"], result["call_peak_mib"]
+        job.variant,
+        job.size,
+        job.batch,
+        result["load_peak_mib"],
+        result["before_call_mib"],
+        result["call_peak_mib"],
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The child: load, measure, call once, measure, print JSON (CPU only)."""
-    from .commands.bench import add_inference_args, inference_options
-    from .commands.common import add_backbone_args, backbone_from_args
-
-    parser = argparse.ArgumentParser(prog="python -m featlift.process_memory")
-    add_backbone_args(parser)
-    add_inference_args(parser)
-    parser.add_argument("--variant", required=True)
-    parser.add_argument("--size", type=int, required=True)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    check_supported()
-
+def run_job(job: RssJob) -> dict:
+    """The child's work: load, measure, call once, measure (CPU only); returns the numbers."""
     import gc
 
     import torch
 
+    from .backbones import create_backbone
     from .bench import random_images
-    from .inference import optimize_pipeline
+    from .speedups import InferenceOptions, optimize_pipeline
     from .variants import parse_variant
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    variant = parse_variant(args.variant, backbone_from_args(args))
-    variant.pipeline = optimize_pipeline(variant.pipeline, inference_options(args)).eval()
-    images = random_images(args.batch, variant.input_size((args.size, args.size)), torch.device("cpu"))
+    for name, path in job.modules.items():
+        import_module_file(name, path)
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    backbone = create_backbone(job.backbone, weights=job.weights, layer=job.layer, facet=job.facet)
+    variant = parse_variant(job.variant, backbone)
+    variant.pipeline = optimize_pipeline(variant.pipeline, InferenceOptions(**job.options)).eval()
+    images = random_images(job.batch, variant.input_size((job.size, job.size)), torch.device("cpu"))
     gc.collect()
     load_peak, before = peak_rss_mib(), rss_mib()
     reset_peak_rss()
     with torch.inference_mode():
         variant(images)
-    result = {"load_peak_mib": load_peak, "before_call_mib": before, "call_peak_mib": peak_rss_mib()}
-    print(json.dumps(result))
+    return {"load_peak_mib": load_peak, "before_call_mib": before, "call_peak_mib": peak_rss_mib()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child: ``python -m featlift.process_memory JOB``, JOB an `RssJob` as JSON; prints the result as JSON."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(
+            "usage: python -m featlift.process_memory JOB_JSON (see featlift.process_memory.RssJob)",
+            file=sys.stderr,
+        )
+        return 2
+    check_supported()
+    print(json.dumps(run_job(RssJob(**json.loads(argv[0])))))
     return 0
 
 

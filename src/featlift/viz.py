@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import FeatliftError
+from .extract import guided_by_source
 from .fileio import atomic_path
 from .images import image_to_tensor
 from .variants import FeatureVariant
@@ -44,11 +45,21 @@ def variant_features(
     base: tuple[int, int],
     device: str | torch.device = "cpu",
 ) -> list[torch.Tensor]:
-    """Features ``[C, h, w]`` (float32, CPU) of `image` for each variant, each fed at ``variant.input_size(base)``."""
+    """Features ``[C, h, w]`` (float32, CPU) of `image` for each variant, each fed at ``variant.input_size(base)``.
+
+    A method guided by the image at the output size or its own size (`featlift.extract.guided_by_source`)
+    also gets `image` at its own size, as ``featlift extract`` gives it the decoded file.
+    """
     out = []
+    source = None
     for variant in variants:
         tensor = image_to_tensor(image, variant.input_size(base))[None].to(device)
-        out.append(variant(tensor)[0].float().cpu())
+        if guided_by_source(variant.pipeline):
+            source = source if source is not None else image_to_tensor(image)[None].to(device)
+            features = variant.pipeline(tensor, source)
+        else:
+            features = variant(tensor)
+        out.append(features[0].float().cpu())
     return out
 
 

@@ -12,17 +12,17 @@ from ..devices import resolve_device
 from ..environment import environment
 from ..errors import FeatliftError
 from ..fileio import check_writable_dir
-from ..inference import InferenceOptions
-from ..pipeline import AMP_DTYPES
-from ..process_memory import measure_process_rss
+from ..process_memory import RssJob, measure_process_rss, upsampler_module_files
 from ..variants import parse_variants
 from .common import (
+    VARIANT_GRAMMAR,
     add_backbone_args,
     add_device_arg,
     backbone_from_args,
     positive_int,
     weights_from_args,
 )
+from .inference_args import add_inference_args, inference_options
 from .numbers import int_at_least
 
 logger = logging.getLogger(__name__)
@@ -38,51 +38,6 @@ def int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers, e.g. 224,448")
     return values
-
-
-def add_inference_args(parser: argparse.ArgumentParser) -> None:
-    """Speed options shared by ``bench`` (and usable by other commands): see featlift.inference."""
-    group = parser.add_argument_group("inference speed options")
-    group.add_argument(
-        "--no-fold-bn",
-        dest="fold_bn",
-        action="store_false",
-        help="keep BatchNorm layers separate (default: fold them into the convolutions; same outputs)",
-    )
-    group.add_argument(
-        "--no-channels-last",
-        dest="channels_last",
-        action="store_false",
-        help="keep the upsampler in NCHW layout (default: channels-last, faster on CPU; same outputs)",
-    )
-    group.add_argument(
-        "--amp",
-        choices=sorted(AMP_DTYPES),
-        default=None,
-        help="autocast backbone and upsampler to bf16/fp16 (faster, changes outputs slightly)",
-    )
-    group.add_argument("--compile", action="store_true", help="torch.compile the upsampler (slow first call)")
-
-
-def inference_options(args: argparse.Namespace) -> InferenceOptions:
-    return InferenceOptions(
-        fold_bn=args.fold_bn, channels_last=args.channels_last, amp=args.amp, compile=args.compile
-    )
-
-
-def inference_argv(options: InferenceOptions) -> list[str]:
-    """The command-line flags that give `options` (the inverse of `inference_options`)."""
-    argv = [] if options.fold_bn else ["--no-fold-bn"]
-    argv += [] if options.channels_last else ["--no-channels-last"]
-    argv += ["--amp", options.amp] if options.amp else []
-    return argv + (["--compile"] if options.compile else [])
-
-
-def backbone_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--backbone", args.backbone, "--facet", args.facet]
-    weights = weights_from_args(args)
-    argv += ["--weights", str(weights)] if weights else []
-    return argv + (["--layer", str(args.layer)] if args.layer is not None else [])
 
 
 def register(subparsers) -> None:
@@ -101,7 +56,7 @@ def register(subparsers) -> None:
         "--variants",
         action="append",
         default=None,
-        help="comma-separated variants: none, bilinear, input-2x, lift[:CKPT][:iters=K] (default none,bilinear,lift,input-2x)",
+        help=f"comma-separated variants: {VARIANT_GRAMMAR} (default none,bilinear,lift,input-2x)",
     )
     parser.add_argument(
         "--batch-sizes", type=int_list, default=[1, 4, 16], help="throughput batch sizes (default 1,4,16)"
@@ -175,11 +130,20 @@ def run(args: argparse.Namespace) -> int:
             raise FeatliftError("--process-rss measures CPU runs; use --device cpu")
         extra["process_rss"] = [
             measure_process_rss(
-                backbone_argv(args) + inference_argv(settings.options),
-                variant.spec,
-                size,
-                settings.batch_sizes[0],
-                args.threads,
+                RssJob(
+                    backbone=args.backbone,
+                    weights=weights_from_args(args),
+                    layer=args.layer,
+                    facet=args.facet,
+                    variant=variant.spec,
+                    size=size,
+                    batch=settings.batch_sizes[0],
+                    options=settings.options.to_dict(),
+                    threads=args.threads,
+                    modules=upsampler_module_files(
+                        [type(variant.pipeline.upsampler)] if variant.pipeline.upsampler is not None else []
+                    ),
+                )
             ).to_dict()
             for size in args.sizes
             for variant in variants

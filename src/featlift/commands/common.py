@@ -34,7 +34,7 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-VARIANT_GRAMMAR = "none | bilinear[:iters=K] | input-2x | lift[:CKPT][:iters=K]"
+VARIANT_GRAMMAR = "none | input-Nx | NAME[:CKPT][:key=value...] for any registered upsampler (e.g. bilinear, lift:iters=2, lift:size=64x64)"
 
 
 def add_variant_arg(parser: argparse.ArgumentParser, default: str) -> None:

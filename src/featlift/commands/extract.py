@@ -14,7 +14,6 @@ from ..images import collect_images
 from ..pipeline import FeaturePipeline, resolve_upsampler
 from ..upsamplers import available_upsamplers, get_upsampler_class
 from ..variants import option_value
-from .bench import add_inference_args, inference_options
 from .common import (
     add_backbone_args,
     add_device_arg,
@@ -22,6 +21,7 @@ from .common import (
     positive_int,
     size_arg,
 )
+from .inference_args import add_inference_args, inference_options
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def register(subparsers) -> None:
         "--upsampler",
         default="lift",
         choices=["none", *available_upsamplers()],
-        help="lift (default; uses the shipped checkpoint for the default backbone), bilinear, or none",
+        help="a registered upsampler: lift (default; the shipped checkpoint for the default backbone), bilinear, "
+        "any other registered method, or none",
     )
     parser.add_argument(
         "--checkpoint", default=None, help="upsampler checkpoint folder (model.safetensors + config.json)"

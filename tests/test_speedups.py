@@ -14,8 +14,8 @@ from featlift import create_backbone
 from featlift.checkpoint import save_checkpoint
 from featlift.cli import main
 from featlift.extract import load_features
-from featlift.inference import InferenceOptions, fold_batchnorm, optimize_pipeline
 from featlift.pipeline import FeaturePipeline
+from featlift.speedups import InferenceOptions, fold_batchnorm, optimize_pipeline
 from featlift.upsamplers import LiFT
 
 NAME = "test_vit"  # timm's 64-dim, 6-block ViT for tests
@@ -185,3 +185,25 @@ def test_speed_options_keep_real_dinov2_lift_features(dinov2_backbone):
     assert got.shape == (1, 384, 32, 32)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert torch.nn.functional.cosine_similarity(got, expected, dim=1).min() > 0.99999
+
+
+def test_compile_wraps_the_upsampler_forward_that_the_pipeline_calls(tiny_backbone, monkeypatch):
+    """--compile compiles ``forward(features, guide, output_size)`` (a real compile takes ~30 s on this CPU:
+    torch.compile is replaced by a recorder that runs the function as it is)."""
+    compiled = []
+
+    def fake_compile(fn, **kwargs):
+        def run(*args):
+            compiled.append(tuple(arg.shape if isinstance(arg, torch.Tensor) else arg for arg in args))
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    backbone = tiny_backbone(patch_size=16)
+    pipeline = FeaturePipeline(backbone, LiFT(backbone.channels, 16, iters=2))
+    images = torch.rand(1, 3, 32, 32)
+    expected = pipeline(images)
+    optimized = optimize_pipeline(pipeline, InferenceOptions(compile=True))
+    torch.testing.assert_close(optimized(images), expected, atol=1e-5, rtol=1e-4)
+    assert compiled == [(torch.Size([1, backbone.channels, 2, 2]), torch.Size([1, 3, 32, 32]), (8, 8))]

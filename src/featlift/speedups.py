@@ -3,17 +3,20 @@
 `fold_batchnorm` returns a copy of a module in which every ``Conv2d`` directly followed by a
 ``BatchNorm2d`` (inside an ``nn.Sequential``, as in LiFT's conv-BN-ReLU blocks) carries the BN's
 affine map in its own weight and bias, and the BN is replaced by ``nn.Identity``. In eval mode the
-copy computes the same function (to float rounding, ~1e-6) with fewer passes over memory; the module
+copy computes the same function (to float rounding) with fewer passes over memory; the module
 you pass is left untouched, so it can still be trained or saved with its original state-dict keys.
 
 `InferenceOptions` says which transforms to apply and `optimize_pipeline` applies them:
 
 - ``fold_bn`` (default on): exact up to float rounding;
 - ``channels_last`` (default on): NHWC memory layout for the upsampler's convolutions (same outputs;
-  ~1.3-1.8x faster LiFT on CPU with oneDNN);
-- ``amp``: ``"bf16"``/``"fp16"`` autocast for backbone and upsampler; changes outputs (cosine ~0.999),
-  so it is off unless asked for;
-- ``compile``: ``torch.compile`` of the upsampler (needs a C++ compiler on CPU; slow first call).
+  faster on CPU with oneDNN);
+- ``amp``: ``"bf16"``/``"fp16"`` autocast for backbone and upsampler; changes outputs slightly, so it is
+  off unless asked for (and it pays only on hardware with fast bf16/fp16 matrix units);
+- ``compile``: ``torch.compile`` of the upsampler's ``forward`` (needs a C++ compiler on CPU; slow
+  first call).
+
+``benchmarks/speed_options.py`` measures each option's time and output difference.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from toy_upsamplers import GuideRecorder, checkerboard
 
 from featlift import InputSizeError, extract_features
 from featlift.images import image_to_tensor
@@ -157,3 +158,20 @@ def test_other_float_precisions_are_converted(pipeline, dtype):
     expected = pipeline(images.float())
     torch.testing.assert_close(pipeline(images), expected)
     torch.testing.assert_close(extract_features(pipeline, images), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_method_guided_at_the_output_size_gets_the_pixels_before_the_resize(tiny_backbone):
+    """The guide is the original image at the output size: a 1-pixel checkerboard survives, which a
+    guide made from the 32 px input (resized down, then up) would have blurred to grey."""
+    backbone = tiny_backbone(patch_size=16)
+    pipeline = FeaturePipeline(backbone, GuideRecorder(), output_size=(64, 64))
+    board = checkerboard(64, 64)
+    GuideRecorder.seen.clear()
+    features = extract_features(pipeline, board.expand(3, -1, -1, -1), size=32, batch_size=2)
+    assert features.shape == (3, backbone.channels, 64, 64)
+    pil = Image.fromarray((board * 255).byte().permute(1, 2, 0).numpy())
+    extract_features(pipeline, [pil], size=32)
+    assert [tuple(g.shape) for g in GuideRecorder.seen] == [(2, 3, 64, 64), (1, 3, 64, 64), (1, 3, 64, 64)]
+    expected = backbone.normalize(board[None])
+    for guide in GuideRecorder.seen:
+        torch.testing.assert_close(guide, expected.expand_as(guide))

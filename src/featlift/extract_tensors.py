@@ -4,7 +4,8 @@
 resizes them to one size if asked (with `featlift.images.resize_images`, as `featlift extract` resizes files,
 so a picture gives the same features as a file, a PIL image or a tensor), runs the pipeline `batch_size`
 images at a time on the chosen device, and returns one CPU tensor, so a caller never has to batch or move
-data by hand.
+data by hand. An upsampler guided by the image at the output size or its own size
+(`featlift.extract.guided_by_source`) gets the images as given, before the resize to `size`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import InputSizeError
+from .extract import guided_by_source
 from .images import image_to_tensor, parse_size, resize_images
 from .pipeline import FeaturePipeline
 from .pixels import check_layout, check_values
@@ -32,15 +34,16 @@ def _as_unit_float(images: torch.Tensor, where: str, *, batched: bool) -> torch.
     return images.float()
 
 
-def _one_image(image: ImageLike, index: int, size: tuple[int, int] | None) -> torch.Tensor:
+def _one_image(image: ImageLike, index: int) -> torch.Tensor:
+    """One image as a checked ``[1, 3, H, W]`` float batch at its own size."""
     where = f"image {index}"
     if isinstance(image, Image.Image):
-        return image_to_tensor(image, size)
+        return image_to_tensor(image)[None]
     if not isinstance(image, torch.Tensor):
         raise InputSizeError(
             f"{where}: expected a PIL image or a [3, H, W] tensor, got {type(image).__name__}"
         )
-    return resize_images(_as_unit_float(image, where, batched=False)[None], size)[0]
+    return _as_unit_float(image, where, batched=False)[None]
 
 
 def extract_features(
@@ -75,29 +78,34 @@ def extract_features(
         raise InputSizeError("no images given")
     if device is None:
         device = next(pipeline.parameters()).device
+    keep_sources = size is not None and guided_by_source(pipeline)
     first_shape = None
     outputs = []
     with tqdm(total=count, unit="img", desc="features", disable=not progress) as bar:
         for start in range(0, count, batch_size):
             if isinstance(images, torch.Tensor):
                 where = f"images[{start}:{start + batch_size}]"
-                batch = resize_images(
-                    _as_unit_float(images[start : start + batch_size], where, batched=True), size
-                )
+                originals = [_as_unit_float(images[start : start + batch_size], where, batched=True)]
             else:
-                tensors = [
-                    _one_image(image, start + offset, size)
+                originals = [
+                    _one_image(image, start + offset)
                     for offset, image in enumerate(images[start : start + batch_size])
                 ]
-                if size is None:
-                    for offset, tensor in enumerate(tensors):
-                        first_shape = first_shape or tuple(tensor.shape[-2:])
-                        if tuple(tensor.shape[-2:]) != first_shape:
-                            raise InputSizeError(
-                                f"image {start + offset} is {tensor.shape[-2]}x{tensor.shape[-1]}, image 0 is "
-                                f"{first_shape[0]}x{first_shape[1]}: pass size= to resize them to one size"
-                            )
-                batch = torch.stack(tensors)
-            outputs.append(pipeline(batch.to(device, non_blocking=True)).to("cpu", dtype))
+            tensors = [resize_images(original, size) for original in originals]
+            if size is None and not isinstance(images, torch.Tensor):
+                for offset, tensor in enumerate(tensors):
+                    first_shape = first_shape or tuple(tensor.shape[-2:])
+                    if tuple(tensor.shape[-2:]) != first_shape:
+                        raise InputSizeError(
+                            f"image {start + offset} is {tensor.shape[-2]}x{tensor.shape[-1]}, image 0 is "
+                            f"{first_shape[0]}x{first_shape[1]}: pass size= to resize them to one size"
+                        )
+            batch = torch.cat(tensors).to(device, non_blocking=True)
+            if keep_sources:  # guided by the pixels before the resize
+                sources = [source.to(device) for original in originals for source in original]
+                computed = pipeline(batch, sources)
+            else:
+                computed = pipeline(batch)
+            outputs.append(computed.to("cpu", dtype))
             bar.update(batch.shape[0])
     return torch.cat(outputs)
