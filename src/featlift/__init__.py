@@ -21,7 +21,7 @@ from .errors import (  # noqa: E402
     OutputWriteError,
 )
 from .extract import extract_to_folder  # noqa: E402
-from .in_memory import extract_features  # noqa: E402
+from .extract_tensors import extract_features  # noqa: E402
 from .pipeline import build_pipeline  # noqa: E402
 from .upsamplers import available_upsamplers, create_upsampler  # noqa: E402
 

@@ -31,7 +31,7 @@ import torch
 from ..backbones import ViTBackbone
 from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image
-from ..measure import peak_memory_mib, timed_call
+from ..meters import peak_memory_mib, timed_call
 from ..pretrained import find_shipped_checkpoint
 from ..variants import FeatureVariant, parse_variants
 from .report import VariantResult
@@ -74,7 +74,7 @@ def variants_from_args(
     ``featlift extract`` does, so its cost is what a user pays; its outputs are unchanged (to ~1e-6).
     """
     from ..commands.common import backbone_from_args
-    from ..inference import optimize_pipeline
+    from ..speedups import optimize_pipeline
 
     backbone = backbone_from_args(args)
     specs = args.variant or default_variant_specs(backbone)
@@ -105,7 +105,7 @@ class FeatureTimer:
     """Runs a variant on batches and accumulates the time and peak memory of the feature computation only.
 
     ``timer(images)`` -> features on the timer's device; ``timer.ms_per_image`` averages over every image seen,
-    ``timer.peak_memory_mib`` is the largest peak of one call (`featlift.measure.peak_memory_mib`: CUDA max
+    ``timer.peak_memory_mib`` is the largest peak of one call (`featlift.meters.peak_memory_mib`: CUDA max
     allocated, on CPU the live tensors the call creates). Memory is measured in an extra, untimed call on the
     first batch of each shape, so the timed calls run without the tracker. The first call of a variant pays
     one-off costs (allocator warm-up, lazy init); call ``warmup(images)`` first to exclude them.
