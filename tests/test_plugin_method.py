@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_TIMM_NAME, write_images
+from featlift.train.views import View
 from PIL import Image
 from torch import nn
 
 from featlift.cli import main
 from featlift.extract import load_features
 from featlift.train.objectives import Objective, register_objective
-from featlift.train.views import View
 from featlift.upsamplers import Upsampler, register_upsampler
 from featlift.upsamplers.base import Capabilities, check_inputs, resize_features
 
@@ -69,7 +69,10 @@ class ToyHalfToFull(Objective):
         return torch.stack([cosine.double(), torch.tensor(float(len(batch)), dtype=torch.float64)])
 
     def validation_metrics(self, sums, images):
-        return {"val_cosine_toy": round(sums["cosine"] / images, 5), "val_images_toy": int(sums["images_seen"])}
+        return {
+            "val_cosine_toy": round(sums["cosine"] / images, 5),
+            "val_images_toy": int(sums["images_seen"]),
+        }
 
 
 BACKBONE = ["--backbone", TINY_TIMM_NAME]

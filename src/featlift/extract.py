@@ -6,7 +6,7 @@ output size, source and its size and modification time). Files are written atomi
 exists with the same settings and was made from the image as it is now (same size and modification
 time) is skipped, so a re-run resumes an interrupted one; an output of an image changed since is made
 again. A folder holds one set of settings (`featlift.folder_settings`). An upsampler guided by the image
-at the output size or at its own size (`guided_by_source`) gets the decoded image before the resize to
+at the output size or at its own size (`FeaturePipeline.wants_sources`) gets the decoded image before the resize to
 ``size``; others get only the resized batch. Unreadable images, names that
 are not UTF-8 and images whose features are not finite are reported and skipped; a run that would not
 fit in memory is refused before it starts (`featlift.memory_estimate`).
@@ -160,18 +160,11 @@ def upsampler_options(upsampler) -> dict:
     return {name: getattr(upsampler, name, None) for name in upsampler.options}
 
 
-def guided_by_source(pipeline: FeaturePipeline) -> bool:
-    """True when the pipeline's upsampler is guided by the image at the output size or its own size
-    (``capabilities.guide`` ``"output"`` or ``"source"``), so callers hand it the pixels before any resize."""
-    upsampler = pipeline.upsampler
-    return upsampler is not None and upsampler.capabilities.guide in ("output", "source")
-
-
 class ImageFileDataset(Dataset):
     """Decodes and resizes images in worker processes; a failure becomes an error string, not an exception.
 
     With `keep_sources` each item also carries the decoded image at its own size, for a pipeline guided by
-    it (`guided_by_source`); otherwise that slot is None.
+    it (`FeaturePipeline.wants_sources`); otherwise that slot is None.
     """
 
     def __init__(self, items: list[ImageItem], size: tuple[int, int], keep_sources: bool = False):
@@ -308,7 +301,7 @@ def extract_to_folder(
         return report
     pipeline = optimize_pipeline(pipeline.to(device).eval(), options).to(device).eval()
     loader = DataLoader(
-        ImageFileDataset([item for item, _, _ in todo], size, keep_sources=guided_by_source(pipeline)),
+        ImageFileDataset([item for item, _, _ in todo], size, keep_sources=pipeline.wants_sources),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,

@@ -5,7 +5,7 @@ resizes them to one size if asked (with `featlift.images.resize_images`, as `fea
 so a picture gives the same features as a file, a PIL image or a tensor), runs the pipeline `batch_size`
 images at a time on the chosen device, and returns one CPU tensor, so a caller never has to batch or move
 data by hand. An upsampler guided by the image at the output size or its own size
-(`featlift.extract.guided_by_source`) gets the images as given, before the resize to `size`.
+(`FeaturePipeline.wants_sources`) gets the images as given, before the resize to `size`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import InputSizeError
-from .extract import guided_by_source
 from .images import image_to_tensor, parse_size, resize_images
 from .pipeline import FeaturePipeline
 from .pixels import check_layout, check_values
@@ -78,7 +77,7 @@ def extract_features(
         raise InputSizeError("no images given")
     if device is None:
         device = next(pipeline.parameters()).device
-    keep_sources = size is not None and guided_by_source(pipeline)
+    keep_sources = size is not None and pipeline.wants_sources
     first_shape = None
     outputs = []
     with tqdm(total=count, unit="img", desc="features", disable=not progress) as bar:

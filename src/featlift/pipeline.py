@@ -92,6 +92,12 @@ class FeaturePipeline(nn.Module):
             check_values(images, where, uint8=False)
         return images.to(weight.dtype)
 
+    @property
+    def wants_sources(self) -> bool:
+        """True when the upsampler is guided by the image at the output size or at its own size
+        (``capabilities.guide`` ``"output"`` or ``"source"``): callers then pass the pixels before any resize."""
+        return self.upsampler is not None and self.upsampler.capabilities.guide in ("output", "source")
+
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         """The ``(h', w')`` of the features of ``height x width`` images."""
         grid = self.backbone.grid_size(height, width)

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import FeatliftError
-from .extract import guided_by_source
 from .fileio import atomic_path
 from .images import image_to_tensor
 from .variants import FeatureVariant
@@ -47,14 +46,14 @@ def variant_features(
 ) -> list[torch.Tensor]:
     """Features ``[C, h, w]`` (float32, CPU) of `image` for each variant, each fed at ``variant.input_size(base)``.
 
-    A method guided by the image at the output size or its own size (`featlift.extract.guided_by_source`)
+    A method guided by the image at the output size or its own size (`FeaturePipeline.wants_sources`)
     also gets `image` at its own size, as ``featlift extract`` gives it the decoded file.
     """
     out = []
     source = None
     for variant in variants:
         tensor = image_to_tensor(image, variant.input_size(base))[None].to(device)
-        if guided_by_source(variant.pipeline):
+        if variant.pipeline.wants_sources:
             source = source if source is not None else image_to_tensor(image)[None].to(device)
             features = variant.pipeline(tensor, source)
         else:
