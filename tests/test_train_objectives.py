@@ -19,6 +19,7 @@ from featlift.errors import FeatliftError
 from featlift.train import TrainConfig, train
 from featlift.train.data import scan_images
 from featlift.train.objectives import Objective, available_objectives, get_objective, register_objective
+from featlift.train.state import RESUME_KEYS, check_resumable
 from featlift.train.views import View, check_view_sizes, load_views
 from featlift.upsamplers import Upsampler, register_upsampler
 from featlift.upsamplers.base import Capabilities
@@ -174,7 +175,17 @@ def test_unknown_or_missing_objective_is_a_clear_error(tmp_path, weights, capsys
     assert main(train_args(images, tmp_path / "run", weights, "--upsampler", "objectiveless-test")) == 2
     err = capsys.readouterr().err
     assert "objectiveless-test declares no training objective; pass --objective NAME" in err
+    no_residual = ["--upsampler", "objectiveless-test", "--objective", "zoom-test", "--no-residual"]
+    assert main(train_args(images, tmp_path / "run", weights, *no_residual)) == 2
+    assert "--no-residual: upsampler objectiveless-test has no residual option" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_runs_saved_before_objectives_were_recorded_resume_as_lift(tmp_path):
+    settings = {key: None for key in RESUME_KEYS if key != "objective"}
+    check_resumable(settings, {**settings, "objective": "lift"}, tmp_path)
+    with pytest.raises(FeatliftError, match="objective: was 'lift', now 'zoom-test'"):
+        check_resumable(settings, {**settings, "objective": "zoom-test"}, tmp_path)
 
 
 def test_registration_checks_the_class_and_its_views():

@@ -55,7 +55,7 @@ from .distributed import (
     use_global_batchnorm,
 )
 from .divergence import DivergenceGuard
-from .objectives import LOSSES, EpochEnd, Objective, available_objectives, get_objective
+from .objectives import EpochEnd, Objective, available_objectives, get_objective
 from .run_folder import LOG_FILE, check_run_folder, clear_run_folder, missing_folders, remove_if_empty
 from .state import check_resumable, load_state, save_state
 from .validation import validate, validation_totals
@@ -127,8 +127,6 @@ def _check_config(config: TrainConfig, world: int) -> None:
         )
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise FeatliftError(f"--lr {config.lr}: must be a positive number")
-    if config.loss not in LOSSES:
-        raise FeatliftError(f"--loss {config.loss}: expected one of {', '.join(LOSSES)}")
     if config.cache_dtype not in DTYPES:
         raise FeatliftError(f"cache dtype {config.cache_dtype}: expected one of {', '.join(DTYPES)}")
 
