@@ -2,7 +2,7 @@
 
 Rebuilds the checkpoint's own training split (its image folder, ``val_fraction`` and ``seed`` from
 config.json) and fits the scale as ``featlift train`` does after every epoch: least squares to the
-backbone's 2x features on `featlift.train.loop.calibration_images` of the training images, so the
+backbone's 2x features on `featlift.train.objectives.lift.calibration_images` of the training images, so the
 held-out images stay unused for measuring the result (``benchmarks/output_scale.py``). For a checkpoint
 with no training run, e.g. one imported from the original LiFT code, it fits on all images of ``--images``.
 Writes the fitted scale back into the checkpoint (model.safetensors is rewritten unchanged; config.json
@@ -22,7 +22,7 @@ from featlift import create_backbone, load_checkpoint
 from featlift.checkpoint import read_checkpoint_config, save_checkpoint
 from featlift.train.cache import FeatureCache, cache_key
 from featlift.train.data import scan_images, split_images
-from featlift.train.loop import RESIZE_METHOD, calibration_images, checkpoint_batches, fit_output_scale
+from featlift.train.objectives.lift import VIEWS, calibration_images, checkpoint_batches, fit_output_scale
 
 
 def main() -> None:
@@ -56,16 +56,15 @@ def main() -> None:
         train_images, _ = split_images(scan.images, run_args["val_fraction"], run_args["seed"])
         images, how = (
             calibration_images(train_images),
-            "featlift.train.loop.calibration_images of the run's training split",
+            "featlift.train.objectives.lift.calibration_images of the run's training split",
         )
     else:  # no training run recorded (an imported checkpoint): every image of --images
         images, how = scan.images, "all images of --images"
     cache = None
     if args.cache:
         dtype = run_args.get("cache_dtype", "float16")
-        cache = FeatureCache(
-            args.cache, cache_key(backbone, run_args["image_size"], RESIZE_METHOD, dtype), dtype
-        )
+        key = cache_key(backbone, run_args["image_size"], VIEWS, dtype=dtype)
+        cache = FeatureCache(args.cache, key, tuple(view.name for view in VIEWS), dtype)
     before = module.output_scale
     module.output_scale = fit_output_scale(
         module, checkpoint_batches(backbone, images, run_args["image_size"], cache)

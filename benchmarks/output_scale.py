@@ -66,7 +66,7 @@ def main() -> None:
                             coarse, scale_factor=2**passes, mode="bilinear", align_corners=False
                         )
                     else:
-                        pred = module(coarse, guide, iters=passes)
+                        pred = module(coarse, guide, tuple(target.shape[-2:]))  # passes from the size
                     target_norm = target.norm(dim=1).mean()
                     values = torch.stack(
                         [

@@ -24,7 +24,7 @@ from featlift.commands.common import DEFAULT_BACKBONE
 from featlift.images import collect_images
 from featlift.train import TrainConfig, train
 from featlift.train.cache import FeatureCache, cache_key
-from featlift.train.loop import RESIZE_METHOD
+from featlift.train.objectives.lift import VIEWS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -68,7 +68,9 @@ def main() -> None:
 
         backbone = create_backbone(args.backbone, weights=args.weights)
         cache = FeatureCache(
-            Path(tmp) / "run" / "cache", cache_key(backbone, args.image_size, RESIZE_METHOD, "float16")
+            Path(tmp) / "run" / "cache",
+            cache_key(backbone, args.image_size, VIEWS),
+            tuple(view.name for view in VIEWS),
         )
         files, size = cache.size_bytes()
 

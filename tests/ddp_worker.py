@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from featlift.cli import main
 from featlift.errors import ImageReadError
-from featlift.train import loop
+from featlift.train import batches
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -53,15 +53,15 @@ def record_collectives(path: str) -> None:
 def fail_first_loads(rank: int, count: int) -> None:
     if RANK != rank:
         return
-    original, failures = loop.load_pyramid, [count]
+    original, failures = batches.load_views, [count]
 
-    def load_pyramid(image, image_size):
+    def load_views(image, views, image_size, seed):
         if failures[0] > 0:
             failures[0] -= 1
             raise ImageReadError(f"{image.path}: cannot decode image (made unreadable by the test)")
-        return original(image, image_size)
+        return original(image, views, image_size, seed)
 
-    loop.load_pyramid = load_pyramid
+    batches.load_views = load_views
 
 
 if __name__ == "__main__":

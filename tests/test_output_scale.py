@@ -10,7 +10,7 @@ from featlift.cli import main
 from featlift.images import collect_images
 from featlift.pretrained import find_shipped_checkpoint
 from featlift.train.data import TrainImage, scan_images, split_images
-from featlift.train.loop import calibration_images, checkpoint_batches, fit_output_scale
+from featlift.train.objectives.lift import calibration_images, checkpoint_batches, fit_output_scale
 
 
 def test_training_fits_the_scale_on_training_images_not_on_held_out_ones(tmp_path):

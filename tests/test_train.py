@@ -14,7 +14,12 @@ from featlift.backbones import ViTBackbone
 from featlift.cli import main
 from featlift.train.augment import color_jitter
 from featlift.train.data import scan_images, split_images
-from featlift.train.loop import calibration_images, checkpoint_batches, fit_output_scale, validate_checkpoint
+from featlift.train.objectives.lift import (
+    calibration_images,
+    checkpoint_batches,
+    fit_output_scale,
+    validate_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,43 @@
-"""``featlift train IMAGES``: self-supervised LiFT training on any folder of images."""
+"""``featlift train IMAGES``: self-supervised training of an upsampler (LiFT by default) on any folder of images."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shlex
+from dataclasses import asdict
 
 from ..train import LOSSES, TrainConfig, train
 from ..upsamplers import available_upsamplers, get_upsampler_class
 from .common import add_backbone_args, add_device_arg, positive_int, weights_from_args
 
 logger = logging.getLogger(__name__)
+
+# TrainConfig fields set by a flag without a value: field -> (the value the flag sets, the flag)
+_FLAGS = {
+    "residual": (False, "--no-residual"),
+    "augment": (True, "--augment"),
+    "use_cache": (False, "--no-cache"),
+    "resume": (True, "--resume"),
+    "overwrite": (True, "--overwrite"),
+    "progress": (False, "--no-progress"),
+}
+
+
+def config_command(config: TrainConfig) -> str:
+    """The `featlift train` command line that gives `config` (options at their defaults left out)."""
+    defaults = TrainConfig(images="", out="")
+    parts = ["featlift", "train", config.images, "--out", config.out]
+    for name, value in asdict(config).items():
+        if name in ("images", "out", "command", "cache_dtype") or value == getattr(defaults, name):
+            continue
+        if name in _FLAGS:
+            if value == _FLAGS[name][0]:
+                parts.append(_FLAGS[name][1])
+        elif value is not None:
+            parts += ["--" + name.replace("_", "-"), str(value)]
+    return " ".join(shlex.quote(str(p)) for p in parts)
 
 
 def _fraction(text: str) -> float:
@@ -26,9 +53,9 @@ def _fraction(text: str) -> float:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a LiFT upsampler self-supervised on a folder of images",
-        description="Train an upsampler for a frozen ViT on any folder tree of images (no labels). Objective "
-        "(LiFT paper): loss(LiFT(img/2, f(img/2)), f(img)) + loss(LiFT(img/4, f(img/4)), f(img/2)). Backbone "
+        help="train an upsampler (LiFT by default) self-supervised on a folder of images",
+        description="Train an upsampler for a frozen ViT on any folder tree of images (no labels). Default "
+        "objective (LiFT paper): loss(LiFT(img/2, f(img/2)), f(img)) + loss(LiFT(img/4, f(img/4)), f(img/2)). Backbone "
         "features are cached on disk, so epochs after the first skip the backbone. RUN_DIR gets model.safetensors "
         "+ config.json (usable with `featlift extract --checkpoint RUN_DIR`), train_state.safetensors for --resume, "
         "and train_log.jsonl; an existing run or checkpoint there is only continued (--resume) or replaced "
@@ -41,6 +68,12 @@ def register(subparsers) -> None:
     trainable = [name for name in available_upsamplers() if get_upsampler_class(name).trainable]
     parser.add_argument(
         "--upsampler", default="lift", choices=trainable, help="upsampler to train (default lift)"
+    )
+    parser.add_argument(
+        "--objective",
+        default=None,
+        metavar="NAME",
+        help="registered training objective (default: the one the upsampler declares; lift for lift)",
     )
     parser.add_argument(
         "--no-residual",
@@ -59,7 +92,8 @@ def register(subparsers) -> None:
         "--image-size",
         type=positive_int,
         default=448,
-        help="training image size S (square); S, S/2 and S/4 must be multiples of the patch (default 448)",
+        help="training image size S (square); every view the objective needs must be a whole number of patches "
+        "(lift: S, S/2 and S/4; default 448)",
     )
     parser.add_argument(
         "--augment",
@@ -108,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         layer=args.layer,
         facet=args.facet,
         upsampler=args.upsampler,
+        objective=args.objective,
         residual=args.residual,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -125,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         workers=max(0, args.workers),
         progress=args.progress and not args.quiet,
     )
+    config.command = config_command(config)
     result = train(config)
     final = result.final
     if int(os.environ.get("RANK", "0")) != 0:

@@ -1,20 +1,38 @@
-"""Self-supervised training of upsamplers (LiFT) on any folder of images: loop, cache, DDP."""
+"""Self-supervised training of upsamplers on any folder of images: loop, plug-in objectives, views, cache, DDP."""
 
+from .batches import Batch
 from .cache import FeatureCache, cache_key
-from .data import TrainImage, check_image_size, scan_images, split_images
-from .loop import TrainConfig, TrainResult, train
-from .objectives import LOSSES, feature_loss, lift_objective
+from .config import TrainConfig
+from .data import TrainImage, scan_images, split_images
+from .loop import TrainResult, train
+from .objectives import (
+    LOSSES,
+    EpochEnd,
+    Objective,
+    available_objectives,
+    feature_loss,
+    get_objective,
+    lift_objective,
+    register_objective,
+)
+from .views import View
 
 __all__ = [
     "LOSSES",
+    "Batch",
+    "EpochEnd",
     "FeatureCache",
+    "Objective",
     "TrainConfig",
     "TrainImage",
     "TrainResult",
+    "View",
+    "available_objectives",
     "cache_key",
-    "check_image_size",
     "feature_loss",
+    "get_objective",
     "lift_objective",
+    "register_objective",
     "scan_images",
     "split_images",
     "train",

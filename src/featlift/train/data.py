@@ -1,9 +1,11 @@
-"""Training images: discovery, a deterministic train/validation split, and the 3-scale image pyramid.
+"""Training images: discovery, a deterministic train/validation split, their pixels and the 3-scale pyramid.
 
 Every image is read once up front (`scan_images`): its bytes are hashed (the feature-cache key) and
 decoded (`featlift.images.load_image`: EXIF orientation, any mode to 8-bit RGB), so unreadable files are
-skipped and counted before any training starts. Each later load resizes the original image once to each of
-``S x S``, ``S/2`` and ``S/4`` with `featlift.images.resize_images`, the resize of `featlift extract`.
+skipped and counted before any training starts. Each later load (`read_pixels`) decodes it again, and every
+size it is used at is resized from the original once (`resized_uint8`) with `featlift.images.resize_images`,
+the resize of `featlift extract`: `load_pyramid` gives ``S x S``, ``S/2`` and ``S/4``, `featlift.train.views`
+any view an objective declares.
 """
 
 from __future__ import annotations
@@ -104,30 +106,21 @@ def split_images(
     return train, val
 
 
-def check_image_size(image_size: int, patch_size: int) -> None:
-    """The full, 1/2 and 1/4 images must all be multiples of the patch size, i.e. S a multiple of 4p."""
-    step = 4 * patch_size
-    if image_size < step or image_size % step:
-        low = max(step, image_size // step * step)
-        raise FeatliftError(
-            f"--image-size {image_size}: with patch size {patch_size} the image and its 2x and 4x downsamplings must "
-            f"all be multiples of {patch_size}, so the size must be a multiple of {step} (e.g. {low} or {low + step})"
-        )
+def read_pixels(image: TrainImage) -> torch.Tensor:
+    """The image file decoded again, as a float tensor ``[1, 3, H, W]`` in [0, 1] at its own size."""
+    return image_to_tensor(_decode(image.path, image.path.read_bytes()))[None]
+
+
+def resized_uint8(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """`read_pixels`'s ``[1, 3, H, W]`` resized to ``size x size`` (aspect ratio not kept, as in LiFT), as uint8
+    ``[3, size, size]``."""
+    return resize_images(pixels, (size, size))[0].mul_(255.0).round_().to(torch.uint8)
 
 
 def load_pyramid(image: TrainImage, image_size: int) -> list[torch.Tensor]:
-    """The image at ``S``, ``S/2``, ``S/4`` as uint8 tensors ``[3, s, s]`` (aspect ratio not kept, as in LiFT).
-
-    Each level is resized from the original image once, by the resize `featlift extract` uses, and
-    rounded to uint8.
-    """
-    pixels = image_to_tensor(_decode(image.path, image.path.read_bytes()))[None]
-    out = []
-    for scale in SCALES:
-        size = image_size // scale
-        scaled = resize_images(pixels, (size, size))[0]
-        out.append(scaled.mul_(255.0).round_().to(torch.uint8))
-    return out
+    """The image at ``S``, ``S/2``, ``S/4`` as uint8 tensors ``[3, s, s]``, each resized from the original once."""
+    pixels = read_pixels(image)
+    return [resized_uint8(pixels, image_size // scale) for scale in SCALES]
 
 
 def epoch_order(count: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:

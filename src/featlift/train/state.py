@@ -33,6 +33,7 @@ RESUME_KEYS = (
     "layer",
     "facet",
     "upsampler",
+    "objective",
     "upsampler_args",
     "image_size",
     "batch_size",
@@ -43,6 +44,8 @@ RESUME_KEYS = (
     "val_fraction",
     "train_digests",
 )
+# Settings that states saved before they were recorded hold implicitly: every run trained LiFT's objective
+_IMPLIED_SETTINGS = {"objective": "lift"}
 # What a state holds besides the model and optimizer tensors
 _RECORD_KEYS = ("epoch", "history", "wall_time_s", "settings", "commands")
 
@@ -115,6 +118,7 @@ def _assemble(record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike) -> None:
     """Raise if the run in `path` was started with settings that differ from the current ones."""
     current = json.loads(json.dumps(current))  # as the state stores them (tuples become lists)
+    saved = {**_IMPLIED_SETTINGS, **saved}
     differing = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
     if differing:
         detail = "; ".join(

@@ -1,0 +1,127 @@
+"""Training objectives as plug-ins: what `featlift train` optimises, which views it needs, what it reports.
+
+An objective is a subclass of `Objective` registered with ``@register_objective("name")``; `featlift train`
+uses it with ``--objective name`` or, by default, the objective the upsampler class declares
+(``capabilities.objective``). It may live in any module (a user's, a test file) that is imported before
+training starts. A minimal one declares its views and computes the loss from a `Batch`::
+
+    from featlift.train.objectives import Objective, register_objective
+    from featlift.train.views import View
+
+    @register_objective("half-to-full")
+    class HalfToFull(Objective):
+        views = (View("full", 1.0), View("half", 0.5))
+
+        def loss(self, upsampler, batch):
+            full = batch.features["full"]
+            pred = upsampler(batch.features["half"], batch.guide("half"), tuple(full.shape[-2:]))
+            return self.feature_loss(pred, full)  # the distance of --loss
+
+The training loop loads the declared views of every image (pixels and frozen-backbone features, cached
+under the view names), hands the objective one `Batch` per step and backpropagates `loss` (called inside
+the DDP-wrapped module, so DDP sees one forward per step). Optionally an objective also
+
+- validates: ``sums`` names what `validation_sums` returns per batch (sums over its images), and
+  `validation_metrics` turns their totals over the held-out images (all DDP ranks) into the metrics of
+  the epoch's log record;
+- runs `after_epoch` (e.g. fits an upsampler argument; what it returns joins the epoch's record). An
+  argument it fits is named in ``fitted_args``: it is no setting a ``--resume`` must match, and on resume it
+  is set back from the last epoch record that has a value under its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from ...errors import FeatliftError
+from ...upsamplers import Upsampler
+from ..batches import Batch
+from ..data import TrainImage
+from ..views import View, check_views
+from .losses import LOSSES, feature_loss
+
+_OBJECTIVES: dict[str, type[Objective]] = {}
+
+T = TypeVar("T", bound="type[Objective]")
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What `Objective.after_epoch` gets besides the upsampler.
+
+    ``evaluate(images)``: the totals of the objective's validation sums over `images` (all DDP ranks) and the
+    number of images that could be read, computed as validation computes them.
+    """
+
+    epoch: int
+    train_images: list[TrainImage]
+    evaluate: Callable[[list[TrainImage]], tuple[dict[str, float], int]]
+
+
+class Objective:
+    """A training objective; see the module docstring. ``loss`` is the ``--loss`` distance (`LOSSES`)."""
+
+    name: ClassVar[str] = ""
+    views: ClassVar[tuple[View, ...]] = ()
+    sums: ClassVar[tuple[str, ...]] = ()
+    fitted_args: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""  # recorded in the checkpoint's training summary
+
+    def __init__(self, loss: str = "cosine"):
+        if loss not in LOSSES:
+            raise FeatliftError(f"--loss {loss}: expected one of {', '.join(LOSSES)}")
+        self.distance = loss
+
+    def feature_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return feature_loss(pred, target, self.distance)
+
+    def loss(self, upsampler: Upsampler, batch: Batch) -> torch.Tensor:
+        """The scalar loss of one training step."""
+        raise NotImplementedError
+
+    def validation_sums(self, upsampler: Upsampler, batch: Batch) -> torch.Tensor:
+        """Float64 ``[len(sums)]``: each of ``sums`` summed over the batch's images (called under no_grad)."""
+        raise NotImplementedError
+
+    def validation_metrics(self, sums: dict[str, float], images: int) -> dict[str, Any]:
+        """The epoch's metrics from the totals of ``sums`` over `images` (> 0) held-out images."""
+        return {}
+
+    def after_epoch(self, upsampler: Upsampler, end: EpochEnd) -> dict[str, Any]:
+        """Runs after every epoch's validation, before the checkpoint is saved; returns entries for the log."""
+        return {}
+
+
+def register_objective(name: str) -> Callable[[T], T]:
+    """Class decorator: make ``--objective name`` use this `Objective` subclass."""
+
+    def decorate(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, Objective)):
+            raise FeatliftError(f"objective {name!r}: {cls!r} is no subclass of Objective")
+        if name in _OBJECTIVES and _OBJECTIVES[name] is not cls:
+            raise FeatliftError(
+                f"objective {name!r} is already registered by {_OBJECTIVES[name].__qualname__}"
+            )
+        check_views(cls.views, f"objective {name!r}")
+        cls.name = name
+        _OBJECTIVES[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_objectives() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def get_objective(name: str) -> type[Objective]:
+    try:
+        return _OBJECTIVES[name]
+    except KeyError:
+        raise FeatliftError(
+            f"--objective {name}: unknown training objective; available: {', '.join(available_objectives())}"
+        ) from None
