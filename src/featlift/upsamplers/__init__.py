@@ -7,7 +7,7 @@ decorates its class with ``@register_upsampler("name")``.
 import importlib
 import pkgutil
 
-from .base import Upsampler
+from .base import Capabilities, Upsampler
 from .registry import available_upsamplers, create_upsampler, get_upsampler_class, register_upsampler
 
 for _module in pkgutil.iter_modules(__path__):
@@ -18,6 +18,7 @@ from .lift import LiFT  # noqa: E402
 
 __all__ = [
     "Bilinear",
+    "Capabilities",
     "LiFT",
     "Upsampler",
     "available_upsamplers",
