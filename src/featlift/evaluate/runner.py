@@ -52,7 +52,7 @@ def prepare_variants(
     """The variants of `specs` (default `default_variant_specs`) for `backbone`, ready to run on `device`.
 
     Each variant runs with featlift's default inference transforms (BN folding, channels-last), as
-    ``featlift extract`` does, so its cost is what a user pays; its outputs are unchanged (to ~1e-6).
+    ``featlift extract`` does, so its cost is what a user pays; the transforms leave the outputs unchanged up to float rounding.
     """
     variants = parse_variants(list(specs or default_variant_specs(backbone)), backbone)
     for variant in variants:
