@@ -4,11 +4,13 @@ A task function typically does::
 
     def evaluate_mytask(config, variants, device="cpu", weights=None, on_result=None) -> TaskResults:
         check_sizes(variants, config.size)
-        rows = []
-        for variant in variants:
+
+        def evaluate_one(variant):
             timer = FeatureTimer(variant, device)
             features = timer(*load_inputs(paths, variant.input_size(config.size), timer.wants_sources))
-            rows.append(timer.result({"metric": value}))
+            return timer.result({"metric": value})
+
+        rows = evaluate_each(variants, evaluate_one, on_result)
         settings = eval_settings(variants, config.size, device, weights, extra=...)
         return TaskResults("mytask", rows, settings, ["metric"])
 """
@@ -116,12 +118,10 @@ class FeatureTimer:
 
     def warmup(self, images: torch.Tensor, sources: list[torch.Tensor] | None = None) -> None:
         """One untimed forward pass on (a slice of) `images`."""
-        self._run(images[:1].to(self.device), sources[:1] if sources is not None else None)
+        self._run(images[:1].to(self.device), self._on_device(sources[:1] if sources is not None else None))
 
     def __call__(self, images: torch.Tensor, sources: list[torch.Tensor] | None = None) -> torch.Tensor:
-        images = images.to(self.device)
-        if sources is not None:
-            sources = [source.to(self.device) for source in sources]
+        images, sources = images.to(self.device), self._on_device(sources)
         if tuple(images.shape) not in self._measured_shapes:
             self._measured_shapes.add(tuple(images.shape))
             self.peak_memory_mib = max(
@@ -135,7 +135,10 @@ class FeatureTimer:
     def _run(self, images: torch.Tensor, sources: list[torch.Tensor] | None) -> torch.Tensor:
         if sources is None:
             return self.variant(images)
-        return self.variant(images, [source.to(self.device) for source in sources])
+        return self.variant(images, sources)
+
+    def _on_device(self, sources: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        return [source.to(self.device) for source in sources] if sources is not None else None
 
     @property
     def ms_per_image(self) -> float:
