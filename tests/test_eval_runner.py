@@ -9,9 +9,9 @@ import torch
 from conftest import write_images
 
 from featlift import FeatliftError
+from featlift.commands.eval.arguments import add_eval_args
 from featlift.evaluate.runner import (
     FeatureTimer,
-    add_eval_args,
     default_variant_specs,
     eval_settings,
     load_batch,
@@ -48,10 +48,11 @@ def test_defaults_and_settings(tiny_backbone, tmp_path):
         ["--variant", "none,input-2x", "--variant", "bilinear:iters=2", "--device", "cpu"]
     )
     variants = parse_variants(args.variant, backbone)
-    settings = eval_settings(args, backbone, variants, decode="x")
+    settings = eval_settings(variants, args.size, args.device, decode="x")
     grids = {v["spec"]: v["feature_grid"] for v in settings["variants"]}
     assert grids == {"none": [2, 3], "input-2x": [4, 6], "bilinear:iters=2": [8, 12]}
     assert settings["decode"] == "x" and settings["base_size"] == [32, 48]
+    assert settings["device"] == "cpu" and settings["weights"] is None  # $FEATLIFT_WEIGHTS is the CLI's
 
 
 def test_load_batch_and_require_path(tmp_path):

@@ -14,7 +14,7 @@ from skimage import data as skdata
 
 from featlift import FeatliftError
 from featlift.cli import main
-from featlift.evaluate.spair import load_spair_pairs, match_keypoints, pck_correct
+from featlift.evaluate.spair import load_spair_pairs, pck_correct, transfer_keypoints
 
 CROP = (60, 30, 411, 280)  # (x1, y1, x2, y2) of the target crop in chelsea (451x300)
 
@@ -122,12 +122,12 @@ def test_match_keypoints_recovers_identity_and_flip_on_distinct_features():
     features = torch.randn(32, 8, 12)  # distinct cells: the nearest neighbour of a cell is itself
     size = (240, 160)  # (W, H): 20 px per cell
     cells = np.array([[c * 20 + 9.5, r * 20 + 9.5] for r in range(8) for c in range(12)])  # cell centres
-    assert np.allclose(match_keypoints(features, features, cells, size, size), cells)
+    assert np.allclose(transfer_keypoints(features, features, cells, size, size), cells)
     flipped = features.flip(-1)
-    predicted = match_keypoints(features, flipped, cells, size, size)
+    predicted = transfer_keypoints(features, flipped, cells, size, size)
     assert np.allclose(predicted[:, 0], 239 - cells[:, 0]) and np.allclose(predicted[:, 1], cells[:, 1])
     # another target size: centres map to the target's own pixel grid
-    predicted = match_keypoints(features, features, cells, size, (120, 80))
+    predicted = transfer_keypoints(features, features, cells, size, (120, 80))
     assert np.allclose(predicted, (cells + 0.5) / 2 - 0.5)
 
 

@@ -11,11 +11,11 @@ from conftest import DINOV2_NAME, DINOV2_WEIGHTS, IMAGENET_SAMPLE, TINY_TIMM_NAM
 from PIL import Image
 
 from featlift.cli import main
+from featlift.evaluate.correspondence import match_keypoints
 from featlift.evaluate.warp import (
     apply_homography,
     homography_from_points,
     keypoint_grid,
-    match_keypoints,
     pck,
     random_homography,
     warp_image,

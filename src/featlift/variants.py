@@ -25,7 +25,7 @@ import torch
 from .backbones import ViTBackbone
 from .errors import FeatliftError
 from .images import parse_size
-from .pipeline import FeaturePipeline, resolve_upsampler
+from .pipeline import FeaturePipeline, SourceImages, resolve_upsampler
 from .upsamplers import get_upsampler_class
 
 GRAMMAR = "NAME[:CHECKPOINT][:key=value...]"
@@ -59,8 +59,10 @@ class FeatureVariant:
         up = self.pipeline.upsampler
         return sum(p.numel() for p in up.parameters()) if up is not None else 0
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pipeline(images)
+    def __call__(self, images: torch.Tensor, sources: SourceImages = None) -> torch.Tensor:
+        """Features of `images`; `sources` (the images before resizing) go to the pipeline, for methods
+        guided at high resolution."""
+        return self.pipeline(images, sources)
 
     def __repr__(self) -> str:
         return f"FeatureVariant({self.spec!r})"

@@ -1,4 +1,4 @@
-"""``featlift eval davis``: semi-supervised video object segmentation by label propagation (DAVIS 2016/2017).
+"""The ``davis`` task (``featlift eval davis``): semi-supervised video object segmentation by label propagation (DAVIS 2016/2017).
 
 Protocol (DINO's ``eval_video_segmentation.py``, as used by LiFT):
 
@@ -19,10 +19,9 @@ boundaries and disk dilation) are averaged over frames per object, then over obj
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..commands.numbers import float_in, int_at_least
 from ..errors import FeatliftError
 from ..variants import FeatureVariant
-from .report import VariantResult, write_results
-from .runner import FeatureTimer, add_eval_args, check_sizes, eval_settings, load_batch, variants_from_args
+from .report import TaskResults, VariantResult
+from .runner import FeatureTimer, check_sizes, eval_settings, evaluate_each, load_inputs
+from .task_config import TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +162,7 @@ def boundary_f_measure(
     `bound_th` pixels when >= 1), by dilation with a disk, as davis2017-evaluation's ``f_measure``.
 
     Dilating with ``skimage.morphology.disk(r)`` marks the pixels within Euclidean distance r of the boundary,
-    which is what the distance transform gives directly (the same set, several times faster)."""
+    which is what the distance transform gives directly (the same set, computed without the dilation)."""
     from scipy.ndimage import distance_transform_edt
 
     gt, pred = gt.astype(bool), pred.astype(bool)
@@ -273,7 +272,9 @@ def _features_of(
     timer: FeatureTimer, frames: list[Path], size: tuple[int, int], batch_size: int
 ) -> Iterator[torch.Tensor]:
     for start in range(0, len(frames), batch_size):
-        batch = timer(load_batch(frames[start : start + batch_size], size)).float().cpu()
+        batch = (
+            timer(*load_inputs(frames[start : start + batch_size], size, timer.wants_sources)).float().cpu()
+        )
         yield from batch
 
 
@@ -357,9 +358,8 @@ def evaluate_variant(
 ) -> VariantResult:
     """J, F and J&F (x100) of one variant over `sequences`, with per-sequence details and feature cost."""
     timer = FeatureTimer(variant, device)
-    timer.warmup(
-        load_batch(sequences[0].frames[:1], variant.input_size(base))
-    )  # one-off costs stay out of the timing
+    first = load_inputs(sequences[0].frames[:1], variant.input_size(base), timer.wants_sources)
+    timer.warmup(*first)  # one-off costs stay out of the timing
     propagation = LabelPropagation(
         topk=topk, temperature=temperature, radius=grid_radius(variant, base, radius)
     )
@@ -420,126 +420,100 @@ def per_sequence_markdown(rows: list[VariantResult]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------------------- task
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "davis",
-        help="semi-supervised video object segmentation by label propagation (DAVIS 2016/2017, J&F)",
-        description="Propagate the first frame's masks through each video with every feature variant "
-        "(DINO/LiFT protocol) and report J, F and J&F (x100), per variant and per sequence. "
-        + f"Layout: {LAYOUT}.",
-    )
-    parser.add_argument("--data", required=True, help="DAVIS root folder")
-    parser.add_argument(
-        "--year", type=int, choices=(2016, 2017), default=2016, help="2016: one object; 2017: several"
-    )
-    parser.add_argument(
-        "--sequences", default=None, help="comma-separated sequence names (default: val.txt or all)"
-    )
-    parser.add_argument(
-        "--resolution", default="480p", help="image/annotation subfolder: 480p (default) or Full-Resolution"
-    )
-    parser.add_argument(
-        "--max-frames",
-        type=int_at_least(2),
-        default=None,
-        help="use only the first N >= 2 frames of each sequence (the first frame is the given one)",
-    )
-    parser.add_argument(
-        "--n-last",
-        type=int_at_least(0),
-        default=7,
-        help="previous frames in the context, besides the first (7)",
-    )
-    parser.add_argument(
-        "--topk", type=int_at_least(1), default=5, help="context cells each target cell takes labels from (5)"
-    )
-    parser.add_argument(
-        "--temperature",
-        type=float_in(0, low_open=True),
-        default=0.1,
-        help="softmax temperature of the affinities (0.1)",
-    )
-    parser.add_argument(
-        "--radius",
-        type=int_at_least(0),
-        default=12,
-        help="neighbourhood radius in cells of the base grid, scaled with grid density; 0: no limit (12)",
-    )
-    parser.add_argument(
-        "--norm-mask",
-        action="store_true",
-        help="DINO's decode: rescale each upsampled label channel to [0, 1] before argmax",
-    )
-    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="frames per feature batch (4)")
-    parser.add_argument(
-        "--save-masks", action="store_true", help="also write predicted masks to OUT/masks/<variant>/<seq>/"
-    )
-    add_eval_args(parser, default_size=(224, 224))
-    parser.set_defaults(run=run)
+@dataclass(kw_only=True)
+class DavisConfig(TaskConfig):
+    """Settings of the davis task.
+
+    ``data``: the DAVIS root (`LAYOUT`); ``year``: 2016 (one object) or 2017 (several); ``sequences``: names
+    (None: val.txt or all); ``resolution``: the image/annotation subfolder; ``max_frames``: only the first
+    N >= 2 frames of each sequence; ``n_last``: previous frames in the context besides the first; ``topk``:
+    context cells each target cell takes labels from; ``temperature`` of the affinity softmax; ``radius``:
+    the neighbourhood in cells of the base grid, scaled with grid density (0: no limit); ``norm_mask``:
+    DINO's decode; ``batch_size``: frames per feature batch; ``masks_dir``: also write the predicted masks
+    to ``masks_dir/<variant>/<sequence>/`` (None: not written).
+    """
+
+    data: str | Path
+    year: int = 2016
+    sequences: Sequence[str] | None = None
+    resolution: str = "480p"
+    max_frames: int | None = None
+    n_last: int = 7
+    topk: int = 5
+    temperature: float = 0.1
+    radius: int = 12
+    norm_mask: bool = False
+    batch_size: int = 4
+    masks_dir: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_choice("year", (2016, 2017))
+        self.check_int("max_frames", 2, optional=True)
+        self.check_int("n_last", 0)
+        self.check_int("topk", 1)
+        self.check_float("temperature", 0, low_open=True)
+        self.check_int("radius", 0)
+        self.check_choice("norm_mask", (True, False))
+        self.check_int("batch_size", 1)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..devices import resolve_device
-
-    names = [s for s in args.sequences.split(",") if s] if args.sequences else None
-    sequences = list_sequences(args.data, args.year, names, args.resolution, max_frames=args.max_frames)
-    device = resolve_device(args.device)
-    backbone, variants = variants_from_args(args, device)
-    check_sizes(variants, args.size)
-    save_dir = Path(args.out) / "masks" if args.save_masks and args.out else None
-    rows = []
-    for variant in variants:
-        row = evaluate_variant(
-            variant,
-            sequences,
-            args.size,
-            year=args.year,
-            n_last=args.n_last,
-            topk=args.topk,
-            temperature=args.temperature,
-            radius=args.radius,
-            use_norm_mask=args.norm_mask,
-            device=device,
-            batch_size=args.batch_size,
-            save_dir=save_dir,
-        )
-        rows.append(row)
-        print(
-            f"{variant.label}: J&F {row.metrics['J&F']:.1f} J {row.metrics['J']:.1f} F {row.metrics['F']:.1f} "
-            f"({row.ms_per_image:.0f} ms/frame features)",
-            flush=True,
-        )
-    settings = eval_settings(
-        args,
-        backbone,
+def evaluate_davis(
+    config: DavisConfig,
+    variants: Sequence[FeatureVariant],
+    device: torch.device | str = "cpu",
+    weights: str | None = None,
+    on_result: Callable[[VariantResult], None] | None = None,
+) -> TaskResults:
+    """J, F and J&F of every variant on the sequences `config` selects; `on_result` sees each row as it is
+    done; `weights` (the backbone's weights file) is recorded in the settings."""
+    sequences = list_sequences(
+        config.data, config.year, config.sequences, config.resolution, max_frames=config.max_frames
+    )
+    check_sizes(variants, config.size)
+    masks_dir = Path(config.masks_dir) if config.masks_dir is not None else None
+    rows = evaluate_each(
         variants,
-        data=str(args.data),
-        year=args.year,
-        resolution=args.resolution,
+        lambda v: evaluate_variant(
+            v,
+            sequences,
+            config.size,
+            year=config.year,
+            n_last=config.n_last,
+            topk=config.topk,
+            temperature=config.temperature,
+            radius=config.radius,
+            use_norm_mask=config.norm_mask,
+            device=device,
+            batch_size=config.batch_size,
+            save_dir=masks_dir,
+        ),
+        on_result,
+    )
+    settings = eval_settings(
+        variants,
+        config.size,
+        device,
+        weights,
+        data=str(config.data),
+        year=config.year,
+        resolution=config.resolution,
         sequences=[s.name for s in sequences],
         frames=sum(len(s.frames) for s in sequences),
-        max_frames=args.max_frames,
+        max_frames=config.max_frames,
         input_resize="bicubic to the base size (times the input scale), aspect ratio ignored",
         first_frame_labels="nearest resize to the feature grid, one-hot",
-        context=f"first frame + {args.n_last} previous frames (soft labels)",
-        topk=args.topk,
-        temperature=args.temperature,
-        radius_base_grid=args.radius,
+        context=f"first frame + {config.n_last} previous frames (soft labels)",
+        topk=config.topk,
+        temperature=config.temperature,
+        radius_base_grid=config.radius,
         decode="bilinear upsampling to the annotation size, "
-        + ("norm_mask, " if args.norm_mask else "")
+        + ("norm_mask, " if config.norm_mask else "")
         + "argmax",
-        norm_mask=args.norm_mask,
+        norm_mask=config.norm_mask,
         metrics="davis2017-evaluation: first and last frames excluded; J, F (bound_th 0.008) averaged per object",
     )
-    table = per_sequence_markdown(rows)
-    if args.out:
-        write_results(args.out, "davis", rows, settings, metric_names=["J&F", "J", "F"], extra_markdown=table)
-        print(f"results -> {args.out}/results.json, results.md")
-    from .report import markdown_table
-
-    print(markdown_table(rows, ["J&F", "J", "F"]))
-    print(table)
-    return 0
+    return TaskResults("davis", rows, settings, ["J&F", "J", "F"], extra_markdown=per_sequence_markdown(rows))

@@ -1,4 +1,4 @@
-"""``featlift eval discovery``: unsupervised single-object discovery with TokenCut, CorLoc on VOC07/VOC12/COCO20k.
+"""The ``discovery`` task (``featlift eval discovery``): unsupervised single-object discovery with TokenCut, CorLoc on VOC07/VOC12/COCO20k.
 
 TokenCut (Wang et al., CVPR 2022; github.com/YangtaoWANG95/TokenCut ``object_discovery.py``), applied to
 any feature map:
@@ -28,12 +28,11 @@ the dense generalised solver runs (as in TokenCut); beyond, the same eigenvector
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..commands.common import positive_int
-from ..commands.numbers import float_in
 from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image
 from ..variants import FeatureVariant
-from .report import VariantResult, markdown_table, write_results
-from .runner import FeatureTimer, add_eval_args, check_sizes, eval_settings, require_path, variants_from_args
+from .report import TaskResults, VariantResult
+from .runner import FeatureTimer, check_sizes, eval_settings, evaluate_each, require_path, wants_sources
+from .task_config import TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +313,11 @@ def discover(
 ) -> np.ndarray:
     """The TokenCut box (x1, y1, x2, y2) in original pixels for one image, with `variant`'s features."""
     image = load_image(image_path)
-    features = variant(image_to_tensor(image, variant.input_size(base))[None].to(device))[0]
+    resized = image_to_tensor(image, variant.input_size(base))[None].to(device)
+    if wants_sources(variant):
+        features = variant(resized, [image_to_tensor(image).to(device)])[0]
+    else:
+        features = variant(resized)[0]
     result = ncut(features, tau, eps, max_nodes)
     return grid_box_to_pixels(result.box, features.shape[1:], (image.width, image.height))
 
@@ -340,9 +342,10 @@ def evaluate_variant(
     for index, item in enumerate(items):
         image = load_image(item.path)
         tensor = image_to_tensor(image, size)[None]
+        sources = [image_to_tensor(image)] if timer.wants_sources else None
         if index == 0:
-            timer.warmup(tensor)
-        features = timer(tensor)[0]
+            timer.warmup(tensor, sources)
+        features = timer(tensor, sources)[0]
         start = time.perf_counter()
         result = ncut(features, tau, eps, max_nodes)
         ncut_seconds += time.perf_counter() - start
@@ -364,78 +367,66 @@ def evaluate_variant(
     )
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "discovery",
-        help="unsupervised object discovery with TokenCut (CorLoc on VOC07/VOC12/COCO20k)",
-        description="TokenCut's normalised cut on each variant's feature graph; CorLoc = share of images whose "
-        "box has IoU >= 0.5 with a ground-truth box. Images are resized to the variant's input size "
-        "(aspect ratio ignored) and boxes scaled back to original pixels. TokenCut itself uses the key facet "
-        "of the last block (--facet key).",
-    )
-    parser.add_argument("--data", required=True, metavar="ROOT", help="dataset root (see --format)")
-    parser.add_argument("--format", choices=FORMATS, required=True, help="dataset layout")
-    parser.add_argument(
-        "--split", default="trainval", help="VOC image set in ImageSets/Main (default trainval)"
-    )
-    parser.add_argument(
-        "--annotations", default=None, help="coco20k: COCO instances JSON (default under ROOT/annotations)"
-    )
-    parser.add_argument(
-        "--limit", type=positive_int, default=None, metavar="N", help="only the first N images"
-    )
-    parser.add_argument(
-        "--tau",
-        type=float_in(-1, 1, high_open=True),
-        default=DEFAULT_TAU,
-        help=f"cosine threshold of an edge, in [-1, 1) (default {DEFAULT_TAU})",
-    )
-    parser.add_argument(
-        "--eps",
-        type=float_in(0, 1, low_open=True, high_open=True),
-        default=DEFAULT_EPS,
-        help=f"weight of non-edges, in (0, 1) (default {DEFAULT_EPS:g})",
-    )
-    parser.add_argument(
-        "--max-nodes",
-        type=positive_int,
-        default=MAX_NODES,
-        help=f"refuse feature grids with more cells (default {MAX_NODES})",
-    )
-    add_eval_args(parser)
-    parser.set_defaults(run=run)
+@dataclass(kw_only=True)
+class DiscoveryConfig(TaskConfig):
+    """Settings of the discovery task: ``data`` the dataset root in layout ``format`` (one of `FORMATS`);
+    ``split`` the VOC image set in ImageSets/Main; ``annotations`` the COCO instances JSON (coco20k; default
+    under ROOT/annotations); ``limit`` only the first N images; ``tau`` the cosine threshold of an edge, in
+    [-1, 1); ``eps`` the weight of non-edges, in (0, 1); ``max_nodes``: feature grids with more cells are
+    refused."""
+
+    data: str | Path
+    format: str
+    split: str = "trainval"
+    annotations: str | Path | None = None
+    limit: int | None = None
+    tau: float = DEFAULT_TAU
+    eps: float = DEFAULT_EPS
+    max_nodes: int = MAX_NODES
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_choice("format", FORMATS)
+        self.check_int("limit", 1, optional=True)
+        self.check_float("tau", -1, 1, high_open=True)
+        self.check_float("eps", 0, 1, low_open=True, high_open=True)
+        self.check_int("max_nodes", 1)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..devices import resolve_device
-
-    items = load_discovery_dataset(args.data, args.format, args.split, args.annotations, args.limit)
+def evaluate_discovery(
+    config: DiscoveryConfig,
+    variants: Sequence[FeatureVariant],
+    device: torch.device | str = "cpu",
+    weights: str | None = None,
+    on_result: Callable[[VariantResult], None] | None = None,
+) -> TaskResults:
+    """CorLoc of every variant on the images `config` selects; `on_result` sees each row as it is done;
+    `weights` (the backbone's weights file) is recorded in the settings."""
+    items = load_discovery_dataset(config.data, config.format, config.split, config.annotations, config.limit)
     if not items:
-        raise FeatliftError(f"{args.data}: no images to evaluate")
-    device = resolve_device(args.device)
-    backbone, variants = variants_from_args(args, device)
-    check_sizes(variants, args.size)
+        raise FeatliftError(f"{config.data}: no images to evaluate")
+    check_sizes(variants, config.size)
     for variant in variants:
-        check_graph_size(variant.output_grid(args.size), args.max_nodes, variant.label)
-    logger.info("%s: %d images", args.format, len(items))
-    rows = [
-        evaluate_variant(v, items, args.size, device, args.tau, args.eps, args.max_nodes) for v in variants
-    ]
-    if args.out:
-        settings = eval_settings(
-            args,
-            backbone,
-            variants,
-            data=str(args.data),
-            format=args.format,
-            split=args.split if args.format != "coco20k" else None,
-            images=len(items),
-            tau=args.tau,
-            eps=args.eps,
-            resize="bicubic to the variant's input size, aspect ratio ignored; boxes scaled back to original pixels",
-            ground_truth="all objects (difficult/truncated included), COCO crowd boxes dropped",
-            solver=f"scipy.linalg.eigh up to {DENSE_LIMIT} nodes, scipy.sparse.linalg.eigsh above",
-        )
-        write_results(args.out, f"discovery ({args.format})", rows, settings, ["CorLoc"])
-    print(markdown_table(rows, ["CorLoc"]))
-    return 0
+        check_graph_size(variant.output_grid(config.size), config.max_nodes, variant.label)
+    logger.info("%s: %d images", config.format, len(items))
+    rows = evaluate_each(
+        variants,
+        lambda v: evaluate_variant(v, items, config.size, device, config.tau, config.eps, config.max_nodes),
+        on_result,
+    )
+    settings = eval_settings(
+        variants,
+        config.size,
+        device,
+        weights,
+        data=str(config.data),
+        format=config.format,
+        split=config.split if config.format != "coco20k" else None,
+        images=len(items),
+        tau=config.tau,
+        eps=config.eps,
+        resize="bicubic to the variant's input size, aspect ratio ignored; boxes scaled back to original pixels",
+        ground_truth="all objects (difficult/truncated included), COCO crowd boxes dropped",
+        solver=f"scipy.linalg.eigh up to {DENSE_LIMIT} nodes, scipy.sparse.linalg.eigsh above",
+    )
+    return TaskResults(f"discovery ({config.format})", rows, settings, ["CorLoc"])

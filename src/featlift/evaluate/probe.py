@@ -1,4 +1,4 @@
-"""``featlift eval probe``: linear-probe semantic segmentation on frozen (upsampled) features, mIoU.
+"""The ``probe`` task (``featlift eval probe``): linear-probe semantic segmentation on frozen (upsampled) features, mIoU.
 
 Recipe (the same for every variant, recorded in results.json):
 
@@ -22,9 +22,9 @@ Formats: ``camvid`` (``images/{train,val}/*.jpg`` + ``labels/{train,val}/*.png``
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..commands.numbers import float_in, int_at_least
 from ..errors import FeatliftError
 from ..variants import FeatureVariant
-from .report import VariantResult, markdown_table, write_results
-from .runner import FeatureTimer, add_eval_args, check_sizes, eval_settings, load_batch, variants_from_args
+from .report import TaskResults, VariantResult
+from .runner import FeatureTimer, check_sizes, eval_settings, evaluate_each, load_inputs
+from .task_config import TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,8 @@ def _cache_features(
 ) -> torch.Tensor:
     chunks = []
     for start in range(0, len(images), batch_size):
-        chunks.append(timer(load_batch(images[start : start + batch_size], size)).to("cpu", torch.float16))
+        batch = load_inputs(images[start : start + batch_size], size, timer.wants_sources)
+        chunks.append(timer(*batch).to("cpu", torch.float16))
     return torch.cat(chunks)
 
 
@@ -238,7 +239,7 @@ def train_probe(
 
 
 @torch.no_grad()
-def evaluate_probe(
+def score_probe(
     head: torch.nn.Conv2d, features: torch.Tensor, labels: list[torch.Tensor], num_classes: int
 ) -> torch.Tensor:
     """The confusion matrix of the probe's predictions at label resolution over a set of images."""
@@ -268,7 +269,9 @@ def evaluate_variant(
     size = variant.input_size(base)
     train_labels = train_labels or [torch.from_numpy(fmt.read_label(label)) for _, label in train]
     val_labels = val_labels or [torch.from_numpy(fmt.read_label(label)) for _, label in val]
-    timer.warmup(load_batch([train[0][0]], size))  # one-off costs stay out of the timing
+    timer.warmup(
+        *load_inputs([train[0][0]], size, timer.wants_sources)
+    )  # one-off costs stay out of the timing
     train_features = _cache_features(timer, [image for image, _ in train], size, batch_size)
     val_features = _cache_features(timer, [image for image, _ in val], size, batch_size)
     mean = train_features.float().mean((0, 2, 3), keepdim=True)
@@ -276,7 +279,7 @@ def evaluate_variant(
     train_features = ((train_features.float() - mean) / std).half()
     val_features = ((val_features.float() - mean) / std).half()
     head = train_probe(train_features, train_labels, fmt.num_classes, recipe)
-    confusion = evaluate_probe(head, val_features, val_labels, fmt.num_classes)
+    confusion = score_probe(head, val_features, val_labels, fmt.num_classes)
     iou, present = iou_from_confusion(confusion)
     miou = 100 * float(iou[present].mean()) if present.any() else float("nan")
     accuracy = 100 * float(confusion.diag().sum() / confusion.sum().clamp_min(1))
@@ -289,80 +292,72 @@ def evaluate_variant(
     return timer.result({"mIoU": miou, "pixel acc": accuracy}, details)
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "probe",
-        help="linear-probe semantic segmentation on frozen features (CamVid, VOC, ADE20K; mIoU)",
-        description="Train a linear layer on each variant's frozen features of the train split and report val mIoU. "
-        "The recipe is fixed and written into results.json.",
-    )
-    parser.add_argument("--data", required=True, help="dataset root")
-    parser.add_argument("--format", choices=sorted(FORMATS), required=True, help="dataset layout")
-    parser.add_argument(
-        "--limit-train", type=int_at_least(1), default=None, help="use only the first N train images"
-    )
-    parser.add_argument(
-        "--limit-val", type=int_at_least(1), default=None, help="use only the first N val images"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int_at_least(1),
-        default=ProbeRecipe.epochs,
-        help=f"training epochs ({ProbeRecipe.epochs})",
-    )
-    parser.add_argument(
-        "--lr",
-        type=float_in(0, low_open=True),
-        default=ProbeRecipe.lr,
-        help=f"AdamW learning rate ({ProbeRecipe.lr})",
-    )
-    parser.add_argument("--weight-decay", type=float_in(0), default=ProbeRecipe.weight_decay)
-    parser.add_argument(
-        "--batch-size", type=int_at_least(1), default=8, help="images per feature and training batch (8)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--train-label-side",
-        type=int_at_least(1),
-        default=ProbeRecipe.train_label_side,
-        help=f"resize training labels (nearest) to at most this long side, for speed ({ProbeRecipe.train_label_side})",
-    )
-    add_eval_args(parser, default_size=(224, 224))
-    parser.set_defaults(run=run)
+@dataclass(kw_only=True)
+class ProbeConfig(TaskConfig):
+    """Settings of the probe task: ``data`` the dataset root in layout ``format`` (a key of `FORMATS`);
+    ``limit_train`` / ``limit_val`` only the first N images of a split (None: all); ``batch_size`` images
+    per feature and training batch; the rest is the `ProbeRecipe`."""
+
+    data: str | Path
+    format: str
+    limit_train: int | None = None
+    limit_val: int | None = None
+    epochs: int = ProbeRecipe.epochs
+    lr: float = ProbeRecipe.lr
+    weight_decay: float = ProbeRecipe.weight_decay
+    batch_size: int = ProbeRecipe.batch_size
+    seed: int = ProbeRecipe.seed
+    train_label_side: int = ProbeRecipe.train_label_side
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_choice("format", sorted(FORMATS))
+        self.check_int("limit_train", 1, optional=True)
+        self.check_int("limit_val", 1, optional=True)
+        self.check_int("epochs", 1)
+        self.check_float("lr", 0, low_open=True)
+        self.check_float("weight_decay", 0)
+        self.check_int("batch_size", 1)
+        self.check_int("seed")
+        self.check_int("train_label_side", 1)
+
+    def recipe(self) -> ProbeRecipe:
+        return ProbeRecipe(
+            self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed, self.train_label_side
+        )
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..devices import resolve_device
-
-    fmt = FORMATS[args.format]
-    root = Path(args.data)
+def evaluate_probe(
+    config: ProbeConfig,
+    variants: Sequence[FeatureVariant],
+    device: torch.device | str = "cpu",
+    weights: str | None = None,
+    on_result: Callable[[VariantResult], None] | None = None,
+) -> TaskResults:
+    """mIoU and pixel accuracy of a linear probe on every variant; `on_result` sees each row as it is done;
+    `weights` (the backbone's weights file) is recorded in the settings."""
+    fmt = FORMATS[config.format]
+    root = Path(config.data)
     if not root.is_dir():
         raise FeatliftError(f"{root}: no such folder; expected {fmt.name} layout: {fmt.layout}")
-    train = fmt.pairs(root, fmt.splits[0])[: args.limit_train]
-    val = fmt.pairs(root, fmt.splits[1])[: args.limit_val]
+    train = fmt.pairs(root, fmt.splits[0])[: config.limit_train]
+    val = fmt.pairs(root, fmt.splits[1])[: config.limit_val]
     train_labels = [torch.from_numpy(fmt.read_label(label)) for _, label in train]
     val_labels = [torch.from_numpy(fmt.read_label(label)) for _, label in val]
-    device = resolve_device(args.device)
-    backbone, variants = variants_from_args(args, device)
-    check_sizes(variants, args.size)
-    recipe = ProbeRecipe(
-        args.epochs, args.lr, args.weight_decay, args.batch_size, args.seed, args.train_label_side
-    )
-    rows = []
-    for variant in variants:
-        row = evaluate_variant(
-            variant, fmt, train, val, args.size, recipe, device, args.batch_size, train_labels, val_labels
-        )
-        rows.append(row)
-        print(
-            f"{variant.label}: mIoU {row.metrics['mIoU']:.1f} pixel acc {row.metrics['pixel acc']:.1f} "
-            f"({row.ms_per_image:.0f} ms/image features)",
-            flush=True,
-        )
-    settings = eval_settings(
-        args,
-        backbone,
+    check_sizes(variants, config.size)
+    recipe = config.recipe()
+    rows = evaluate_each(
         variants,
+        lambda v: evaluate_variant(
+            v, fmt, train, val, config.size, recipe, device, config.batch_size, train_labels, val_labels
+        ),
+        on_result,
+    )
+    settings = eval_settings(
+        variants,
+        config.size,
+        device,
+        weights,
         data=str(root),
         format=fmt.name,
         num_classes=fmt.num_classes,
@@ -372,9 +367,4 @@ def run(args: argparse.Namespace) -> int:
         recipe=recipe.describe(),
         metric="mIoU over the classes present in the val ground truth (one confusion matrix over all val pixels)",
     )
-    table = markdown_table(rows, ["mIoU", "pixel acc"])
-    if args.out:
-        write_results(args.out, f"probe ({fmt.name})", rows, settings, metric_names=["mIoU", "pixel acc"])
-        print(f"results -> {args.out}/results.json, results.md")
-    print(table)
-    return 0
+    return TaskResults(f"probe ({fmt.name})", rows, settings, ["mIoU", "pixel acc"])

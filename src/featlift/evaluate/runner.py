@@ -1,36 +1,34 @@
-"""Shared plumbing of the ``featlift eval`` tasks: variant arguments, image loading and cost accounting.
+"""Shared plumbing of the evaluation tasks: building the variants, image loading, cost accounting, settings.
 
-A task module typically does::
+A task function typically does::
 
-    def register(subparsers):
-        parser = subparsers.add_parser("mytask", ...)
-        add_eval_args(parser, default_size=(224, 224))
-        parser.set_defaults(run=run)
+    def evaluate_mytask(config, variants, device="cpu", weights=None, on_result=None) -> TaskResults:
+        check_sizes(variants, config.size)
 
-    def run(args):
-        device = resolve_device(args.device)
-        backbone, variants = variants_from_args(args, device)
-        rows = []
-        for variant in variants:
+        def evaluate_one(variant):
             timer = FeatureTimer(variant, device)
-            features = timer(load_batch(paths, variant.input_size(args.size)))   # timed, per image
-            rows.append(timer.result({"metric": value}))
-        write_results(args.out, "mytask", rows, eval_settings(args, backbone, variants, extra=...))
+            features = timer(*load_inputs(paths, variant.input_size(config.size), timer.wants_sources))
+            return timer.result({"metric": value})
+
+        rows = evaluate_each(variants, evaluate_one, on_result)
+        settings = eval_settings(variants, config.size, device, weights, extra=...)
+        return TaskResults("mytask", rows, settings, ["metric"])
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..backbones import ViTBackbone
 from ..errors import FeatliftError
-from ..images import image_to_tensor, load_image
+from ..images import image_to_tensor, load_image, resize_images
+from ..speedups import optimize_pipeline
 from ..meters import peak_memory_mib, timed_call
 from ..pretrained import find_shipped_checkpoint
 from ..variants import FeatureVariant, parse_variants
@@ -39,22 +37,7 @@ from .report import VariantResult
 logger = logging.getLogger(__name__)
 
 BASE_VARIANTS = ("none", "bilinear", "input-2x")
-
-
-def add_eval_args(parser: argparse.ArgumentParser, default_size: tuple[int, int] | None = (224, 224)) -> None:
-    """Add the arguments every eval task shares: backbone, ``--variant``, ``--size``, ``--device``, ``--out``."""
-    from ..commands.common import add_backbone_args, add_device_arg, add_variant_arg, size_arg
-
-    add_backbone_args(parser)
-    add_variant_arg(
-        parser, "none, bilinear, input-2x, plus lift when featlift ships a checkpoint for the backbone"
-    )
-    size_help = "base input size S or HxW in pixels, a multiple of the patch size"
-    if default_size is not None:
-        size_help += f" (default {default_size[0]}x{default_size[1]})"
-    parser.add_argument("--size", type=size_arg, default=default_size, help=size_help)
-    add_device_arg(parser)
-    parser.add_argument("--out", default=None, help="write results.json and results.md into this folder")
+HIGH_RESOLUTION_GUIDES = ("output", "source")
 
 
 def default_variant_specs(backbone: ViTBackbone) -> list[str]:
@@ -65,30 +48,32 @@ def default_variant_specs(backbone: ViTBackbone) -> list[str]:
     return specs
 
 
-def variants_from_args(
-    args: argparse.Namespace, device: torch.device | str = "cpu"
-) -> tuple[ViTBackbone, list[FeatureVariant]]:
-    """Build the backbone from the backbone args and the variants of ``--variant`` (or the defaults), on `device`.
+def prepare_variants(
+    specs: Sequence[str] | None, backbone: ViTBackbone, device: torch.device | str = "cpu"
+) -> list[FeatureVariant]:
+    """The variants of `specs` (default `default_variant_specs`) for `backbone`, ready to run on `device`.
 
     Each variant runs with featlift's default inference transforms (BN folding, channels-last), as
-    ``featlift extract`` does, so its cost is what a user pays; its outputs are unchanged (to ~1e-6).
+    ``featlift extract`` does, so its cost is what a user pays; the transforms leave the outputs unchanged up to float rounding.
     """
-    from ..commands.common import backbone_from_args
-    from ..speedups import optimize_pipeline
-
-    backbone = backbone_from_args(args)
-    specs = args.variant or default_variant_specs(backbone)
-    variants = parse_variants(specs, backbone)
+    variants = parse_variants(list(specs or default_variant_specs(backbone)), backbone)
     for variant in variants:
         variant.pipeline = optimize_pipeline(variant.pipeline)
         variant.to(device)
-    return backbone, variants
+    return variants
 
 
 def check_sizes(variants: Sequence[FeatureVariant], base: tuple[int, int]) -> None:
     """Fail early (with a suggestion) when a variant's input size is not a multiple of the patch size."""
     for variant in variants:
         variant.output_grid(base)
+
+
+def wants_sources(variant: Any) -> bool:
+    """Whether `variant`'s upsampler is guided by the images before resizing (capabilities.guide "output"
+    or "source"); those variants get the decoded images alongside the resized ones."""
+    upsampler = getattr(getattr(variant, "pipeline", None), "upsampler", None)
+    return upsampler is not None and upsampler.capabilities.guide in HIGH_RESOLUTION_GUIDES
 
 
 def load_image_tensor(path: str | os.PathLike, size: tuple[int, int] | None) -> torch.Tensor:
@@ -98,42 +83,62 @@ def load_image_tensor(path: str | os.PathLike, size: tuple[int, int] | None) -> 
 
 def load_batch(paths: Sequence[str | os.PathLike], size: tuple[int, int]) -> torch.Tensor:
     """Image files -> ``[B, 3, H, W]`` in ``[0, 1]``, each resized to `size` (H, W) with bicubic filtering."""
-    return torch.stack([load_image_tensor(p, size) for p in paths])
+    return load_inputs(paths, size)[0]
+
+
+def load_inputs(
+    paths: Sequence[str | os.PathLike], size: tuple[int, int], with_sources: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """`load_batch` of `paths`, and, `with_sources`, the decoded images at their own size (a list of
+    ``[3, Hk, Wk]`` in ``[0, 1]``) for variants guided at high resolution (`wants_sources`), else None."""
+    decoded = [image_to_tensor(load_image(p)) for p in paths]
+    images = torch.cat([resize_images(image[None], size) for image in decoded])
+    return images, (decoded if with_sources else None)
 
 
 class FeatureTimer:
     """Runs a variant on batches and accumulates the time and peak memory of the feature computation only.
 
-    ``timer(images)`` -> features on the timer's device; ``timer.ms_per_image`` averages over every image seen,
-    ``timer.peak_memory_mib`` is the largest peak of one call (`featlift.meters.peak_memory_mib`: CUDA max
-    allocated, on CPU the live tensors the call creates). Memory is measured in an extra, untimed call on the
-    first batch of each shape, so the timed calls run without the tracker. The first call of a variant pays
-    one-off costs (allocator warm-up, lazy init); call ``warmup(images)`` first to exclude them.
+    ``timer(images, sources=None)`` -> features on the timer's device; `sources` (the images before resizing,
+    see `wants_sources`) are passed on to the variant when given. ``timer.ms_per_image`` averages over every
+    image seen, ``timer.peak_memory_mib`` is the largest peak of one call (`featlift.meters.peak_memory_mib`:
+    CUDA max allocated, on CPU the live tensors the call creates). Memory is measured in an extra, untimed
+    call on the first batch of each shape, so the timed calls run without the tracker. The first call of a
+    variant pays one-off costs (allocator warm-up, lazy init); call ``warmup(images)`` first to exclude them.
     """
 
     def __init__(self, variant: FeatureVariant, device: torch.device | str = "cpu"):
         self.variant = variant
         self.device = torch.device(device)
+        self.wants_sources = wants_sources(variant)
         self.seconds = 0.0
         self.images = 0
         self.peak_memory_mib = 0.0
         self._measured_shapes: set[tuple[int, ...]] = set()
 
-    def warmup(self, images: torch.Tensor) -> None:
+    def warmup(self, images: torch.Tensor, sources: list[torch.Tensor] | None = None) -> None:
         """One untimed forward pass on (a slice of) `images`."""
-        self.variant(images[:1].to(self.device))
+        self._run(images[:1].to(self.device), self._on_device(sources[:1] if sources is not None else None))
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device)
+    def __call__(self, images: torch.Tensor, sources: list[torch.Tensor] | None = None) -> torch.Tensor:
+        images, sources = images.to(self.device), self._on_device(sources)
         if tuple(images.shape) not in self._measured_shapes:
             self._measured_shapes.add(tuple(images.shape))
             self.peak_memory_mib = max(
-                self.peak_memory_mib, peak_memory_mib(lambda: self.variant(images), self.device)
+                self.peak_memory_mib, peak_memory_mib(lambda: self._run(images, sources), self.device)
             )
-        features, seconds = timed_call(lambda: self.variant(images), self.device)
+        features, seconds = timed_call(lambda: self._run(images, sources), self.device)
         self.seconds += seconds
         self.images += images.shape[0]
         return features
+
+    def _run(self, images: torch.Tensor, sources: list[torch.Tensor] | None) -> torch.Tensor:
+        if sources is None:
+            return self.variant(images)
+        return self.variant(images, sources)
+
+    def _on_device(self, sources: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        return [source.to(self.device) for source in sources] if sources is not None else None
 
     @property
     def ms_per_image(self) -> float:
@@ -150,18 +155,41 @@ class FeatureTimer:
         )
 
 
+def evaluate_each(
+    variants: Sequence[FeatureVariant],
+    evaluate_one: Callable[[FeatureVariant], VariantResult],
+    on_result: Callable[[VariantResult], None] | None = None,
+) -> list[VariantResult]:
+    """``evaluate_one(variant)`` for each variant in turn; each row is logged and handed to `on_result`
+    as soon as it is done (an evaluation of several variants can take a while)."""
+    rows = []
+    for variant in variants:
+        row = evaluate_one(variant)
+        metrics = " ".join(f"{name} {value:.1f}" for name, value in row.metrics.items())
+        logger.info("%s: %s (%.0f ms/image features)", row.variant, metrics, row.ms_per_image)
+        rows.append(row)
+        if on_result is not None:
+            on_result(row)
+    return rows
+
+
 def eval_settings(
-    args: argparse.Namespace, backbone: ViTBackbone, variants: Sequence[FeatureVariant], **extra: Any
+    variants: Sequence[FeatureVariant],
+    base: tuple[int, int] | None,
+    device: torch.device | str,
+    weights: str | os.PathLike | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """The settings block of results.json: backbone, variants (with checkpoints and grids), size, device, extras."""
-    base = tuple(args.size) if getattr(args, "size", None) is not None else None
+    """The settings block of results.json: backbone (with its `weights` file, None for timm's download),
+    variants (with checkpoints and grids), base size, device, then `extra`."""
+    backbone = variants[0].pipeline.backbone
     settings: dict[str, Any] = {
         "backbone": backbone.name,
-        "weights": getattr(args, "weights", None) or os.environ.get("FEATLIFT_WEIGHTS"),
+        "weights": str(weights) if weights is not None else None,
         "layer": backbone.layer,
         "facet": backbone.facet,
         "base_size": list(base) if base else None,
-        "device": str(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")),
+        "device": str(device),
         "variants": [
             {
                 "spec": v.spec,
@@ -178,8 +206,6 @@ def eval_settings(
 
 def require_path(path: str | os.PathLike, layout: str, kind: str = "file") -> None:
     """Raise `FeatliftError` naming `path` and the expected `layout` when the file/folder is missing."""
-    from pathlib import Path
-
     path = Path(path)
     ok = path.is_dir() if kind == "folder" else path.is_file()
     if not ok:

@@ -1,4 +1,4 @@
-"""``featlift eval spair``: semantic keypoint correspondence on SPair-71k, PCK per category.
+"""The ``spair`` task (``featlift eval spair``): semantic keypoint correspondence on SPair-71k, PCK per category.
 
 Layout (the official SPair-71k release)::
 
@@ -12,19 +12,19 @@ A pair file holds ``src_imname``, ``trg_imname``, ``category``, ``src_kps`` / ``
 
 Protocol: both images are resized to the variant's input size (bicubic, aspect ratio ignored, as
 everywhere in featlift); each source keypoint's feature is sampled bilinearly on the source feature
-grid; its cosine nearest neighbour on the target grid is mapped back to target pixels (cell centre);
+grid; its cosine nearest neighbour on the target grid is mapped back to target pixels (cell centre),
+by `featlift.evaluate.correspondence.match_keypoints`;
 a match is correct when it lies within ``alpha * max(h, w)`` of the target bounding box, in original
 target pixels. PCK is pooled over the keypoints of a category; the headline is the mean over categories.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..commands.common import positive_int
 from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image
 from ..variants import FeatureVariant
-from .report import VariantResult, markdown_table, write_results
-from .runner import (
-    FeatureTimer,
-    add_eval_args,
-    check_sizes,
-    eval_settings,
-    require_path,
-    variants_from_args,
-)
+from .correspondence import match_keypoints, normalized_to_pixel_indices, pixel_indices_to_normalized
+from .report import TaskResults, VariantResult
+from .runner import FeatureTimer, check_sizes, eval_settings, evaluate_each, require_path
+from .task_config import TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -157,39 +151,18 @@ def load_spair_pairs(
     return pairs
 
 
-def match_keypoints(
+def transfer_keypoints(
     source_features: torch.Tensor,
     target_features: torch.Tensor,
-    keypoints: np.ndarray | torch.Tensor,
+    keypoints: np.ndarray,
     source_size: tuple[int, int],
     target_size: tuple[int, int],
 ) -> np.ndarray:
-    """Cosine nearest-neighbour transfer of keypoints from a source to a target image.
-
-    Args:
-        source_features: ``[C, h, w]`` features of the source image (any grid size).
-        target_features: ``[C, h', w']`` features of the target image.
-        keypoints: ``[K, 2]`` (x, y) pixel coordinates in the original source image.
-        source_size, target_size: original image sizes as (width, height).
-    Returns:
-        ``[K, 2]`` predicted (x, y) in original target pixels: the centre of the best-matching target cell.
-
-    Grids are taken to cover their image exactly, so pixel ``x`` (centre ``x + 0.5``) sits at grid
-    coordinate ``(x + 0.5) / W * w - 0.5``, whatever the resize in between.
-    """
-    kps = torch.as_tensor(np.asarray(keypoints, dtype=np.float32)).reshape(-1, 2)
-    size = torch.tensor(source_size, dtype=torch.float32)
-    grid = ((kps + 0.5) / size * 2 - 1).view(1, 1, -1, 2)
-    src = source_features.float().unsqueeze(0)
-    queries = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0].T
-    queries = F.normalize(queries, dim=1)
-    channels, height, width = target_features.shape
-    targets = F.normalize(target_features.float().reshape(channels, -1), dim=0)
-    best = (queries @ targets).argmax(dim=1)
-    rows, cols = best // width, best % width
-    x = (cols.double() + 0.5) * target_size[0] / width - 0.5
-    y = (rows.double() + 0.5) * target_size[1] / height - 0.5
-    return torch.stack([x, y], dim=1).numpy()
+    """`match_keypoints` in SPair's pixel indices: ``[K, 2]`` (x, y) of the source image (original
+    `source_size` = (width, height)) -> predicted (x, y) in original target pixels, the centre of the
+    best-matching target cell."""
+    points = pixel_indices_to_normalized(keypoints, source_size)
+    return normalized_to_pixel_indices(match_keypoints(source_features, target_features, points), target_size)
 
 
 def pck_correct(
@@ -233,17 +206,18 @@ def evaluate_variant(
             image = load_image(path)
             original = (image.width, image.height)
             resized = image_to_tensor(image, size)[None]
+            sources = [image_to_tensor(image)] if timer.wants_sources else None
             if not warmed:
-                timer.warmup(resized)
+                timer.warmup(resized, sources)
                 warmed = True
-            features = F.normalize(timer(resized)[0].float(), dim=0)
+            features = F.normalize(timer(resized, sources)[0].float(), dim=0)
             cache[path] = (features.to("cpu", torch.float16), original)
         hits = {alpha: 0 for alpha in alphas}
         points = 0
         for pair in group:
             src, src_size = cache[pair.source]
             trg, trg_size = cache[pair.target]
-            predicted = match_keypoints(src, trg, pair.source_keypoints, src_size, trg_size)
+            predicted = transfer_keypoints(src, trg, pair.source_keypoints, src_size, trg_size)
             for alpha, ok in pck_correct(predicted, pair.target_keypoints, pair.target_box, alphas).items():
                 hits[alpha] += int(ok.sum())
             points += len(pair.source_keypoints)
@@ -280,60 +254,54 @@ def category_table(rows: Sequence[VariantResult], alpha: float = ALPHAS[0]) -> s
     return "\n".join(lines)
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "spair",
-        help="keypoint correspondence on SPair-71k (PCK@0.1/0.05/0.01 of the target box)",
-        description="Transfer each source keypoint to the target image by cosine nearest neighbour of the "
-        "features and report PCK (threshold alpha * max side of the target box, in original pixels), "
-        "per category and averaged over categories, for every --variant. Images are resized to the "
-        "variant's input size, ignoring aspect ratio.",
-    )
-    parser.add_argument(
-        "--data", required=True, metavar="ROOT", help="SPair-71k root (JPEGImages/, PairAnnotation/)"
-    )
-    parser.add_argument("--split", choices=SPLITS, default="test", help="pair split (default test)")
-    parser.add_argument(
-        "--pairs-per-category",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="a seeded sample of N pairs per category (default all)",
-    )
-    parser.add_argument("--categories", default=None, help="comma-separated categories (default all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pair sample (default 0)")
-    add_eval_args(parser)
-    parser.set_defaults(run=run)
+@dataclass(kw_only=True)
+class SpairConfig(TaskConfig):
+    """Settings of the spair task: ``data`` the SPair-71k root; ``split`` of the pairs; ``pairs_per_category``
+    a seeded sample of N pairs per category (None: all); ``categories`` (None: all); ``seed`` of the sample."""
+
+    data: str | Path
+    split: str = "test"
+    pairs_per_category: int | None = None
+    categories: Sequence[str] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_choice("split", SPLITS)
+        self.check_int("pairs_per_category", 1, optional=True)
+        self.check_int("seed")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..devices import resolve_device
-
-    categories = [c for c in args.categories.split(",") if c] if args.categories else None
-    pairs = load_spair_pairs(args.data, args.split, args.pairs_per_category, categories, args.seed)
-    device = resolve_device(args.device)
-    backbone, variants = variants_from_args(args, device)
-    check_sizes(variants, args.size)
+def evaluate_spair(
+    config: SpairConfig,
+    variants: Sequence[FeatureVariant],
+    device: torch.device | str = "cpu",
+    weights: str | None = None,
+    on_result: Callable[[VariantResult], None] | None = None,
+) -> TaskResults:
+    """PCK of every variant on the pairs `config` selects; `on_result` sees each row as it is done;
+    `weights` (the backbone's weights file) is recorded in the settings."""
+    pairs = load_spair_pairs(
+        config.data, config.split, config.pairs_per_category, config.categories, config.seed
+    )
+    check_sizes(variants, config.size)
     logger.info(
-        "SPair %s: %d pairs in %d categories", args.split, len(pairs), len({p.category for p in pairs})
+        "SPair %s: %d pairs in %d categories", config.split, len(pairs), len({p.category for p in pairs})
     )
-    rows = [evaluate_variant(variant, pairs, args.size, device) for variant in variants]
+    rows = evaluate_each(variants, lambda v: evaluate_variant(v, pairs, config.size, device), on_result)
+    settings = eval_settings(
+        variants,
+        config.size,
+        device,
+        weights,
+        data=str(config.data),
+        split=config.split,
+        pairs=len(pairs),
+        pairs_per_category=config.pairs_per_category,
+        seed=config.seed,
+        resize="bicubic to the variant's input size, aspect ratio ignored",
+        threshold="alpha * max(h, w) of the target box, original target pixels",
+        pck_pooling="keypoints pooled per category; headline = mean over categories",
+    )
     metric_names = [_metric(a) for a in ALPHAS]
-    per_category = category_table(rows)
-    if args.out:
-        settings = eval_settings(
-            args,
-            backbone,
-            variants,
-            data=str(args.data),
-            split=args.split,
-            pairs=len(pairs),
-            pairs_per_category=args.pairs_per_category,
-            seed=args.seed,
-            resize="bicubic to the variant's input size, aspect ratio ignored",
-            threshold="alpha * max(h, w) of the target box, original target pixels",
-            pck_pooling="keypoints pooled per category; headline = mean over categories",
-        )
-        write_results(args.out, "spair", rows, settings, metric_names, extra_markdown=per_category)
-    print(markdown_table(rows, metric_names))
-    return 0
+    return TaskResults("spair", rows, settings, metric_names, extra_markdown=category_table(rows))

@@ -1,4 +1,4 @@
-"""``featlift eval warp``: keypoint correspondence under known warps, with no annotated dataset.
+"""The ``warp`` task (``featlift eval warp``): keypoint correspondence under known warps, with no annotated dataset.
 
 Two sources of ground truth:
 
@@ -9,17 +9,17 @@ Two sources of ground truth:
 - a real stereo pair: scikit-image's ``stereo_motorcycle`` (Middlebury 2014) with ground-truth disparity: a
   left-image point ``(x, y)`` is at ``(x - d, y)`` in the right image.
 
-A regular grid of source keypoints is described by the source feature map, sampled bilinearly at each keypoint;
-its match is the cell of the target feature map with the highest cosine similarity (nearest neighbour), placed
-at that cell's centre. PCK@alpha is the share of keypoints whose match lies within ``alpha * max(h, w)`` pixels
+A regular grid of source keypoints is matched by `featlift.evaluate.correspondence.match_keypoints`: described by
+the source feature map, sampled bilinearly at each keypoint; its match is the cell of the target feature map with
+the highest cosine similarity (nearest neighbour), placed at that cell's centre. PCK@alpha is the share of keypoints whose match lies within ``alpha * max(h, w)`` pixels
 of the true location (h, w: the base size), over keypoints that land inside the target image (homographies) or
 have a valid disparity (stereo).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..commands.numbers import float_in, int_at_least
 from ..errors import FeatliftError
 from ..images import collect_images, image_to_tensor, load_image
 from ..variants import FeatureVariant
-from .report import VariantResult, markdown_table, write_results
-from .runner import FeatureTimer, add_eval_args, check_sizes, eval_settings, variants_from_args
+from .correspondence import match_keypoints
+from .report import TaskResults, VariantResult
+from .runner import FeatureTimer, check_sizes, eval_settings, evaluate_each
+from .task_config import TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,24 +86,7 @@ def keypoint_grid(count: int) -> np.ndarray:
     return np.stack([xs.ravel(), ys.ravel()], axis=1)
 
 
-# ------------------------------------------------------------------------------------------- matching
-
-
-def match_keypoints(source: torch.Tensor, target: torch.Tensor, points: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour matches of keypoints between two feature maps ``[C, h, w]`` (any two grid sizes).
-
-    Each normalised source point ``(x, y)`` is described by bilinear sampling of `source`; its match is the
-    centre of the `target` cell with the highest cosine similarity. Returns normalised ``[N, 2]``.
-    """
-    grid = torch.from_numpy(points * 2 - 1).float()[None, None]  # [1, 1, N, 2]
-    descriptors = F.grid_sample(source[None].float(), grid, mode="bilinear", align_corners=False)[
-        0, :, 0
-    ]  # [C, N]
-    descriptors = F.normalize(descriptors, dim=0)
-    _, th, tw = target.shape
-    cells = F.normalize(target.float().reshape(target.shape[0], -1), dim=0)  # [C, th*tw]
-    best = (descriptors.T @ cells).argmax(1).numpy()
-    return np.stack([(best % tw + 0.5) / tw, (best // tw + 0.5) / th], axis=1)
+# ------------------------------------------------------------------------------------------- scoring
 
 
 def pck(
@@ -158,8 +142,13 @@ def homography_pck(
         inside = np.all((truth >= 0) & (truth <= 1), axis=1)
         if not inside.any():
             continue
-        source = image_to_tensor(load_image(path), size)
-        features = timer(torch.stack([source, warp_image(source, matrix)])).float().cpu()
+        image = load_image(path)
+        source = image_to_tensor(image, size)
+        sources = None
+        if timer.wants_sources:
+            original = image_to_tensor(image)
+            sources = [original, warp_image(original, matrix)]
+        features = timer(torch.stack([source, warp_image(source, matrix)]), sources).float().cpu()
         matched = match_keypoints(features[0], features[1], points[inside])
         counter.add(pck(matched, truth[inside], base, counter.alphas))
     return counter
@@ -201,10 +190,10 @@ def stereo_pck(
     truth[:, 0] -= np.where(valid, d, 0) / width
     valid &= truth[:, 0] >= 0
     size = timer.variant.input_size(base)
-    pair = torch.stack(
-        [image_to_tensor(Image.fromarray(left), size), image_to_tensor(Image.fromarray(right), size)]
-    )
-    features = timer(pair).float().cpu()
+    pictures = [Image.fromarray(left), Image.fromarray(right)]
+    pair = torch.stack([image_to_tensor(picture, size) for picture in pictures])
+    sources = [image_to_tensor(picture) for picture in pictures] if timer.wants_sources else None
+    features = timer(pair, sources).float().cpu()
     matched = match_keypoints(features[0], features[1], points[valid])
     counter.add(pck(matched, truth[valid], base, counter.alphas))
     return counter
@@ -224,8 +213,9 @@ def evaluate_variant(
     """PCK (x100) on the homography pairs of `images` and, with `stereo`, on the stereo pair."""
     timer = FeatureTimer(variant, device)
     size = variant.input_size(base)
-    warm = image_to_tensor(load_image(images[0]), size) if images else image_to_tensor(_stereo_left(), size)
-    timer.warmup(warm[None])  # one-off costs stay out of the timing
+    picture = load_image(images[0]) if images else _stereo_left()
+    sources = [image_to_tensor(picture)] if timer.wants_sources else None
+    timer.warmup(image_to_tensor(picture, size)[None], sources)  # one-off costs stay out of the timing
     metrics: dict[str, float] = {}
     details: dict = {"feature_grid": list(variant.output_grid(base))}
     if images:
@@ -239,84 +229,81 @@ def evaluate_variant(
     return timer.result(metrics, details)
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "warp",
-        help="keypoint correspondence under known random homographies and on a real stereo pair (PCK)",
-        description="Match a grid of keypoints between each image and a seeded random homography of it (and, with "
-        "--stereo, across skimage's Middlebury stereo pair) by nearest neighbours of the features; report PCK@0.1, "
-        "0.05, 0.01 of max(h, w). `--data stereo` runs the stereo pair only.",
-    )
-    parser.add_argument(
-        "--data", required=True, help="image folder/glob/file(s), or 'stereo' for the stereo pair only"
-    )
-    parser.add_argument(
-        "--stereo", action="store_true", help="also match across skimage.data.stereo_motorcycle()"
-    )
-    parser.add_argument(
-        "--limit", type=int_at_least(1), default=None, help="use only the first N images (sorted by path)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random homographies (0)")
-    parser.add_argument(
-        "--strength",
-        type=float_in(0, 0.5, high_open=True),
-        default=0.15,
-        help="max corner shift, a fraction of the size, in [0, 0.5) (0.15)",
-    )
-    parser.add_argument(
-        "--keypoints", type=int_at_least(1), default=20, help="a KxK grid of source keypoints (20)"
-    )
-    add_eval_args(parser, default_size=(224, 224))
-    parser.set_defaults(run=run)
+@dataclass(kw_only=True)
+class WarpConfig(TaskConfig):
+    """Settings of the warp task.
+
+    ``data``: an image folder, glob or file (sorted by path; `featlift.images.collect_images`), or
+    ``"stereo"`` for the stereo pair only; ``stereo``: also match across the stereo pair; ``limit``: only
+    the first N images; ``seed``: of the random homographies; ``strength``: the largest corner shift, a
+    fraction of the size, in [0, 0.5); ``keypoints``: a K x K grid of source keypoints.
+    """
+
+    data: str
+    stereo: bool = False
+    limit: int | None = None
+    seed: int = 0
+    strength: float = 0.15
+    keypoints: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_int("limit", 1, optional=True)
+        self.check_int("seed", 0)
+        self.check_float("strength", 0, 0.5, high_open=True)
+        self.check_int("keypoints", 1)
+
+    @property
+    def uses_stereo(self) -> bool:
+        return self.stereo or self.data == "stereo"
+
+    def images(self) -> list[Path]:
+        """The image files of ``data`` (none for ``"stereo"``), the first ``limit``."""
+        if self.data == "stereo":
+            return []
+        return [item.path for item in collect_images([self.data])][: self.limit]
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..devices import resolve_device
-
-    stereo = args.stereo or args.data == "stereo"
-    images = (
-        [] if args.data == "stereo" else [item.path for item in collect_images([args.data])][: args.limit]
-    )
-    device = resolve_device(args.device)
-    backbone, variants = variants_from_args(args, device)
-    check_sizes(variants, args.size)
-    rows = []
-    for variant in variants:
-        row = evaluate_variant(
-            variant,
-            images,
-            args.size,
-            stereo=stereo,
-            seed=args.seed,
-            strength=args.strength,
-            keypoints=args.keypoints,
-            device=device,
-        )
-        rows.append(row)
-        print(
-            f"{variant.label}: " + " ".join(f"{k} {v:.1f}" for k, v in row.metrics.items()),
-            f"({row.ms_per_image:.0f} ms/image features)",
-            flush=True,
-        )
-    settings = eval_settings(
-        args,
-        backbone,
+def evaluate_warp(
+    config: WarpConfig,
+    variants: Sequence[FeatureVariant],
+    device: torch.device | str = "cpu",
+    weights: str | None = None,
+    on_result: Callable[[VariantResult], None] | None = None,
+) -> TaskResults:
+    """PCK of every variant under `config`'s homographies (and stereo pair); `on_result` sees each row as it
+    is done; `weights` (the backbone's weights file) is recorded in the settings."""
+    images = config.images()
+    check_sizes(variants, config.size)
+    rows = evaluate_each(
         variants,
-        data=str(args.data),
+        lambda v: evaluate_variant(
+            v,
+            images,
+            config.size,
+            stereo=config.uses_stereo,
+            seed=config.seed,
+            strength=config.strength,
+            keypoints=config.keypoints,
+            device=device,
+        ),
+        on_result,
+    )
+    settings = eval_settings(
+        variants,
+        config.size,
+        device,
+        weights,
+        data=str(config.data),
         images=len(images),
-        stereo=stereo,
-        seed=args.seed,
-        strength=args.strength,
-        keypoints=f"{args.keypoints}x{args.keypoints} grid at cell centres",
+        stereo=config.uses_stereo,
+        seed=config.seed,
+        strength=config.strength,
+        keypoints=f"{config.keypoints}x{config.keypoints} grid at cell centres",
         homography="each corner moved by U(-strength, strength) of the size in x and y; rendered per variant "
         "from the image resized (bicubic) to its input size, bilinear sampling, zeros outside",
         matching="bilinear descriptor at the source keypoint, nearest neighbour (cosine) over target cells, "
         "match at the cell centre",
         pck="error <= alpha * max(h, w) of the base size, over keypoints inside the warped image / with a finite disparity",
     )
-    names = list(rows[0].metrics) if rows else []
-    if args.out:
-        write_results(args.out, "warp", rows, settings, metric_names=names)
-        print(f"results -> {args.out}/results.json, results.md")
-    print(markdown_table(rows, names))
-    return 0
+    return TaskResults("warp", rows, settings, list(rows[0].metrics) if rows else [])

@@ -1,4 +1,4 @@
-"""``featlift eval <task>``: every module in `featlift.evaluate` with a ``register`` adds a task.
+"""``featlift eval <task>``: every module of this package with a ``register`` adds a task.
 
 Every task takes ``--out``; it is checked (created, and a file written there) before the task starts, so
 that an evaluation never runs to the end only to fail on its output folder.
@@ -11,15 +11,14 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 
-from .. import evaluate
-from ..fileio import check_writable_dir
+from ...fileio import check_writable_dir
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="evaluate feature variants on dense tasks")
     tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    for module in sorted(pkgutil.iter_modules(evaluate.__path__), key=lambda m: m.name):
-        task = importlib.import_module(f"{evaluate.__name__}.{module.name}")
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        task = importlib.import_module(f"{__name__}.{module.name}")
         if hasattr(task, "register"):
             task.register(tasks)
     for task_parser in tasks.choices.values():
