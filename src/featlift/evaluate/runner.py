@@ -28,9 +28,9 @@ import torch
 from ..backbones import ViTBackbone
 from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image, resize_images
-from ..speedups import optimize_pipeline
 from ..meters import peak_memory_mib, timed_call
 from ..pretrained import find_shipped_checkpoint
+from ..speedups import optimize_pipeline
 from ..variants import FeatureVariant, parse_variants
 from .report import VariantResult
 
