@@ -126,10 +126,10 @@ def test_find_max_size_stops_at_out_of_memory(tiny_setup):
     variant = parse_variant("none", backbone)
     real_call = variant.pipeline.forward
 
-    def limited(images):  # pretend that inputs above 64 px do not fit
+    def limited(images, sources=None):  # pretend that inputs above 64 px do not fit
         if images.shape[-1] > 64:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_call(images)
+        return real_call(images, sources)
 
     variant.pipeline.forward = limited
     assert find_max_size(variant, 16, "cpu", cap=1024) == (64, 128)
