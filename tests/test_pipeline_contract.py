@@ -131,7 +131,7 @@ def toy_registered():
             return out.flip(-1) if self.flip else out
 
     yield Toy
-    registry._UPSAMPLERS.pop("toy-contract")
+    registry.UPSAMPLERS.unregister("toy-contract")
 
 
 def test_variant_specs_take_any_method_and_its_typed_options(tiny_backbone, toy_registered):

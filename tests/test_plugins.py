@@ -36,7 +36,7 @@ def plugin_file(tmp_path):
     path = tmp_path / "my_nearest.py"
     path.write_text(PLUGIN.format(name="plugin-nearest"))
     yield path
-    registry._UPSAMPLERS.pop("plugin-nearest", None)
+    registry.UPSAMPLERS.unregister("plugin-nearest")
 
 
 def test_a_plugin_file_adds_a_method_to_the_command(tmp_path, plugin_file, tiny_timm_weights):

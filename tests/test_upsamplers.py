@@ -139,7 +139,7 @@ def test_registry_adds_a_method_by_decorating_one_class():
         assert module.name == "nearest_for_test" and not module.trainable
         assert module(torch.randn(1, 2, 3, 3), None, module.native_output_size((3, 3))).shape == (1, 2, 6, 6)
     finally:
-        registry._UPSAMPLERS.pop("nearest_for_test")
+        registry.UPSAMPLERS.unregister("nearest_for_test")
     with pytest.raises(Exception, match="unknown upsampler 'nope'"):
         create_upsampler("nope")
 
@@ -150,3 +150,21 @@ def test_original_lift_key_names_convert_to_ours():
     assert sorted(converted) == sorted(ours for _, ours, _ in ORIGINAL_LIFT_32_CHANNELS)
     shapes = {name: tuple(value.shape) for name, value in LiFT(32, 16).state_dict().items()}
     assert shapes == {ours: shape for _, ours, shape in ORIGINAL_LIFT_32_CHANNELS}
+
+
+def test_the_registry_refuses_what_is_no_upsampler_and_taken_names():
+    with pytest.raises(
+        Exception, match=r"upsampler 'plain': <class .*NotAnUpsampler'> is no subclass of Upsampler"
+    ):
+
+        @register_upsampler("plain")
+        class NotAnUpsampler:
+            pass
+
+    with pytest.raises(Exception, match="upsampler 'lift' is already registered by LiFT"):
+
+        @register_upsampler("lift")
+        class Impostor(Upsampler):
+            pass
+
+    assert get_upsampler_class("lift") is LiFT

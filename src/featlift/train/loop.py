@@ -113,7 +113,11 @@ def _build_objective(config: TrainConfig) -> Objective:
             f"--upsampler {config.upsampler} declares no training objective; pass --objective NAME "
             f"(available: {', '.join(available_objectives())})"
         )
-    return get_objective(name)(loss=config.loss)
+    try:
+        objective = get_objective(name)
+    except FeatliftError as exc:
+        raise FeatliftError(f"--objective {name}: {exc}") from None
+    return objective(loss=config.loss)
 
 
 def _check_config(config: TrainConfig, world: int) -> None:

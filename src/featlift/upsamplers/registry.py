@@ -2,43 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from ..registry import Registry
+from .base import Upsampler
 
-from ..errors import FeatliftError
-
-_UPSAMPLERS: dict[str, type] = {}
-
-T = TypeVar("T", bound=type)
+UPSAMPLERS: Registry[type[Upsampler]] = Registry("upsampler", Upsampler)
 
 
 def register_upsampler(name: str):
-    """Class decorator: make ``create_upsampler(name, ...)`` build this class."""
-
-    def decorate(cls: T) -> T:
-        if name in _UPSAMPLERS and _UPSAMPLERS[name] is not cls:
-            raise FeatliftError(
-                f"upsampler {name!r} is already registered by {_UPSAMPLERS[name].__qualname__}"
-            )
-        cls.name = name
-        _UPSAMPLERS[name] = cls
-        return cls
-
-    return decorate
+    """Class decorator: make ``create_upsampler(name, ...)`` build this `Upsampler` subclass."""
+    return UPSAMPLERS.register(name)
 
 
 def available_upsamplers() -> list[str]:
-    return sorted(_UPSAMPLERS)
+    return UPSAMPLERS.names()
 
 
-def get_upsampler_class(name: str) -> type:
-    try:
-        return _UPSAMPLERS[name]
-    except KeyError:
-        raise FeatliftError(
-            f"unknown upsampler {name!r}; available: {', '.join(available_upsamplers())}"
-        ) from None
+def get_upsampler_class(name: str) -> type[Upsampler]:
+    return UPSAMPLERS.get(name)
 
 
-def create_upsampler(name: str, **args):
+def create_upsampler(name: str, **args) -> Upsampler:
     """Build a registered upsampler, e.g. ``create_upsampler("lift", channels=384, patch_size=14)``."""
     return get_upsampler_class(name)(**args)

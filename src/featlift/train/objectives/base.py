@@ -38,13 +38,12 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from ...errors import FeatliftError
+from ...registry import Registry
 from ...upsamplers import Upsampler
 from ..batches import Batch
 from ..data import TrainImage
 from ..views import View, check_views
 from .losses import LOSSES, feature_loss
-
-_OBJECTIVES: dict[str, type[Objective]] = {}
 
 T = TypeVar("T", bound="type[Objective]")
 
@@ -96,32 +95,21 @@ class Objective:
         return {}
 
 
+def _check_objective(cls: type[Objective], name: str) -> None:
+    check_views(cls.views, f"objective {name!r}")
+
+
+OBJECTIVES: Registry[type[Objective]] = Registry("training objective", Objective, _check_objective)
+
+
 def register_objective(name: str) -> Callable[[T], T]:
     """Class decorator: make ``--objective name`` use this `Objective` subclass."""
-
-    def decorate(cls: T) -> T:
-        if not (isinstance(cls, type) and issubclass(cls, Objective)):
-            raise FeatliftError(f"objective {name!r}: {cls!r} is no subclass of Objective")
-        if name in _OBJECTIVES and _OBJECTIVES[name] is not cls:
-            raise FeatliftError(
-                f"objective {name!r} is already registered by {_OBJECTIVES[name].__qualname__}"
-            )
-        check_views(cls.views, f"objective {name!r}")
-        cls.name = name
-        _OBJECTIVES[name] = cls
-        return cls
-
-    return decorate
+    return OBJECTIVES.register(name)
 
 
 def available_objectives() -> list[str]:
-    return sorted(_OBJECTIVES)
+    return OBJECTIVES.names()
 
 
 def get_objective(name: str) -> type[Objective]:
-    try:
-        return _OBJECTIVES[name]
-    except KeyError:
-        raise FeatliftError(
-            f"--objective {name}: unknown training objective; available: {', '.join(available_objectives())}"
-        ) from None
+    return OBJECTIVES.get(name)
