@@ -37,7 +37,6 @@ from .report import VariantResult
 logger = logging.getLogger(__name__)
 
 BASE_VARIANTS = ("none", "bilinear", "input-2x")
-HIGH_RESOLUTION_GUIDES = ("output", "source")
 
 
 def default_variant_specs(backbone: ViTBackbone) -> list[str]:
@@ -72,8 +71,7 @@ def check_sizes(variants: Sequence[FeatureVariant], base: tuple[int, int]) -> No
 def wants_sources(variant: Any) -> bool:
     """Whether `variant`'s upsampler is guided by the images before resizing (capabilities.guide "output"
     or "source"); those variants get the decoded images alongside the resized ones."""
-    upsampler = getattr(getattr(variant, "pipeline", None), "upsampler", None)
-    return upsampler is not None and upsampler.capabilities.guide in HIGH_RESOLUTION_GUIDES
+    return bool(getattr(getattr(variant, "pipeline", None), "wants_sources", False))  # test doubles have none
 
 
 def load_image_tensor(path: str | os.PathLike, size: tuple[int, int] | None) -> torch.Tensor:
