@@ -92,6 +92,7 @@ class SourceGuidedPositions(PositionFeatures):
     def __init__(self, cell: int = 8):
         super().__init__(cell)
         self.pipeline.upsampler = SimpleNamespace(capabilities=SimpleNamespace(guide="source"))
+        self.pipeline.wants_sources = True  # as FeaturePipeline says for guide "source"
         self.sources = []
 
     def __call__(self, images: torch.Tensor, sources=None) -> torch.Tensor:
