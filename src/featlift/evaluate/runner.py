@@ -158,13 +158,13 @@ def evaluate_each(
     evaluate_one: Callable[[FeatureVariant], VariantResult],
     on_result: Callable[[VariantResult], None] | None = None,
 ) -> list[VariantResult]:
-    """``evaluate_one(variant)`` for each variant in turn; each row is logged and handed to `on_result`
+    """``evaluate_one(variant)`` for each variant in turn; each row is logged (debug) and handed to `on_result`
     as soon as it is done (an evaluation of several variants can take a while)."""
     rows = []
     for variant in variants:
         row = evaluate_one(variant)
         metrics = " ".join(f"{name} {value:.1f}" for name, value in row.metrics.items())
-        logger.info("%s: %s (%.0f ms/image features)", row.variant, metrics, row.ms_per_image)
+        logger.debug("%s: %s (%.0f ms/image features)", row.variant, metrics, row.ms_per_image)
         rows.append(row)
         if on_result is not None:
             on_result(row)
