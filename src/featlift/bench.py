@@ -151,7 +151,7 @@ def _stage_tasks(variant: FeatureVariant, images: torch.Tensor) -> dict[str, Cal
     with torch.inference_mode(), autocast(images.device, amp):
         normalized = backbone.normalize(images)
         features = backbone(normalized)
-        guide = pipeline.guide(images, size)
+        guide = pipeline.guide(images, size, normalized=normalized)
     if pipeline.channels_last:
         features = features.contiguous(memory_format=torch.channels_last)
         if guide is not None:

@@ -108,17 +108,23 @@ class FeaturePipeline(nn.Module):
         return tuple(self.upsampler.native_output_size(grid))
 
     def guide(
-        self, images: torch.Tensor, output_size: tuple[int, int], sources: SourceImages = None
+        self,
+        images: torch.Tensor,
+        output_size: tuple[int, int],
+        sources: SourceImages = None,
+        normalized: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The normalised guide image the upsampler asks for (None for ``guide="none"`` or no upsampler).
 
-        ``input``: `images`; ``output``: the sources (else `images`) resized to `output_size` with
-        `featlift.images.resize_images`; ``source``: the sources at their own size (several sizes: all
-        resized to the largest), else `images`.
+        ``input``: `images` (`normalized`, when the caller has normalised them already, is used as it is);
+        ``output``: the sources (else `images`) resized to `output_size` with `featlift.images.resize_images`;
+        ``source``: the sources at their own size (several sizes: all resized to the largest), else `images`.
         """
         wanted = self.upsampler.capabilities.guide if self.upsampler is not None else "none"
         if wanted == "none":
             return None
+        if normalized is not None and (wanted == "input" or (wanted == "source" and sources is None)):
+            return normalized
         pixels = images
         if wanted in ("output", "source") and sources is not None:
             pixels = self._source_batch(sources, images)
@@ -146,7 +152,7 @@ class FeaturePipeline(nn.Module):
             size = self.output_grid(*images.shape[-2:])
             if self.upsampler is None:
                 return resize_features(features, size).float().contiguous()
-            guide = self.guide(images, size, sources)
+            guide = self.guide(images, size, sources, normalized)
             if self.channels_last:
                 features = features.contiguous(memory_format=torch.channels_last)
                 if guide is not None:
