@@ -153,6 +153,7 @@ class FeaturePipeline(nn.Module):
             if self.upsampler is None:
                 return resize_features(features, size).float().contiguous()
             guide = self.guide(images, size, sources, normalized)
+            del normalized  # the guide may be a channels-last copy of it: hold one image, not two
             if self.channels_last:
                 features = features.contiguous(memory_format=torch.channels_last)
                 if guide is not None:
