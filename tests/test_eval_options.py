@@ -113,3 +113,13 @@ def test_viz_refuses_a_folder_as_its_png(tmp_path, capsys):
     (tmp_path / "figure.png").mkdir()
     assert main(["viz", "pca", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "figure.png")]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["davis", "probe", "warp", "spair", "discovery"])
+def test_missing_data_is_refused_before_any_backbone_is_built(task, tmp_path, capsys):
+    """A mistyped --data fails at once: the backbone (here a name timm does not know) is never built."""
+    extra = {"probe": ["--format", "camvid"], "discovery": ["--format", "voc07"]}.get(task, [])
+    argv = ["eval", task, "--data", str(tmp_path / "missing"), "--backbone", "no_such_vit", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "no_such_vit" not in err

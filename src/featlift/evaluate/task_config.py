@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import FeatliftError
@@ -27,6 +28,13 @@ class TaskConfig:
         if len(size) != 2 or not all(_is_int(v) and v >= 1 for v in size):
             self._refuse("size", self.size, "(height, width), two integers >= 1")
         self.size = (int(size[0]), int(size[1]))
+
+    def check_data(self) -> None:
+        """Refuse a ``data`` that names nothing on disk, before any model is built (the task's loader
+        checks the dataset's layout in detail later)."""
+        data = getattr(self, "data", None)
+        if data is not None and not Path(data).exists():
+            raise FeatliftError(f"{data}: no such file or folder (the dataset of {type(self).__name__}.data)")
 
     def _refuse(self, field: str, value: Any, expected: str) -> None:
         raise FeatliftError(f"{type(self).__name__}.{field} = {value!r}: expected {expected}")

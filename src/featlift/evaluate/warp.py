@@ -257,6 +257,9 @@ class WarpConfig(TaskConfig):
     def uses_stereo(self) -> bool:
         return self.stereo or self.data == "stereo"
 
+    def check_data(self) -> None:
+        self.images()  # a folder, glob or file with no images is refused, naming it
+
     def images(self) -> list[Path]:
         """The image files of ``data`` (none for ``"stereo"``), the first ``limit``."""
         if self.data == "stereo":

@@ -64,6 +64,7 @@ def run_task(
     """Run ``evaluate(config, variants, ...)`` on the variants and device of `args`; print ``progress(row)``
     for each variant as it is done; write results.json and results.md into ``--out`` when given."""
     device = resolve_device(args.device)
+    config.check_data()  # a mistyped --data fails at once, not after the backbone is built (or downloaded)
     variants = variants_from_args(args, device)
 
     def report(row: VariantResult) -> None:
