@@ -126,7 +126,7 @@ class FeaturePipeline(nn.Module):
         if normalized is not None and (wanted == "input" or (wanted == "source" and sources is None)):
             return normalized
         pixels = images
-        if wanted in ("output", "source") and sources is not None:
+        if self.wants_sources and sources is not None:
             pixels = self._source_batch(sources, images)
         if wanted == "output":
             pixels = resize_images(pixels, output_size)

@@ -35,23 +35,33 @@ def load_plugin(spec: str) -> ModuleType:
                 if getattr(module, "__file__", None) and Path(module.__file__).resolve() == resolved:
                     return module
             digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
-            name = f"featlift_plugin_{resolved.stem}_{digest}"
-            loader_spec = importlib.util.spec_from_file_location(name, resolved)
-            if loader_spec is None or loader_spec.loader is None:
-                raise FeatliftError(f"plugin {spec}: not a Python file")
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[name] = module
-            try:
-                loader_spec.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(name, None)
-                raise
-            return module
+            return import_file(resolved, f"featlift_plugin_{resolved.stem}_{digest}")
         return importlib.import_module(spec)
     except FeatliftError:
         raise
     except Exception as exc:
         raise FeatliftError(f"plugin {spec}: importing it failed ({type(exc).__name__}: {exc})") from exc
+
+
+def import_file(path: str | Path, name: str) -> ModuleType:
+    """Import the Python file `path` as module `name` (``__main__`` becomes ``__mp_main__``, as in
+    multiprocessing, so a script's main block does not run), its folder first on ``sys.path`` for its own
+    imports. Errors propagate; a module that fails to import is not left in ``sys.modules``."""
+    folder = str(Path(path).parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = "__mp_main__" if name == "__main__" else name
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FeatliftError(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def load_plugins(specs: list[str] | None = None) -> list[ModuleType]:

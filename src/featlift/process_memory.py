@@ -14,7 +14,6 @@ before the call, and the peak during the call.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import FeatliftError
+from .plugins import import_file
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -144,24 +144,6 @@ def upsampler_module_files(upsampler_classes) -> dict[str, str]:
     return files
 
 
-def import_module_file(name: str, path: str) -> None:
-    """Import the module `name` from the file `path`, its folder first on ``sys.path`` (for its own imports).
-
-    A script (``__main__``) is imported as ``__mp_main__``, as multiprocessing does, so its main block
-    does not run.
-    """
-    folder = str(Path(path).parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    name = "__mp_main__" if name == "__main__" else name
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise FeatliftError(f"cannot import the upsampler module {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-
-
 def measure_process_rss(job: RssJob) -> ProcessRss:
     """RSS of a fresh process that loads the variant of `job` and runs it once on ``job.batch`` images."""
     check_supported()
@@ -188,7 +170,7 @@ def run_job(job: RssJob) -> dict:
     from .variants import parse_variant
 
     for name, path in job.modules.items():
-        import_module_file(name, path)
+        import_file(path, name)
     if job.threads:
         torch.set_num_threads(job.threads)
     backbone = create_backbone(job.backbone, weights=job.weights, layer=job.layer, facet=job.facet)
