@@ -116,8 +116,10 @@ class LiFT(Upsampler):
             return self.iters
         if output_size is None:
             return 1
-        ratio = max(output_size[0] / grid[0], output_size[1] / grid[1])
-        return max(1, math.ceil(math.log2(ratio) - 1e-9))
+        passes = 1
+        while grid[0] * 2**passes < output_size[0] or grid[1] * 2**passes < output_size[1]:
+            passes += 1
+        return passes
 
     def native_output_size(self, grid: tuple[int, int]) -> tuple[int, int]:
         passes = self.passes_for(grid, None)
