@@ -7,6 +7,7 @@
       "upsampler": {"name": "lift", "args": {"channels": 384, "patch_size": 14, "residual": true}},
       "backbone": {"name": "vit_small_patch14_dinov2.lvd142m", "fingerprint": "…", "layer": 11,
                    "facet": "token", "channels": 384, "patch_size": 14, "num_prefix_tokens": 1},
+    (or "backbone": {"name": "any"} for weights that serve every backbone, e.g. AnyUp's official ones)
       "normalization": {"mean": [...], "std": [...]},
       "weights_sha256": "…",
       "training": {...}
@@ -19,7 +20,9 @@ recorded it) loads with a warning. Non-finite weights are refused on load and on
 
 An upsampler is specific to the feature distribution it was trained on, so loading it for another
 backbone, layer, facet or channel count fails (`CheckpointMismatchError`); other weights for the same
-backbone name (fingerprint mismatch) only warn.
+backbone name (fingerprint mismatch) only warn, and an empty fingerprint (imported weights whose backbone
+weights featlift never saw) is not compared. A method that declares ``capabilities.backbones == "any"``
+only warns on another backbone, and a checkpoint for backbone ``"any"`` loads for every backbone.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from .backbones import ViTBackbone
-from .checkpoint_schema import validate_checkpoint_json
+from .checkpoint_schema import ANY_BACKBONE, validate_checkpoint_json
 from .errors import CheckpointError, CheckpointMismatchError
 from .fileio import save_json_atomic, save_safetensors_atomic
 from .upsamplers import Upsampler, create_upsampler
@@ -72,7 +75,21 @@ class BackboneSpec:
             num_prefix_tokens=backbone.num_prefix_tokens,
         )
 
+    @classmethod
+    def any(cls) -> BackboneSpec:
+        """Weights that serve the features of every backbone (``config.json``: ``{"name": "any"}``)."""
+        return cls(name=ANY_BACKBONE, fingerprint="", layer=0, facet="token", channels=0, patch_size=0)
+
+    @property
+    def is_any(self) -> bool:
+        return self.name == ANY_BACKBONE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": ANY_BACKBONE} if self.is_any else asdict(self)
+
     def describe(self) -> str:
+        if self.is_any:
+            return "backbone=any (feature-agnostic weights)"
         return f"backbone={self.name} layer={self.layer} facet={self.facet} channels={self.channels} patch={self.patch_size}"
 
 
@@ -91,7 +108,7 @@ class CheckpointConfig:
         data = {
             "format_version": self.format_version,
             "upsampler": {"name": self.upsampler, "args": self.upsampler_args},
-            "backbone": asdict(self.backbone),
+            "backbone": self.backbone.to_json(),
             "normalization": self.normalization,
         }
         if self.weights_sha256 is not None:
@@ -106,7 +123,11 @@ class CheckpointConfig:
         return cls(
             upsampler=data["upsampler"]["name"],
             upsampler_args=dict(data["upsampler"].get("args", {})),
-            backbone=BackboneSpec(**data["backbone"]),
+            backbone=(
+                BackboneSpec.any()
+                if data["backbone"]["name"] == ANY_BACKBONE
+                else BackboneSpec(**data["backbone"])
+            ),
             normalization=data["normalization"],
             training=data.get("training", {}),
             format_version=data["format_version"],
@@ -163,18 +184,33 @@ def read_checkpoint_config(path: str | os.PathLike) -> CheckpointConfig:
     return CheckpointConfig.from_json(data, str(config_path))
 
 
-def check_compatible(trained: BackboneSpec, backbone: ViTBackbone, source: str = "checkpoint") -> None:
-    """Raise if `backbone` gives other features than `trained`; warn if only its weights differ."""
+def check_compatible(
+    trained: BackboneSpec, backbone: ViTBackbone, source: str = "checkpoint", any_backbone: bool = False
+) -> None:
+    """Raise if `backbone` gives other features than `trained`; warn if only its weights differ.
+
+    `trained` for backbone "any" fits every backbone; with `any_backbone` (a method whose weights serve every
+    backbone) another backbone only warns.
+    """
+    if trained.is_any:
+        return
     using = BackboneSpec.of(backbone)
     fields = ("name", "layer", "facet", "channels", "patch_size")
     differing = [f for f in fields if getattr(trained, f) != getattr(using, f)]
+    if differing and any_backbone:
+        warnings.warn(
+            f"{source} was trained for {trained.describe()}; you are using {using.describe()}. The method is "
+            "designed for any backbone, but results may be worse than on the features it was trained on",
+            stacklevel=3,
+        )
+        return
     if differing:
         raise CheckpointMismatchError(
             f"{source} was trained for {trained.describe()}, but you are using {using.describe()} "
             f"(differs in {', '.join(differing)}). An upsampler only works on the features it was trained on: "
             "pick the matching --backbone/--layer/--facet, or train one with `featlift train`."
         )
-    if trained.fingerprint != using.fingerprint:
+    if trained.fingerprint and trained.fingerprint != using.fingerprint:
         warnings.warn(
             f"{source} was trained against {trained.name} weights with fingerprint {trained.fingerprint}, "
             f"but the loaded weights have fingerprint {using.fingerprint}; results may be worse",
@@ -231,9 +267,10 @@ def load_checkpoint(
     """
     directory = resolve_checkpoint_dir(path)
     config = read_checkpoint_config(directory)
-    if backbone is not None:
-        check_compatible(config.backbone, backbone, source=f"checkpoint {directory}")
     module = config.build_upsampler(str(directory / CONFIG_FILE), options)
+    if backbone is not None:
+        agnostic = module.capabilities.backbones == "any"
+        check_compatible(config.backbone, backbone, source=f"checkpoint {directory}", any_backbone=agnostic)
     weights_path = directory / WEIGHTS_FILE
     try:
         payload = weights_path.read_bytes()

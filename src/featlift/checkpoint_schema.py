@@ -22,6 +22,7 @@ from .backbones import FACETS
 from .errors import CheckpointError, FeatliftError
 from .upsamplers import get_upsampler_class
 
+ANY_BACKBONE = "any"  # backbone.name of weights that serve every backbone: the only field then
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 _JSON_TYPE_NAMES = {
@@ -166,7 +167,10 @@ def validate_checkpoint_json(data: Any, source: str, format_version: int) -> Non
             raise CheckpointError(f"{source}: {name} is missing")
     _check_object(data["upsampler"], UPSAMPLER_FIELDS, UPSAMPLER_OPTIONAL, "upsampler", source)
     check_upsampler_args(data["upsampler"]["name"], data["upsampler"].get("args", {}), source)
-    _check_object(data["backbone"], BACKBONE_FIELDS, BACKBONE_OPTIONAL, "backbone", source)
+    if isinstance(data["backbone"], dict) and data["backbone"].get("name") == ANY_BACKBONE:
+        _check_object(data["backbone"], {"name": "a non-empty string"}, (), "backbone", source)
+    else:
+        _check_object(data["backbone"], BACKBONE_FIELDS, BACKBONE_OPTIONAL, "backbone", source)
     _check_object(data["normalization"], NORMALIZATION_FIELDS, (), "normalization", source)
     if "training" in data:
         _check(data["training"], "an object", "training", source)

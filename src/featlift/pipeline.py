@@ -159,13 +159,20 @@ class FeaturePipeline(nn.Module):
                 if guide is not None:
                     guide = guide.contiguous(memory_format=torch.channels_last)
             if self.upsampler.capabilities.fitting != "per-image":
-                return self.upsampler(features, guide, size).float().contiguous()
+                return self._as_output(self.upsampler(features, guide, size))
         # a method optimised per image needs autograd: leave inference mode, with ordinary copies of its inputs
         features = features.clone()
         guide = guide.clone() if guide is not None else None
         with torch.enable_grad(), autocast(images.device, self.amp):
             features = self.upsampler(features, guide, size)
-        return features.detach().float().contiguous()
+        return self._as_output(features.detach())
+
+    def _as_output(self, features: torch.Tensor) -> torch.Tensor:
+        """float32 (autocast may give bf16), unless the method was asked for an ``output_dtype``: a float16
+        map it computed in chunks is not copied into a float32 one twice its size."""
+        if getattr(self.upsampler, "output_dtype", None) is None:
+            features = features.float()
+        return features.contiguous()
 
 
 def resolve_upsampler(

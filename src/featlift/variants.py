@@ -68,8 +68,16 @@ class FeatureVariant:
         return f"FeatureVariant({self.spec!r})"
 
 
-def parse_variant(spec: str, backbone: ViTBackbone) -> FeatureVariant:
-    """Build the variant `spec` describes, for `backbone` (see the module docstring for the grammar)."""
+def implied_options(cls: type, defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """The entries of `defaults` (e.g. ``--max-memory``'s ``max_memory_mib``) that upsampler class `cls` takes."""
+    return {key: value for key, value in (defaults or {}).items() if key in cls.options}
+
+
+def parse_variant(spec: str, backbone: ViTBackbone, defaults: dict[str, Any] | None = None) -> FeatureVariant:
+    """Build the variant `spec` describes, for `backbone` (see the module docstring for the grammar).
+
+    `defaults` are options for every method that takes them (e.g. a memory budget), under the spec's own.
+    """
     name, *rest = spec.split(":")
     text_options: dict[str, str] = {}
     checkpoint = None
@@ -104,7 +112,8 @@ def parse_variant(spec: str, backbone: ViTBackbone) -> FeatureVariant:
         cls = get_upsampler_class(name)
     except FeatliftError as exc:
         raise FeatliftError(f"variant {spec!r}: {exc}; or none, input-Nx") from None
-    options = {key: option_value(cls, key, value, spec) for key, value in text_options.items()}
+    options = implied_options(cls, defaults)
+    options.update({key: option_value(cls, key, value, spec) for key, value in text_options.items()})
     upsampler, used = resolve_upsampler(backbone, name, checkpoint, options)
     return FeatureVariant(
         spec, FeaturePipeline(backbone, upsampler, output_size=output_size, checkpoint=used), checkpoint=used
@@ -134,8 +143,10 @@ def option_value(cls: type, key: str, text: str, spec: str) -> Any:
         raise FeatliftError(f"variant {spec!r}: {key}={text!r} is not a valid {kind_name}") from None
 
 
-def parse_variants(specs: list[str], backbone: ViTBackbone) -> list[FeatureVariant]:
+def parse_variants(
+    specs: list[str], backbone: ViTBackbone, defaults: dict[str, Any] | None = None
+) -> list[FeatureVariant]:
     specs = [s for item in specs for s in item.split(",") if s]
     if len(set(specs)) != len(specs):
         raise FeatliftError(f"variants repeat: {specs}")
-    return [parse_variant(spec, backbone) for spec in specs]
+    return [parse_variant(spec, backbone, defaults) for spec in specs]

@@ -18,7 +18,9 @@ from .common import (
     VARIANT_GRAMMAR,
     add_backbone_args,
     add_device_arg,
+    add_max_memory_arg,
     backbone_from_args,
+    memory_defaults,
     positive_int,
     weights_from_args,
 )
@@ -92,6 +94,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     add_inference_args(parser)
     add_device_arg(parser)
+    add_max_memory_arg(parser)
     parser.set_defaults(run=run)
 
 
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     backbone = backbone_from_args(args)
     specs = args.variants or ["none,bilinear,lift,input-2x"]
-    variants = parse_variants(specs, backbone)
+    variants = parse_variants(specs, backbone, memory_defaults(args))
     for size in args.sizes:
         for variant in variants:
             backbone.grid_size(*variant.input_size((size, size)))

@@ -9,7 +9,7 @@ from ..backbones import FACETS, ViTBackbone, create_backbone
 from ..devices import device_problem
 from ..errors import FeatliftError
 from ..images import parse_size
-from .numbers import int_at_least
+from .numbers import float_in, int_at_least
 
 DEFAULT_BACKBONE = "vit_small_patch14_dinov2.lvd142m"
 WEIGHTS_ENV = "FEATLIFT_WEIGHTS"
@@ -32,6 +32,24 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--facet", choices=FACETS, default="token", help="token (block output), query, key or value"
     )
+
+
+def add_max_memory_arg(parser: argparse.ArgumentParser) -> None:
+    """``--max-memory MIB``: the working-memory budget of every method that computes in chunks."""
+    parser.add_argument(
+        "--max-memory",
+        type=float_in(0, low_open=True),
+        default=None,
+        metavar="MIB",
+        help="working-memory budget in MiB of the methods that compute their output in chunks (JAFAR, AnyUp, ...), "
+        "beyond the output itself (default: each method's own, 512 MiB); a variant's max_memory_mib= wins",
+    )
+
+
+def memory_defaults(args: argparse.Namespace) -> dict:
+    """The options ``--max-memory`` implies for every method that takes them."""
+    budget = getattr(args, "max_memory", None)
+    return {} if budget is None else {"max_memory_mib": budget}
 
 
 VARIANT_GRAMMAR = "none | input-Nx | NAME[:CKPT][:key=value...] for any registered upsampler (e.g. bilinear, lift:iters=2, lift:size=64x64)"

@@ -13,11 +13,13 @@ from ..extract import extract_to_folder
 from ..images import collect_images
 from ..pipeline import FeaturePipeline, resolve_upsampler
 from ..upsamplers import available_upsamplers, get_upsampler_class
-from ..variants import option_value
+from ..variants import implied_options, option_value
 from .common import (
     add_backbone_args,
     add_device_arg,
+    add_max_memory_arg,
     backbone_from_args,
+    memory_defaults,
     positive_int,
     size_arg,
 )
@@ -92,6 +94,7 @@ def register(subparsers) -> None:
     )
     add_inference_args(parser)
     add_device_arg(parser)
+    add_max_memory_arg(parser)
     parser.set_defaults(run=run)
 
 
@@ -102,7 +105,8 @@ def upsampler_options_from_args(args: argparse.Namespace) -> dict:
             raise FeatliftError("--option/--iters: --upsampler none takes no options")
         return {}
     cls = get_upsampler_class(args.upsampler)
-    options = {}
+    # the stored dtype and the memory budget, for the methods that compute in chunks straight into their output
+    options = implied_options(cls, {"output_dtype": args.dtype, **memory_defaults(args)})
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep:

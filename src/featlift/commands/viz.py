@@ -15,8 +15,10 @@ from ..variants import parse_variants
 from .common import (
     add_backbone_args,
     add_device_arg,
+    add_max_memory_arg,
     add_variant_arg,
     backbone_from_args,
+    memory_defaults,
     positive_int,
     size_arg,
 )
@@ -53,6 +55,7 @@ def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
     )
     parser.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
     add_device_arg(parser)
+    add_max_memory_arg(parser)
 
 
 def register(subparsers) -> None:
@@ -109,7 +112,7 @@ def _variants(args: argparse.Namespace):
                 backbone.facet,
                 ", ".join(specs),
             )
-    variants = parse_variants(specs, backbone)
+    variants = parse_variants(specs, backbone, memory_defaults(args))
     device = resolve_device(args.device)
     for variant in variants:
         variant.to(device)

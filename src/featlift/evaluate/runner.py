@@ -48,14 +48,18 @@ def default_variant_specs(backbone: ViTBackbone) -> list[str]:
 
 
 def prepare_variants(
-    specs: Sequence[str] | None, backbone: ViTBackbone, device: torch.device | str = "cpu"
+    specs: Sequence[str] | None,
+    backbone: ViTBackbone,
+    device: torch.device | str = "cpu",
+    defaults: dict[str, Any] | None = None,
 ) -> list[FeatureVariant]:
-    """The variants of `specs` (default `default_variant_specs`) for `backbone`, ready to run on `device`.
+    """The variants of `specs` (default `default_variant_specs`) for `backbone`, ready to run on `device`;
+    `defaults`: options for every method that takes them (`featlift.variants.implied_options`).
 
     Each variant runs with featlift's default inference transforms (BN folding, channels-last), as
     ``featlift extract`` does, so its cost is what a user pays; the transforms leave the outputs unchanged up to float rounding.
     """
-    variants = parse_variants(list(specs or default_variant_specs(backbone)), backbone)
+    variants = parse_variants(list(specs or default_variant_specs(backbone)), backbone, defaults)
     for variant in variants:
         variant.pipeline = optimize_pipeline(variant.pipeline)
         variant.to(device)

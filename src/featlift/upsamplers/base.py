@@ -34,6 +34,11 @@ OUTPUT_SIZES = ("any", "power-of-two", "fixed")
 fixed factor of it. Every method accepts every ``output_size``; one that is not native is reached by a
 bilinear resize of the nearest larger native output."""
 
+BACKBONES = ("trained", "any")
+"""Which features a trained method's weights serve: those of the backbone, layer and facet it was trained on
+(loading it for others is refused), or any backbone's (the method reads features only through a
+channel-agnostic layer, e.g. AnyUp; loading it for another backbone only warns)."""
+
 FITTING = ("none", "trained", "per-image")
 """Where a method's parameters come from: it has none, they are trained once (and saved in a checkpoint),
 or they are optimised on each image at test time."""
@@ -41,19 +46,21 @@ or they are optimised on each image at test time."""
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a method needs and does; see `GUIDES`, `OUTPUT_SIZES` and `FITTING` for the values."""
+    """What a method needs and does; see `GUIDES`, `OUTPUT_SIZES`, `FITTING` and `BACKBONES` for the values."""
 
     guide: str = "input"
     output_sizes: str = "any"
     factor: int | None = None  # the factor of ``output_sizes="fixed"``
     fitting: str = "trained"
     objective: str | None = None  # the training objective `featlift train` uses by default
+    backbones: str = "trained"  # see `BACKBONES`
 
     def __post_init__(self) -> None:
         for field, value, allowed in (
             ("guide", self.guide, GUIDES),
             ("output_sizes", self.output_sizes, OUTPUT_SIZES),
             ("fitting", self.fitting, FITTING),
+            ("backbones", self.backbones, BACKBONES),
         ):
             if value not in allowed:
                 raise ValueError(f"Capabilities.{field} {value!r}: expected one of {', '.join(allowed)}")

@@ -29,8 +29,10 @@ from ...variants import FeatureVariant
 from ..common import (
     add_backbone_args,
     add_device_arg,
+    add_max_memory_arg,
     add_variant_arg,
     backbone_from_args,
+    memory_defaults,
     size_arg,
     weights_from_args,
 )
@@ -47,12 +49,13 @@ def add_eval_args(parser: argparse.ArgumentParser, default_size: tuple[int, int]
         size_help += f" (default {default_size[0]}x{default_size[1]})"
     parser.add_argument("--size", type=size_arg, default=default_size, help=size_help)
     add_device_arg(parser)
+    add_max_memory_arg(parser)
     parser.add_argument("--out", default=None, help="write results.json and results.md into this folder")
 
 
 def variants_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> list[FeatureVariant]:
     """The backbone of the backbone args and the variants of ``--variant`` (or the defaults), on `device`."""
-    return prepare_variants(args.variant, backbone_from_args(args), device)
+    return prepare_variants(args.variant, backbone_from_args(args), device, memory_defaults(args))
 
 
 def run_task(
