@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import DINOV2_WEIGHTS, IMAGENET_SAMPLE, SHARED
+from safetensors.torch import load_file
 
 from featlift import load_checkpoint
 from featlift.cli import main
