@@ -153,6 +153,13 @@ def test_the_loss_falls_when_training_a_toy_that_can_fit_it():
     assert 0 <= losses[-1] < 0.1 * losses[0], losses[::10]
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Every test here computes on tiny tensors, far faster on one thread on a busy machine."""
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     with one_thread():

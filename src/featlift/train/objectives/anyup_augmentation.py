@@ -23,6 +23,8 @@ equalisation act at the guide's resolution instead of twice that.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torchvision.transforms.v2.functional as TF
 
@@ -99,7 +101,9 @@ def anyup_augment(image: torch.Tensor, generator: torch.Generator, scale: float 
         sigma = _uniform(generator, 0.3, 1.5) * scale
         image = TF.gaussian_blur(image, kernel_size=[5, 5], sigma=[sigma, sigma])
     pick = int(torch.multinomial(torch.tensor(JPEG_WEIGHTS), 1, generator=generator))
-    image = TF.jpeg(image, JPEG_QUALITIES[pick])
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its JPEG codec in favour of torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        image = TF.jpeg(image, JPEG_QUALITIES[pick])
     if _chance(generator, 0.2 * 0.5):
         image = TF.autocontrast(image)
     if _chance(generator, 0.15 * 0.5):
