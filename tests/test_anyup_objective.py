@@ -61,6 +61,9 @@ def test_downsampling_term_is_zero_exactly_for_a_prediction_whose_2x2_averages_a
     assert torch.allclose(downsampling_loss(shifted, features), expected, atol=1e-7) and expected > 0.01
     bilinear = F.interpolate(features, scale_factor=2, mode="bilinear")  # bilinear does not average back
     assert float(downsampling_loss(bilinear, features)) > 0.01
+    threefold = torch.randn(2, CHANNELS, 9, 15)  # at any ratio the prediction is block-averaged ("area")
+    expected = reconstruction_loss(F.avg_pool2d(threefold, 3), features)
+    assert torch.allclose(downsampling_loss(threefold, features), expected, atol=1e-6)
 
 
 def test_crop_windows_and_quadrants_tile_the_image_grid():
