@@ -23,9 +23,11 @@ featlift's version, per image ``img`` resized to ``S`` (``--image-size``, defaul
 - Training setup that differs: the original trains on ImageNet at 448 px, 100k steps, AdamW (its hydra
   optimizer config, not read here), bf16 autocast; featlift uses the ``featlift train`` loop (Adam,
   ``--lr``, ``--batch-size``, epochs over ``IMAGES``). ``--loss`` does not apply (the loss is the
-  original's). One snapshot of the original ``train.py`` also added 0.1 x the same loss between the
-  outputs at 224 px for a blurred/noised guide and the clean one; the paper and the later code train on
-  the reconstruction alone, as here (AnyUp keeps that consistency term: see `objectives.anyup`).
+  original's). Which ``train.py`` is upstream's could not be checked (the search index holds a public
+  copy, deepanaishtaweera/JAFAR, not PaulCouairon/JAFAR's own file): its version at 47dfd7d adds 0.1 x
+  the same loss between the outputs at 224 px for a blurred/noised guide and for the clean one; its
+  version at d31bcb0 trains on the reconstruction alone, as here. AnyUp kept that consistency term (with
+  its own augmentation): see `objectives.anyup`.
 
 Validation (held-out images): at the fixed factors 0.5 (2x) and 0.25 (4x), the mean cosine to ``f(img)``
 and the loss, of the upsampler and of bilinear upsampling of the same input.
