@@ -51,7 +51,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputSizeError
 from .base import Capabilities, Upsampler, check_inputs, resize_features
-from .chunking import check_chunking, chunk_length, chunk_slices, output_dtype
+from .chunking import DEFAULT_MAX_MEMORY_MIB, check_chunking, chunk_slices, output_dtype
 from .pixel_kernels import apply_pixel_kernels, tap_offsets
 from .registry import register_upsampler
 
@@ -100,7 +100,9 @@ class JointBilateralStage(nn.Module):
     def spatial_kernel(self) -> torch.Tensor:
         """``[1, taps, 1, 1]``: the Gaussian of the tap offsets on a ``linspace(-1, 1, 2r+1)`` grid."""
         diameter = 2 * self.radius + 1
-        grid = torch.linspace(-1, 1, diameter, device=self.spatial_sigma.device, dtype=self.spatial_sigma.dtype)
+        grid = torch.linspace(
+            -1, 1, diameter, device=self.spatial_sigma.device, dtype=self.spatial_sigma.dtype
+        )
         squared = grid[:, None].square() + grid[None, :].square()
         return torch.exp(-squared / (2 * self.spatial_sigma**2)).reshape(1, self.taps, 1, 1)
 
@@ -112,28 +114,26 @@ class JointBilateralStage(nn.Module):
         return self.range_out(hidden)
 
     def tile_kernels(
-        self,
-        keys_padded: torch.Tensor,
-        keys: torch.Tensor,
-        guide: torch.Tensor,
-        rows: slice,
-        mask: torch.Tensor | None,
+        self, guide_window: torch.Tensor, key_mask: torch.Tensor | None, fixup_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """The combined per-pixel kernels ``[B, taps, rows, W]`` of the output rows `rows`."""
-        width = keys.shape[-1]
-        centre = keys[:, :, rows]
-        count = centre.shape[-2]
+        """The combined per-pixel kernels ``[B, taps, rows, W]`` of a tile, from the reflect-padded guide around it
+        (``[B, 3, rows + 2r, W + 2r]``): the range projection is per pixel, so projecting the padded guide equals
+        padding the projection."""
+        radius = self.radius
+        keys = self.range_keys(guide_window, key_mask)
+        rows, width = keys.shape[-2] - 2 * radius, keys.shape[-1] - 2 * radius
+        centre = keys[:, :, radius : radius + rows, radius : radius + width]
         scores = []
-        for i, j in tap_offsets(self.radius):
-            shifted = keys_padded[:, :, rows.start + i : rows.start + i + count, j : j + width]
-            scores.append((shifted * centre).sum(1))
+        for i, j in tap_offsets(radius):
+            scores.append((keys[:, :, i : i + rows, j : j + width] * centre).sum(1))
         temperature = self.log_range_temperature.exp().clamp(1e-4, 1e4)
         range_kernel = torch.softmax(temperature * torch.stack(scores, 1), dim=1)
         kernel = range_kernel * self.spatial_kernel()
         kernel = kernel / kernel.sum(1, keepdim=True).clamp(1e-7)
-        hidden = F.gelu(self.kernel_fixup_in(torch.cat([kernel, guide[:, :, rows]], dim=1)))
-        if mask is not None:
-            hidden = hidden * mask
+        guide = guide_window[:, :, radius : radius + rows, radius : radius + width]
+        hidden = F.gelu(self.kernel_fixup_in(torch.cat([kernel, guide], dim=1)))
+        if fixup_mask is not None:
+            hidden = hidden * fixup_mask
         return kernel + FIXUP_WEIGHT * self.kernel_fixup_out(hidden)
 
     def tile_bytes_per_pixel(self, channels: int, element_size: int) -> float:
@@ -216,36 +216,91 @@ class FeatUpJBU(Upsampler):
         return x
 
     def run_stage(
-        self, stage: JointBilateralStage, source: torch.Tensor, guide: torch.Tensor, dtype: torch.dtype, last: bool
+        self,
+        stage: JointBilateralStage,
+        source: torch.Tensor,
+        guide: torch.Tensor,
+        dtype: torch.dtype,
+        last: bool,
     ) -> torch.Tensor:
-        """One 2x stage computed in tiles of output rows; the last stage also applies the final fix-up."""
+        """One 2x stage computed in tiles of output rows; the last stage also applies the final fix-up.
+
+        A tile of rows ``[r0, r1)`` needs the rows ``r0 - 3 .. r1 + 2`` of the reflect-padded bicubic upsampling of
+        `source`; they are computed from a band of source rows (`upsampled_rows`), so neither the upsampled nor the
+        padded features of the whole stage are ever held.
+        """
         batch, channels, height, width = source.shape
         out_h, out_w = 2 * height, 2 * width
         small_guide = F.adaptive_avg_pool2d(guide, (out_h, out_w))
         stage_mask = channel_dropout_mask(batch, stage.key_channels, STAGE_DROPOUT, source, self.training)
         fixup_mask = channel_dropout_mask(batch, stage.taps, STAGE_DROPOUT, source, self.training)
-        final_mask = channel_dropout_mask(batch, channels, FINAL_DROPOUT, source, self.training) if last else None
-        keys = stage.range_keys(small_guide, stage_mask)
-        keys_padded = F.pad(keys, [stage.radius] * 4, mode="reflect")
-        upsampled = F.interpolate(source, size=(out_h, out_w), mode="bicubic", align_corners=False)
-        padded = F.pad(upsampled, [stage.radius] * 4, mode="reflect")
-        del upsampled
+        final_mask = (
+            channel_dropout_mask(batch, channels, FINAL_DROPOUT, source, self.training) if last else None
+        )
+        columns = reflected(range(-stage.radius, out_w + stage.radius), out_w, source.device)
         out = torch.empty(batch, channels, out_h, out_w, dtype=dtype, device=source.device)
-        rows_per_tile = max(1, self.tile_pixels(stage, channels, out_h * out_w, source) // out_w)
-        for rows in chunk_slices(out_h, rows_per_tile):
-            kernels = stage.tile_kernels(keys_padded, keys, small_guide, rows, fixup_mask)
-            window = padded[:, :, rows.start : rows.stop + 2 * stage.radius]
+        for rows in chunk_slices(out_h, self.tile_rows(stage, source, out_h, out_w)):
+            needed = reflected(
+                range(rows.start - stage.radius, rows.stop + stage.radius), out_h, source.device
+            )
+            kernels = stage.tile_kernels(
+                small_guide[:, :, needed[:, None], columns[None, :]], stage_mask, fixup_mask
+            )
+            first, last_row = int(needed.min()), int(needed.max()) + 1
+            band = upsampled_rows(source, first, last_row)
+            window = band[:, :, (needed - first)[:, None], columns[None, :]]
+            del band
             tile = apply_pixel_kernels(window, kernels)
+            del window, kernels
             if last:
                 fixup_input = tile if final_mask is None else tile * final_mask
                 tile = tile + FIXUP_WEIGHT * self.final_fixup(fixup_input)
             out[:, :, rows] = tile
         return out
 
-    def tile_pixels(self, stage: JointBilateralStage, channels: int, total: int, like: torch.Tensor) -> int:
-        """Output pixels per tile: ``chunk_size``, or as many as the budget allows (`chunk_length`), per image."""
-        per_pixel = stage.tile_bytes_per_pixel(channels, like.element_size()) * like.shape[0]
-        return chunk_length(total, per_pixel, self.chunk_size, self.max_memory_mib)
+    def tile_rows(self, stage: JointBilateralStage, source: torch.Tensor, out_h: int, out_w: int) -> int:
+        """Output rows per tile: ``chunk_size // width`` (at least 1), or as many as ``max_memory_mib`` allows.
+
+        Per output row a tile creates: the upsampled band and the padded window (``C x (W + 6)`` each, counted
+        with the padded guide window, its projected keys and one product of keys), the
+        applied tile, the final fix-up's conv and sum (``3 x C x W``; at every stage, as an upper bound) and the
+        kernels (`JointBilateralStage.tile_bytes_per_pixel`); the band and window also have ``2r + 4`` rows more
+        than the tile (the kernel's reach and the bicubic margin), which the budget pays for first.
+        """
+        if self.chunk_size is not None:
+            return max(1, min(out_h, self.chunk_size // out_w))
+        batch, channels = source.shape[:2]
+        item = source.element_size()
+        padded_row = channels * (out_w + 2 * stage.radius) * item * batch
+        keys_row = (2 * stage.key_channels + GUIDE_CHANNELS) * (out_w + 2 * stage.radius) * item * batch
+        padded_row += keys_row
+        row = 2 * padded_row + batch * out_w * stage.tile_bytes_per_pixel(channels, item)
+        overhead = (2 * stage.radius + 4) * 2 * padded_row
+        budget = (DEFAULT_MAX_MEMORY_MIB if self.max_memory_mib is None else self.max_memory_mib) * 2**20
+        return max(1, min(out_h, int((budget - overhead) // row)))
+
+
+def reflected(indices: range, size: int, device: torch.device) -> torch.Tensor:
+    """`indices` mapped into ``[0, size)`` as ``F.pad(mode="reflect")`` does (edge not repeated): -1 -> 1, size -> size-2."""
+    index = torch.arange(indices.start, indices.stop, device=device)
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def upsampled_rows(source: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+    """Rows ``[first, stop)`` of ``F.interpolate(source, scale 2, "bicubic", align_corners=False)``, exactly.
+
+    Output row ``y`` reads source rows ``floor(y/2 - 1/4) - 1 .. + 2`` (clamped to the image), so a band of
+    source rows with a margin of those taps, upsampled alone with the same 1/2 coordinate scale, gives the same
+    rows: inside the band no tap reaches its edge, and where it does the band's edge is the image's.
+    """
+    height, width = source.shape[-2:]
+    low = max(0, (first - 1) // 2 - 2)
+    high = min(height, (stop - 1) // 2 + 4)
+    band = F.interpolate(
+        source[:, :, low:high], size=(2 * (high - low), 2 * width), mode="bicubic", align_corners=False
+    )
+    return band[:, :, first - 2 * low : stop - 2 * low]
 
 
 def output_dtype_of(name: str | None, features: torch.Tensor | None = None) -> torch.dtype:
@@ -304,7 +359,9 @@ def from_official(obj: Any, source: str) -> FeatUpJBU:
     )
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        found = f"a {type(obj).__name__}" if not isinstance(obj, Mapping) else f"keys {describe_keys(list(obj))}"
+        found = (
+            f"a {type(obj).__name__}" if not isinstance(obj, Mapping) else f"keys {describe_keys(list(obj))}"
+        )
         raise CheckpointError(f"FeatUp checkpoint {source}: {expected}, found {found}")
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -340,7 +397,11 @@ def from_official(obj: Any, source: str) -> FeatUpJBU:
     module = FeatUpJBU(channels=final.shape[0], key_channels=key_weight.shape[0], radius=diameter // 2)
     converted = {mapping[k]: v for k, v in tensors.items()}
     own = module.state_dict()
-    wrong = [f"{k} {list(v.shape)} (expected {list(own[k].shape)})" for k, v in converted.items() if v.shape != own[k].shape]
+    wrong = [
+        f"{k} {list(v.shape)} (expected {list(own[k].shape)})"
+        for k, v in converted.items()
+        if v.shape != own[k].shape
+    ]
     if wrong:
         raise CheckpointError(
             f"FeatUp checkpoint {source}: tensor shapes do not fit one JBU stack: {', '.join(wrong[:3])}"

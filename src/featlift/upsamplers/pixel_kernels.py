@@ -29,8 +29,10 @@ def tap_offsets(radius: int) -> Iterator[tuple[int, int]]:
 def check_kernel_shapes(padded: torch.Tensor, kernels: torch.Tensor) -> int:
     """The kernel radius; ValueError when `padded` ``[B, C, H+2r, W+2r]`` and `kernels` ``[B, (2r+1)², H, W]`` disagree."""
     if padded.ndim != 4 or kernels.ndim != 4:
-        raise ValueError(f"expected padded [B, C, H+2r, W+2r] and kernels [B, taps, H, W], got "
-                         f"{list(padded.shape)} and {list(kernels.shape)}")
+        raise ValueError(
+            f"expected padded [B, C, H+2r, W+2r] and kernels [B, taps, H, W], got "
+            f"{list(padded.shape)} and {list(kernels.shape)}"
+        )
     taps = kernels.shape[1]
     diameter = int(round(taps**0.5))
     radius = (diameter - 1) // 2
