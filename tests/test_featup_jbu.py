@@ -154,9 +154,15 @@ def test_float16_output_written_in_tiles_equals_the_float32_result_cast():
     module.output_dtype = "float16"
     native = module(features, guide, (64, 64))
     assert native.dtype == torch.float16 and torch.equal(native, expected)
-    module.chunk_size = None
-    resized = module(features, guide, (50, 70))
-    assert resized.dtype == torch.float16 and resized.shape == (1, 8, 50, 70)
+    module.output_dtype = None
+    expected = module(features, guide, (150, 70)).half()
+    module.output_dtype = "float16"
+    for chunk_size in (None, 1, 7 * 70):  # the resize into float16 in chunks of rows too
+        module.chunk_size = chunk_size
+        resized = module(features, guide, (150, 70))
+        assert resized.dtype == torch.float16 and resized.shape == (1, 8, 150, 70)
+        assert torch.allclose(resized.float(), expected.float(), atol=1e-3, rtol=1e-3)  # float16 rounding
+        assert (resized != expected).float().mean() < 0.01  # and nearly all values equal
 
 
 def test_other_output_sizes_are_a_bilinear_resize_of_the_native_output():
