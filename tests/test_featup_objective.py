@@ -27,6 +27,12 @@ def weights(tmp_path_factory):
     return save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
+
+
 def featup_apply_jitter(features: torch.Tensor, pad: int, zoom: float, top: int, left: int, flip: bool):
     """FeatUp's ``apply_jitter`` as its code states it: reflect pad, bilinear zoom, crop at (top, left), flip."""
     height, width = features.shape[-2:]
