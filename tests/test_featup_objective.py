@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from train_helpers import one_thread, save_tiny_weights, train_args, write_image_tree
 
+from featlift.checkpoint import load_checkpoint
 from featlift.cli import main
 from featlift.train.augment import jitter_features
 from featlift.train.data import scan_images
@@ -149,6 +150,8 @@ def test_cli_trains_featup_jbu_and_resume_restores_the_downsampler(tmp_path, wei
     # the checkpoint is the upsampler alone; the downsampler and the scale are in the training state
     model = load_file(str(whole / "model.safetensors"))
     assert not any("downsampler" in k or "logit" in k for k in model)
+    loaded, _ = load_checkpoint(whole, options={"chunk_size": 64})
+    assert isinstance(loaded, FeatUpJBU) and loaded.chunk_size == 64 and loaded.config()["channels"] == 192
     state, resumed = load_state(whole), load_state(part)
     assert set(state["objective_modules"]) == {"downsampler", "uncertainty"}
     for name, module in state["objective_modules"].items():
