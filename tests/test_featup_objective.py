@@ -213,3 +213,17 @@ def test_loss_is_finite_and_reaches_every_trainable_part():
     for module in (upsampler, *objective.modules().values()):
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), type(module)
+
+
+def test_lift_training_state_has_no_objective_entries(tmp_path, weights):
+    """LiFT's objective owns no modules: its training state is written as before (no objective tensors or record)."""
+    from safetensors import safe_open
+
+    images = write_image_tree(tmp_path / "imgs", count=2, corrupt=False)
+    run = tmp_path / "run"
+    assert main(train_args(images, run, weights, "--epochs", "1", "--val-fraction", "0")) == 0
+    with safe_open(str(run / "train_state.safetensors"), "pt") as handle:
+        record = json.loads(handle.metadata()["featlift_train_state"])
+        assert not any(k.startswith("objective/") for k in handle.keys())
+    assert "objective_modules" not in record
+    assert load_state(run)["objective_modules"] == {}
