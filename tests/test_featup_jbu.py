@@ -203,6 +203,8 @@ def test_bad_inputs_are_refused_naming_the_value():
     module = random_jbu()
     with pytest.raises(InputSizeError, match="built for 8 channels"):
         module(torch.randn(1, 5, 2, 2), torch.randn(1, 3, 28, 28), (32, 32))
+    with pytest.raises(InputSizeError, match="token grid of at least 2x2, got 1x3"):
+        module(torch.randn(1, 8, 1, 3), torch.randn(1, 3, 14, 42), (16, 48))
     with pytest.raises(InputSizeError, match="guide"):
         module(torch.randn(1, 8, 2, 2), None, (32, 32))
     with pytest.raises(ValueError, match="output_dtype 'int8'"):

@@ -205,6 +205,12 @@ class FeatUpJBU(Upsampler):
             raise InputSizeError(
                 f"featup-jbu was built for {self.channels} channels, got features with {features.shape[1]}"
             )
+        if min(features.shape[-2:]) * 2 <= self.radius:
+            raise InputSizeError(
+                f"featup-jbu needs a token grid of at least {self.radius // 2 + 1}x{self.radius // 2 + 1}, got "
+                f"{features.shape[-2]}x{features.shape[-1]}: its first stage reflect-pads the doubled grid by "
+                f"{self.radius}, which needs more than {self.radius} rows and columns"
+            )
         dtype = output_dtype_of(self.output_dtype, features)
         native = self.native_output_size(tuple(features.shape[-2:]))
         compute = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
