@@ -250,6 +250,23 @@ def test_from_official_takes_a_bare_state_dict_and_infers_the_shape():
     assert torch.equal(loaded(features, guide, (32, 32)), module(features, guide, (32, 32)))
 
 
+def test_the_shipped_lift_file_is_refused_naming_it():
+    from pathlib import Path
+
+    import featlift.pretrained
+
+    path = (
+        Path(featlift.pretrained.__file__).parent
+        / "lift_vit_small_patch14_dinov2_lvd142m"
+        / "model.safetensors"
+    )
+    obj = read_weights_file(path, CheckpointError, what="FeatUp checkpoint")
+    with pytest.raises(
+        CheckpointError, match=rf"{path.name}: expected a FeatUp JBU-stack.*missing 'up1.range_temp'"
+    ):
+        from_official(obj, str(path))
+
+
 @requires_peers
 def test_official_jafar_file_is_refused_naming_it():
     path = PEERS / "jafar_vit_small_patch14_dinov2.lvd142m.pth"

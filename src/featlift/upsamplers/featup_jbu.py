@@ -382,8 +382,11 @@ def official_key_map() -> dict[str, str]:
 
 
 def describe_keys(keys: list[str]) -> str:
+    """The first 4 of `keys`, quoted, and how many there are: ``'a', 'b', ... (42 keys)``."""
+    if not keys:
+        return "no tensors"
     shown = ", ".join(repr(k) for k in keys[:4])
-    return f"{shown}{', ...' if len(keys) > 4 else ''} ({len(keys)} keys)" if keys else "no tensors"
+    return f"{shown}{', ...' if len(keys) > 4 else ''} ({len(keys)} key{'s' if len(keys) != 1 else ''})"
 
 
 def from_official(obj: Any, source: str) -> FeatUpJBU:
