@@ -11,9 +11,12 @@ by `load_checkpoint` at any time), all atomically. Under torchrun it runs DDP (`
 already be in ``--out`` is checked first (`run_folder`); a non-finite step or an epoch that could not be
 loaded again stops the run before anything of it is saved (`divergence`).
 
+An objective may have trainable modules of its own (``Objective.modules``, e.g. FeatUp's downsampler): they
+are optimised with the upsampler and saved in the training state, not in the checkpoint.
+
 Determinism: the data order depends only on (seed, epoch), the ``--augment`` jitter only on (seed, epoch,
-step, slot) and augmentation draws only on (seed, image, draw), so a resumed run repeats the uninterrupted
-one; backbone features always go through the cache dtype, so a cold and a warm cache give the same inputs.
+step, slot), augmentation draws only on (seed, image, draw) and a stochastic objective's random numbers only
+on (seed, epoch, step, rank), so a resumed run repeats the uninterrupted one; backbone features always go through the cache dtype, so a cold and a warm cache give the same inputs.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class _LossModule(nn.Module):
         super().__init__()
         self.upsampler = upsampler
         self.objective = objective
+        self.objective_modules = nn.ModuleDict(objective.modules())  # empty for LiFT
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.objective.loss(self.upsampler, batch)
@@ -228,6 +232,10 @@ def _train(
 
     torch.manual_seed(config.seed)
     upsampler = _build_upsampler(config, backbone).to(device)
+    objective.prepare(upsampler, backbone.channels)
+    objective_modules = objective.modules()
+    for module in objective_modules.values():
+        module.to(device)
     settings = {
         "backbone": backbone.name,
         "fingerprint": backbone.fingerprint(),
@@ -255,7 +263,10 @@ def _train(
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.Adam(upsampler.parameters(), lr=config.lr)
+    parameters = list(upsampler.parameters())
+    for module in objective_modules.values():
+        parameters += list(module.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
 
     command = config.command or config.describe()
     start_epoch, history, wall_before, commands = 0, [], 0.0, [command]
@@ -263,6 +274,14 @@ def _train(
         check_resumable(saved["settings"], settings, run_dir)
         try:
             upsampler.load_state_dict(saved["model"])
+            saved_modules = saved.get("objective_modules", {})
+            if set(saved_modules) != set(objective_modules):
+                raise ValueError(
+                    f"objective modules {sorted(saved_modules) or 'none'} saved, {sorted(objective_modules) or 'none'} "
+                    "in this run"
+                )
+            for name, module in objective_modules.items():
+                module.load_state_dict(saved_modules[name])
             optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise FeatliftError(
@@ -367,6 +386,8 @@ def _train(
                         for k in loaded.positions
                     ]
                     loaded = dataclasses.replace(loaded, jitter_seeds=seeds)
+                if objective.stochastic:  # dropout, projections: the same draws in a resumed run
+                    torch.manual_seed(jitter_seed(config.seed, epoch, step, info.rank))
                 loss = step_module(loaded)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -421,6 +442,7 @@ def _train(
                         "epoch": epoch + 1,
                         "model": upsampler.state_dict(),
                         "optimizer": optimizer.state_dict(),
+                        "objective_modules": {name: m.state_dict() for name, m in objective_modules.items()},
                         "history": history,
                         "wall_time_s": wall,
                         "settings": settings,

@@ -1,7 +1,8 @@
 """The resumable training state ``RUN_DIR/train_state.safetensors``: written atomically, read without pickle.
 
 One safetensors file holds every tensor (``model/<name>`` for the upsampler's state dict,
-``optimizer/<param>/<name>`` for the optimizer's per-parameter state) and, in its metadata, one JSON
+``optimizer/<param>/<name>`` for the optimizer's per-parameter state, ``objective/<module>/<name>`` for the
+state dicts of an objective's own modules, when it has any) and, in its metadata, one JSON
 document with the rest (epoch, history, settings, commands, the optimizer's param groups and any
 non-tensor per-parameter values). Reading it can therefore never run code, unlike the pickled
 ``train_state.pt`` of earlier featlift versions, which is refused unread.
@@ -24,7 +25,7 @@ STATE_FILE = "train_state.safetensors"
 LEGACY_STATE_FILE = "train_state.pt"  # pickled by featlift before the safetensors state; never unpickled
 STATE_FORMAT = 1
 _META_KEY = "featlift_train_state"
-_MODEL, _OPTIMIZER = "model/", "optimizer/"
+_MODEL, _OPTIMIZER, _OBJECTIVE = "model/", "optimizer/", "objective/"
 
 # Settings that must not change between a run and its resumption (anything else, e.g. --epochs, may).
 RESUME_KEYS = (
@@ -51,8 +52,15 @@ _RECORD_KEYS = ("epoch", "history", "wall_time_s", "settings", "commands")
 
 
 def save_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write `state` (keys ``model``, ``optimizer`` and `_RECORD_KEYS`) to `STATE_FILE` in `run_dir`."""
+    """Write `state` (keys ``model``, ``optimizer``, `_RECORD_KEYS` and optionally ``objective_modules``: module
+    name -> state dict) to `STATE_FILE` in `run_dir`."""
     tensors = {_MODEL + name: value for name, value in state["model"].items()}
+    objective_modules = state.get("objective_modules") or {}
+    for module, values in objective_modules.items():
+        if "/" in module:
+            raise ValueError(f"objective module name {module!r} must not contain '/'")
+        for name, value in values.items():
+            tensors[f"{_OBJECTIVE}{module}/{name}"] = value
     per_param: dict[str, dict[str, Any]] = {}
     for param, values in state["optimizer"]["state"].items():
         for name, value in values.items():
@@ -62,6 +70,8 @@ def save_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
                 per_param.setdefault(str(param), {})[name] = value
     record = {key: state[key] for key in _RECORD_KEYS}
     record["format"] = STATE_FORMAT
+    if objective_modules:  # absent for objectives without modules (LiFT): their states are as before
+        record["objective_modules"] = sorted(objective_modules)
     record["optimizer"] = {"param_groups": state["optimizer"]["param_groups"], "values": per_param}
     path = Path(run_dir) / STATE_FILE
     save_safetensors_atomic(tensors, path, metadata={_META_KEY: json.dumps(record)})
@@ -111,6 +121,12 @@ def _assemble(record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[
         per_param.setdefault(int(param), {}).update(values)
     state = {key: record[key] for key in _RECORD_KEYS}
     state["model"] = model
+    modules: dict[str, dict[str, torch.Tensor]] = {name: {} for name in record.get("objective_modules", [])}
+    for name, value in tensors.items():
+        if name.startswith(_OBJECTIVE):
+            module, key = name[len(_OBJECTIVE) :].split("/", 1)
+            modules.setdefault(module, {})[key] = value
+    state["objective_modules"] = modules
     state["optimizer"] = {"state": per_param, "param_groups": record["optimizer"]["param_groups"]}
     return state
 

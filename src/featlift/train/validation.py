@@ -24,15 +24,18 @@ def validation_totals(
     images = list(range(len(loader)))[info.rank :: info.world_size]
     count = len(objective.sums)
     totals = torch.zeros(count + 1, dtype=torch.float64)
-    was_training = upsampler.training
-    upsampler.eval()
+    modules = [upsampler, *objective.modules().values()]
+    was_training = [module.training for module in modules]
+    for module in modules:
+        module.eval()
     batches = [images[i : i + BATCH_SIZE] for i in range(0, len(images), BATCH_SIZE)]
     for batch in loader.iterate(batches):
         if batch is None:
             continue
         totals[:count] += objective.validation_sums(upsampler, batch).cpu()
         totals[count] += len(batch)
-    upsampler.train(was_training)
+    for module, mode in zip(modules, was_training, strict=True):
+        module.train(mode)
     values = all_reduce_sum(totals, info).tolist()
     return dict(zip(objective.sums, values[:count], strict=True)), int(values[count])
 

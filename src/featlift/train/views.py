@@ -7,7 +7,14 @@ A `View` is a named way of making pixels from a training image, relative to the 
   at the scaled size, e.g. ``View("zoom", 2.0, crop=(0, 0, 0.5, 0.5))`` is the top-left quarter at ``S x S``;
 - ``draw``: optionally the index k of a deterministic augmentation: the pixels are photometrically jittered
   (`featlift.train.augment.color_jitter`) with a seed drawn from (training seed, image, k), so the
-  backbone's features of draw k are the same every epoch and can be cached.
+  backbone's features of draw k are the same every epoch and can be cached;
+- ``pad``: a fraction of the scaled side by which the scaled image is reflect-padded on every side before the
+  crop (as ``F.pad(mode="reflect")``), so a crop may reach ``-pad .. 1 + pad``: FeatUp's padded jitters;
+- ``flip``: the view mirrored left-right after the crop.
+
+A FeatUp jitter (pad, zoom ``z``, crop at an offset, flip) is ``View(name, scale=z, pad=p, crop=(top, left,
+1/z, 1/z), flip=...)``: the ``S x S`` window of the padded image enlarged ``z`` times
+(`featlift.train.augment.jitter_features` applies the same jitter to a feature map).
 
 Every view is resized from the original image once (`featlift.train.data.resized_uint8`, the resize of
 `featlift extract`), cropped on whole pixels, and rounded to uint8. The feature cache stores one tensor per
@@ -38,6 +45,8 @@ class View:
     scale: float = 1.0
     crop: tuple[float, float, float, float] | None = None
     draw: int | None = None
+    pad: float = 0.0
+    flip: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
@@ -46,19 +55,23 @@ class View:
             raise ValueError(f"View {self.name}: scale must be > 0, got {self.scale}")
         if self.crop is not None:
             top, left, height, width = self.crop
+            low, high = -self.pad, 1 + self.pad
             if not (
-                0 <= top
-                and 0 <= left
+                low <= top
+                and low <= left
                 and height > 0
                 and width > 0
-                and top + height <= 1
-                and left + width <= 1
+                and top + height <= high
+                and left + width <= high
             ):
+                where = "[0, 1]" if not self.pad else f"[{low:g}, {high:g}] (pad {self.pad:g})"
                 raise ValueError(
-                    f"View {self.name}: crop {self.crop} is no (top, left, height, width) box in [0, 1]"
+                    f"View {self.name}: crop {self.crop} is no (top, left, height, width) box in {where}"
                 )
         if self.draw is not None and self.draw < 0:
             raise ValueError(f"View {self.name}: draw must be >= 0, got {self.draw}")
+        if not 0 <= self.pad < 1:
+            raise ValueError(f"View {self.name}: pad must be in [0, 1) of the scaled side, got {self.pad}")
 
     def describe(self) -> str:
         text = f"{self.name}@{self.scale:g}"
@@ -66,13 +79,22 @@ class View:
             text += "[" + ",".join(f"{c:g}" for c in self.crop) + "]"
         if self.draw is not None:
             text += f"#{self.draw}"
+        if self.pad:
+            text += f"+pad{self.pad:g}"
+        if self.flip:
+            text += "~flip"
         return text
 
     def pixel_box(self, image_size: int) -> tuple[float, float, float, float, float]:
-        """(scaled image side, top, left, height, width) in pixels; whole numbers when `image_size` fits."""
+        """(scaled image side, top, left, height, width) in pixels of the scaled (unpadded) image, whole numbers
+        when `image_size` fits; top and left are negative for a crop into the padding."""
         side = self.scale * image_size
         top, left, height, width = self.crop or (0.0, 0.0, 1.0, 1.0)
         return side, top * side, left * side, height * side, width * side
+
+    def pad_pixels(self, image_size: int) -> float:
+        """The reflect padding of the scaled image in pixels; a whole number when `image_size` fits."""
+        return self.pad * self.scale * image_size
 
 
 def views_signature(views: tuple[View, ...], seed: int) -> str:
@@ -95,8 +117,11 @@ def check_views(views: tuple[View, ...], owner: str) -> None:
 def _fits(views: tuple[View, ...], image_size: int, patch_size: int) -> bool:
     for view in views:
         side, top, left, height, width = view.pixel_box(image_size)
-        if any(abs(x - round(x)) > 1e-6 for x in (side, top, left, height, width)):
+        pad = view.pad_pixels(image_size)
+        if any(abs(x - round(x)) > 1e-6 for x in (side, top, left, height, width, pad)):
             return False
+        if pad and round(pad) >= round(side):
+            return False  # reflect padding needs fewer pixels than the image has
         if round(height) < patch_size or round(height) % patch_size or round(width) % patch_size:
             return False
     return True
@@ -123,6 +148,12 @@ def draw_seed(seed: int, digest: str, draw: int) -> int:
     return int(hashlib.sha256(f"{seed}/{digest}/{draw}".encode()).hexdigest()[:15], 16)
 
 
+def reflect_pad_uint8(image: torch.Tensor, pad: int) -> torch.Tensor:
+    """uint8 ``[3, h, w]`` reflect-padded by `pad` pixels on every side (the edge pixel not repeated)."""
+    padded = torch.nn.functional.pad(image[None].float(), [pad] * 4, mode="reflect")[0]
+    return padded.to(torch.uint8)
+
+
 def load_views(
     image: TrainImage, views: tuple[View, ...], image_size: int, seed: int
 ) -> dict[str, torch.Tensor]:
@@ -134,7 +165,12 @@ def load_views(
         side, top, left, height, width = (round(x) for x in view.pixel_box(image_size))
         if side not in resized:
             resized[side] = resized_uint8(pixels, side)
-        crop = resized[side][:, top : top + height, left : left + width]
+        scaled, pad = resized[side], round(view.pad_pixels(image_size))
+        if pad:
+            scaled = reflect_pad_uint8(scaled, pad)
+        crop = scaled[:, top + pad : top + pad + height, left + pad : left + pad + width]
+        if view.flip:
+            crop = crop.flip(-1)
         if view.draw is not None:
             jittered = color_jitter(crop.float().div(255.0), draw_seed(seed, image.digest, view.draw))
             crop = jittered.mul_(255.0).round_().to(torch.uint8)

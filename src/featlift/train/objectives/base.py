@@ -26,7 +26,14 @@ the DDP-wrapped module, so DDP sees one forward per step). Optionally an objecti
   the epoch's log record;
 - runs `after_epoch` (e.g. fits an upsampler argument; what it returns joins the epoch's record). An
   argument it fits is named in ``fitted_args``: it is no setting a ``--resume`` must match, and on resume it
-  is set back from the last epoch record that has a value under its name.
+  is set back from the last epoch record that has a value under its name;
+- has trainable parameters of its own (FeatUp's attention downsampler): `prepare` builds them once the upsampler
+  exists, `modules` names them; the loop moves them to the device, optimises them with the upsampler (one
+  Adam), puts them in train/eval mode with it, wraps them in DDP with it and saves them in the resumable
+  training state (``--resume`` restores them); they are not saved with the upsampler's checkpoint;
+- draws random numbers in `loss` (dropout, random projections, a choice of views): ``stochastic = True`` makes
+  the loop seed torch's generator from (seed, epoch, step, rank) before every step, so a resumed run repeats
+  the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from torch import nn
 
 from ...errors import FeatliftError
 from ...registry import Registry
@@ -69,6 +77,7 @@ class Objective:
     sums: ClassVar[tuple[str, ...]] = ()
     fitted_args: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""  # recorded in the checkpoint's training summary
+    stochastic: ClassVar[bool] = False  # the loss draws random numbers: seeded per step by the loop
 
     def __init__(self, loss: str = "cosine"):
         if loss not in LOSSES:
@@ -77,6 +86,14 @@ class Objective:
 
     def feature_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return feature_loss(pred, target, self.distance)
+
+    def prepare(self, upsampler: Upsampler, channels: int) -> None:
+        """Build the objective's own trainable modules for `upsampler` on `channels`-channel features (called once
+        by the loop, after the upsampler is built and before the optimizer; default: none)."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The objective's own trainable modules by name (built by `prepare`); default none."""
+        return {}
 
     def loss(self, upsampler: Upsampler, batch: Batch) -> torch.Tensor:
         """The scalar loss of one training step."""
