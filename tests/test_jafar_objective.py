@@ -26,7 +26,6 @@ from featlift.train.objectives.jafar import (
     jafar_guide,
 )
 from featlift.train.objectives.reconstruction import (
-    EPOCH_ATTRIBUTE,
     reconstruction_loss,
     reconstruction_terms,
 )
@@ -94,19 +93,21 @@ def jafar_batch(count: int = 6, seed: int = 0, size: int = 64, patch: int = 4):
 
 def test_draws_depend_on_seed_epoch_and_image_only_and_cover_the_pool():
     objective, toy, batch = JafarObjective(), GuidedToy(8), jafar_batch()
-    torch.manual_seed(5)
+    batch.seed, batch.epoch = 5, 0
     first = objective.drawn_views(toy, batch)
+    torch.manual_seed(123)  # torch's global generator plays no part
     assert first == objective.drawn_views(toy, batch) and set(first) <= set(DOWN_NAMES)
     order = [3, 0, 5, 1, 4, 2]  # an image draws the same wherever it is in the batch
     shuffled = jafar_batch()
+    shuffled.seed, shuffled.epoch = 5, 0
     shuffled.pixels = {k: v[order] for k, v in batch.pixels.items()}
     assert objective.drawn_views(toy, shuffled) == [first[k] for k in order]
-    torch.manual_seed(6)
+    batch.seed = 6
     other_seed = objective.drawn_views(toy, batch)
-    torch.manual_seed(5)
+    batch.seed = 5
     seen = []
     for epoch in range(60):
-        setattr(toy, EPOCH_ATTRIBUTE, epoch)
+        batch.epoch = epoch
         seen.append(objective.drawn_views(toy, batch))
     assert seen[0] == first and seen[1] != first and other_seed != first
     counts = [sum(draw.count(name) for draw in seen) for name in DOWN_NAMES]
@@ -205,7 +206,7 @@ def test_trains_from_the_cli_on_exact_cached_views_and_resumes_as_an_uninterrupt
         )
 
     straight = records(tmp_path / "straight", "epoch")
-    assert [r[EPOCH_ATTRIBUTE] for r in straight] == [1, 2, 3]
+    assert [r["epoch"] for r in straight] == [0, 1, 2]
     for key in (
         "val_cosine_upsampler_2x",
         "val_cosine_bilinear_2x",
@@ -254,3 +255,21 @@ def test_wrong_loss_or_image_size_is_a_clear_error(tmp_path, weights, capsys):
     assert "--image-size 128: with patch size 16 the views of objective jafar" in capsys.readouterr().err
     with pytest.raises(FeatliftError, match="--loss l2"):
         get_objective("jafar")(loss="l2")
+
+
+def test_the_loop_hands_every_step_the_runs_seed_and_the_steps_epoch(tmp_path, weights, monkeypatch):
+    seen = []
+    original = JafarObjective.loss
+
+    def spy(self, upsampler, batch):
+        seen.append((batch.seed, batch.epoch))
+        return original(self, upsampler, batch)
+
+    monkeypatch.setattr(JafarObjective, "loss", spy)
+    images = write_image_tree(tmp_path / "imgs", count=5, corrupt=False)
+    with one_thread():
+        args = jafar_args(images, tmp_path / "run", weights, tmp_path / "cache", "--epochs", "2")
+        assert main([*args, "--batch-size", "2"]) == 0
+    assert seen and {seed for seed, _ in seen} == {2}
+    assert sorted({epoch for _, epoch in seen}) == [0, 1]
+    assert [epoch for _, epoch in seen] == sorted(epoch for _, epoch in seen)

@@ -32,7 +32,8 @@ class Batch:
     ``pixels[name]``: uint8 ``[B, 3, h, w]`` on the CPU; ``features[name]``: the frozen backbone's float32
     ``[B, C, h/p, w/p]`` on the training device; ``positions``: each image's place in the batch as scheduled
     (unreadable images are left out); ``jitter_seeds``: per image, the seed of its ``--augment`` jitter, or
-    None when guides are not jittered.
+    None when guides are not jittered; ``seed`` and ``epoch``: the run's ``--seed`` and the step's epoch, for
+    objectives whose random draws must repeat in a resumed run (None outside training steps).
     """
 
     pixels: dict[str, torch.Tensor]
@@ -41,6 +42,8 @@ class Batch:
     normalize: Callable[[torch.Tensor], torch.Tensor]
     device: torch.device
     jitter_seeds: list[int] | None = None
+    seed: int | None = None  # the run's --seed and the epoch of a training step (None outside training steps)
+    epoch: int | None = None
 
     def __len__(self) -> int:
         return len(self.positions)

@@ -386,6 +386,7 @@ def _train(
                         for k in loaded.positions
                     ]
                     loaded = dataclasses.replace(loaded, jitter_seeds=seeds)
+                loaded = dataclasses.replace(loaded, seed=config.seed, epoch=epoch)
                 if objective.stochastic:  # dropout, projections: the same draws in a resumed run
                     torch.manual_seed(jitter_seed(config.seed, epoch, step, info.rank))
                 loss = step_module(loaded)

@@ -118,13 +118,13 @@ class AnyUpObjective(DrawnObjective):
         """This epoch's `CROPS_PER_IMAGE` crops (with replacement) of every image of the batch."""
         return [
             [CROPS[k] for k in torch.randint(len(CROPS), (CROPS_PER_IMAGE,), generator=g).tolist()]
-            for g in self.draw_generators(upsampler, batch.pixels[LOW_VIEW], "anyup-crops")
+            for g in self.draw_generators(batch, batch.pixels[LOW_VIEW], "anyup-crops")
         ]
 
     def augmented_guide(self, upsampler: Upsampler, batch: Batch) -> torch.Tensor:
         """This epoch's AnyUp augmentation of every image's guide, normalised as the backbone's input."""
         pixels = batch.pixels[LOW_VIEW]
-        generators = self.draw_generators(upsampler, pixels, "anyup-augmentation")
+        generators = self.draw_generators(batch, pixels, "anyup-augmentation")
         images = torch.stack(
             [anyup_augment(image, g, GUIDE_SCALE) for image, g in zip(pixels, generators, strict=True)]
         )

@@ -106,7 +106,7 @@ class JafarObjective(DrawnObjective):
             downscaled_view_name(
                 DOWNSCALE_FACTORS[int(torch.randint(len(DOWNSCALE_FACTORS), (1,), generator=g))]
             )
-            for g in self.draw_generators(upsampler, batch.pixels[FULL_VIEW], "jafar-downscale")
+            for g in self.draw_generators(batch, batch.pixels[FULL_VIEW], "jafar-downscale")
         ]
 
     def loss(self, upsampler: Upsampler, batch: Batch) -> torch.Tensor:

@@ -17,28 +17,24 @@ them over images; the batch loss is their mean over images, which equals the ori
 **Random draws.** The originals draw their augmentations (JAFAR's downscale factor, AnyUp's crops and
 photometric augmentation) from a global generator; featlift's views are fixed and cached, and a draw picks
 among them. A draw must be the same in an uninterrupted run and in one resumed after a kill, so it depends
-only on (the training seed, the epoch, the image's pixels, what is drawn): `draw_generator`. The loop gives
-an objective neither the seed nor the epoch, so `DrawnObjective` takes the seed from
-``torch.initial_seed()`` (the loop seeds torch with ``--seed`` before training, also on resume) and the
-epoch from an attribute it keeps on the upsampler (`EPOCH_ATTRIBUTE`): `after_epoch` advances it and logs
-it, and since it is a fitted argument (``fitted_args``) the loop sets it back from the log on ``--resume``.
-Every image is seen once per epoch (the last batch may wrap round to repeat one, with the same draw).
+only on (the training seed, the epoch, the image's pixels, what is drawn): `draw_generator`, with the seed
+and epoch the loop puts on every training `Batch` (``batch.seed``, ``batch.epoch``; outside training, e.g.
+in a hand-made batch, seed 0 and epoch 0). Every image is seen once per epoch (the last batch may wrap round
+to repeat one, with the same draw).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import torch
 
 from ...errors import FeatliftError
-from ...upsamplers import Upsampler
-from .base import EpochEnd, Objective
+from ..batches import Batch
+from .base import Objective
 
 MIN_MAX_EPS = 1e-6  # the originals' epsilon in the target's channel range
 COSINE_EPS = 1e-12  # torch CosineEmbeddingLoss's epsilon on the squared norms
-EPOCH_ATTRIBUTE = "objective_epoch"  # epochs done, kept on the upsampler for the draws; restored on --resume
 
 
 def reconstruction_terms(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +73,7 @@ def draw_generator(seed: int, epoch: int, digest: str, what: str) -> torch.Gener
 
 class DrawnObjective(Objective):
     """An objective with per-image random draws (`draw_generators`) and JAFAR's loss, which ``--loss`` cannot
-    replace. Subclasses that override `after_epoch` must call this one."""
-
-    fitted_args = (EPOCH_ATTRIBUTE,)
+    replace."""
 
     def __init__(self, loss: str = "cosine"):
         super().__init__(loss)
@@ -89,11 +83,8 @@ class DrawnObjective(Objective):
                 "plus min-max-normalised MSE); --loss does not apply to it"
             )
 
-    def draw_generators(self, upsampler: Upsampler, pixels: torch.Tensor, what: str) -> list[torch.Generator]:
-        """One generator per image of `pixels` (uint8 ``[B, 3, h, w]``) for the draw `what` this epoch."""
-        seed, epoch = torch.initial_seed(), int(getattr(upsampler, EPOCH_ATTRIBUTE, 0))
+    def draw_generators(self, batch: Batch, pixels: torch.Tensor, what: str) -> list[torch.Generator]:
+        """One generator per image of `pixels` (uint8 ``[B, 3, h, w]``, from `batch`) for the draw `what` in
+        the batch's epoch."""
+        seed, epoch = batch.seed or 0, batch.epoch or 0
         return [draw_generator(seed, epoch, image_digest(image), what) for image in pixels]
-
-    def after_epoch(self, upsampler: Upsampler, end: EpochEnd) -> dict[str, Any]:
-        setattr(upsampler, EPOCH_ATTRIBUTE, end.epoch + 1)
-        return {EPOCH_ATTRIBUTE: end.epoch + 1}
