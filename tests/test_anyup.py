@@ -21,7 +21,9 @@ from featlift.upsamplers import get_upsampler_class
 from featlift.upsamplers.anyup import OFFICIAL_BACKBONE, AnyUp, from_official, window_bounds
 
 CHECKPOINTS = {"anyup_paper": "anyup_paper.pth", "anyup_multi_backbone": "anyup_multi_backbone.pth"}
-CASES = [(name, case) for name in CHECKPOINTS for case in reference_cases(name)] or [("anyup_paper", "absent")]
+CASES = [(name, case) for name in CHECKPOINTS for case in reference_cases(name)] or [
+    ("anyup_paper", "absent")
+]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,7 @@ def test_working_memory_beyond_the_output_stays_within_the_budget():
     beyond = {}
     for side in (16, 256, 640):
         output_mib = 32 * side * side * 4 / 2**20
-        beyond[side] = peak_memory_mib(lambda: module(features, guide, (side, side))) - output_mib
+        beyond[side] = peak_memory_mib(lambda s=side: module(features, guide, (s, s))) - output_mib
     # the guide's encoding is fixed; the budget bounds what the output adds, and it does not grow
     assert beyond[640] - beyond[16] <= 24 and beyond[256] - beyond[16] <= 24, beyond
     assert beyond[640] <= beyond[256] + 4, beyond
@@ -163,7 +165,9 @@ def test_wrong_checkpoints_are_refused_naming_the_file():
     with pytest.raises(CheckpointError, match=r"a\.pth: expected an AnyUp state dict.*found list"):
         from_official([1, 2], "a.pth")
     jafar_like = {"jafar": {"sft_key.gamma.weight": torch.zeros(1)}}
-    with pytest.raises(CheckpointError, match=r"a\.pth: expected an AnyUp state dict.*found a dict with keys jafar"):
+    with pytest.raises(
+        CheckpointError, match=r"a\.pth: expected an AnyUp state dict.*found a dict with keys jafar"
+    ):
         from_official(jafar_like, "a.pth")
     with pytest.raises(CheckpointError, match="without key_features_encoder.0.basis.*looks like a JAFAR"):
         from_official(jafar_like["jafar"], "a.pth")
@@ -173,7 +177,9 @@ def test_wrong_checkpoints_are_refused_naming_the_file():
 def test_damaged_official_checkpoints_are_refused_naming_the_tensor():
     state, _ = official_checkpoint("anyup_paper.pth")
     missing = {k: v for k, v in state.items() if k != "aggregation.1.block.3.weight"}
-    with pytest.raises(CheckpointMismatchError, match=r"a\.pth: .*missing aggregation\.blocks\.0\.norm2\.weight"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"a\.pth: .*missing aggregation\.blocks\.0\.norm2\.weight"
+    ):
         from_official(missing, "a.pth")
     nan = dict(state, **{"cross_decode.conv2d.weight": state["cross_decode.conv2d.weight"] * float("inf")})
     with pytest.raises(CheckpointError, match="NaN or infinite values in cross_decode.conv2d.weight"):
@@ -186,7 +192,11 @@ def test_damaged_official_checkpoints_are_refused_naming_the_tensor():
 def test_registered_with_its_capabilities_and_options():
     cls = get_upsampler_class("anyup")
     assert cls is AnyUp and cls.capabilities.guide == "input" and cls.capabilities.output_sizes == "any"
-    assert cls.capabilities.objective == "anyup" and cls.options == ("chunk_size", "max_memory_mib", "output_dtype")
+    assert cls.capabilities.objective == "anyup" and cls.options == (
+        "chunk_size",
+        "max_memory_mib",
+        "output_dtype",
+    )
     module = AnyUp(chunk_size=5, max_memory_mib=3.0, output_dtype="float16")
     assert not {"chunk_size", "max_memory_mib", "output_dtype"} & set(module.config())
     assert module.native_output_size((16, 16)) == (224, 224)

@@ -42,7 +42,13 @@ def test_the_official_checkpoint_loads_with_the_official_configuration(official)
     state, _ = official_checkpoint(CHECKPOINT)
     assert sum(t.numel() for t in state["jafar"].values()) == 628_480
     assert sum(p.numel() for p in official.parameters()) == 628_480
-    assert official.config() == {"channels": 384, "qk_dim": 128, "num_heads": 4, "kernel_size": 1, "patch_size": 14}
+    assert official.config() == {
+        "channels": 384,
+        "qk_dim": 128,
+        "num_heads": 4,
+        "kernel_size": 1,
+        "patch_size": 14,
+    }
     assert not official.training and OFFICIAL_BACKBONE == "vit_small_patch14_dinov2.lvd142m"
 
 
@@ -95,7 +101,7 @@ def test_working_memory_beyond_the_output_stays_within_the_budget():
     beyond = {}
     for side in (16, 256, 640):
         output_mib = 32 * side * side * 4 / 2**20
-        beyond[side] = peak_memory_mib(lambda: module(features, guide, (side, side))) - output_mib
+        beyond[side] = peak_memory_mib(lambda s=side: module(features, guide, (s, s))) - output_mib
     # the guide's encoding (~19 MiB at 224 px, qk_dim 16) is fixed; the budget bounds what the output adds
     assert beyond[640] - beyond[16] <= 24 and beyond[256] - beyond[16] <= 24, beyond
     assert beyond[640] <= beyond[256] + 4, beyond  # it does not grow with the output (50 MiB at 640^2)
@@ -121,9 +127,14 @@ def test_bad_inputs_are_refused_clearly():
 def test_wrong_checkpoints_are_refused_naming_the_file():
     with pytest.raises(CheckpointError, match=r"x\.pth: expected a JAFAR checkpoint.*found Tensor"):
         from_official(torch.zeros(3), "x.pth")
-    with pytest.raises(CheckpointError, match=r"x\.pth: expected a JAFAR checkpoint.*found a dict with keys model"):
+    with pytest.raises(
+        CheckpointError, match=r"x\.pth: expected a JAFAR checkpoint.*found a dict with keys model"
+    ):
         from_official({"model": {"a": 1}}, "x.pth")
-    anyup_like = {"image_encoder.0.weight": torch.zeros(128, 3, 1, 1), "key_features_encoder.0.basis": torch.zeros(1)}
+    anyup_like = {
+        "image_encoder.0.weight": torch.zeros(128, 3, 1, 1),
+        "key_features_encoder.0.basis": torch.zeros(1),
+    }
     with pytest.raises(CheckpointError, match="without sft_key.gamma.weight.*looks like an AnyUp checkpoint"):
         from_official(anyup_like, "anyup.pth")
 
@@ -149,7 +160,11 @@ def test_damaged_official_checkpoints_are_refused_naming_the_tensor():
 def test_registered_with_its_capabilities_and_options():
     cls = get_upsampler_class("jafar")
     assert cls is JAFAR and cls.capabilities.guide == "input" and cls.capabilities.output_sizes == "any"
-    assert cls.capabilities.objective == "jafar" and cls.options == ("chunk_size", "max_memory_mib", "output_dtype")
+    assert cls.capabilities.objective == "jafar" and cls.options == (
+        "chunk_size",
+        "max_memory_mib",
+        "output_dtype",
+    )
     module = create_upsampler("jafar", channels=8, qk_dim=16, chunk_size=5)
     assert "chunk_size" not in module.config() and module.native_output_size((4, 6)) == (56, 84)
     assert JAFAR.from_features(32, 16).config()["patch_size"] == 16
@@ -159,7 +174,9 @@ def test_pipeline_gives_the_image_size_by_default(tiny_backbone):
     from featlift.pipeline import FeaturePipeline
 
     backbone = tiny_backbone(patch_size=16)
-    pipeline = FeaturePipeline(backbone, JAFAR.from_features(backbone.channels, 16, qk_dim=16, chunk_size=100))
+    pipeline = FeaturePipeline(
+        backbone, JAFAR.from_features(backbone.channels, 16, qk_dim=16, chunk_size=100)
+    )
     with torch.no_grad():
         out = pipeline(torch.rand(1, 3, 32, 48))
     assert out.shape == (1, backbone.channels, 32, 48) and pipeline.upsampler.chunk_size == 100

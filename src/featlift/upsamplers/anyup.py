@@ -109,7 +109,9 @@ def window_bounds(output: int, tokens: int, ratio: float, device: torch.device |
 class WindowMask:
     """For a chunk of output pixels (row-major), the ``[n, h * w]`` bool mask of the tokens outside their window."""
 
-    def __init__(self, output_size: tuple[int, int], grid: tuple[int, int], ratio: float, device: torch.device):
+    def __init__(
+        self, output_size: tuple[int, int], grid: tuple[int, int], ratio: float, device: torch.device
+    ):
         self.width = output_size[1]
         self.rows = window_bounds(output_size[0], grid[0], ratio, device)
         self.columns = window_bounds(output_size[1], grid[1], ratio, device)
@@ -231,7 +233,9 @@ class AnyUp(Upsampler):
         )
         queries = QueryRows(self.query_encoder(encoded), size, self.query_mixer)
         windows = WindowMask(size, (height, width), self.window_ratio, features.device)
-        out = features.new_empty(batch, channels, *size, dtype=resolve_output_dtype(self.output_dtype, features))
+        out = features.new_empty(
+            batch, channels, *size, dtype=resolve_output_dtype(self.output_dtype, features)
+        )
         return attend_in_chunks(queries, self.attention, keys, values, out, chunk, windows)
 
 
@@ -246,7 +250,12 @@ OFFICIAL_NAMES = {
     "rope.freqs": "rotary.freqs",
 }
 PACKED = "cross_decode.cross_attn.attention.in_proj_"  # weight [3D, D] and bias [3D]: query, key, value
-SIGNATURE = ("key_features_encoder.0.basis", "aggregation.0.weight", "image_encoder.0.weight", PACKED + "weight")
+SIGNATURE = (
+    "key_features_encoder.0.basis",
+    "aggregation.0.weight",
+    "image_encoder.0.weight",
+    PACKED + "weight",
+)
 EXPECTED = (
     "expected an AnyUp state dict (a flat dict with keys 'image_encoder.*', 'key_features_encoder.0.basis', "
     "'aggregation.*', 'cross_decode.*' ..., 73 tensors)"
@@ -259,7 +268,7 @@ def convert_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
     for key, value in state.items():
         if key.startswith(PACKED):
             kind = key[len(PACKED) :]
-            for part, tensor in zip(("query", "key", "value"), value.chunk(3)):
+            for part, tensor in zip(("query", "key", "value"), value.chunk(3), strict=True):
                 converted[f"attention.{part}_proj.{kind}"] = tensor
         elif key in OFFICIAL_NAMES:
             converted[OFFICIAL_NAMES[key]] = value
@@ -279,7 +288,11 @@ def from_official(obj: Any, source: str, patch_size: int = 14) -> AnyUp:
     `patch_size` is the backbone's (only the native output size).
     """
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = f"a dict with keys {some_of([str(k) for k in obj])}" if isinstance(obj, dict) else type(obj).__name__
+        found = (
+            f"a dict with keys {some_of([str(k) for k in obj])}"
+            if isinstance(obj, dict)
+            else type(obj).__name__
+        )
         raise CheckpointError(f"{source}: {EXPECTED}, found {found}")
     missing = [key for key in SIGNATURE if key not in obj]
     if missing:

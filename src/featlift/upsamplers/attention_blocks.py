@@ -43,7 +43,9 @@ class ResidualBlock(nn.Module):
         self.norm2 = nn.GroupNorm(GROUPS, out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=1, bias=False)
         self.shortcut = (
-            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False) if in_channels != out_channels else None
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+            if in_channels != out_channels
+            else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

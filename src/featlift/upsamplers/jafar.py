@@ -224,7 +224,11 @@ OFFICIAL_NAMES = {
 }
 ENCODERS = ("image_encoder", "query_encoder", "key_encoder", "key_features_encoder")
 PACKED_BIAS = "cross_decode.cross_attn.attention.in_proj_bias"
-SIGNATURE = ("sft_key.gamma.weight", "cross_decode.cross_attn.attention.q_proj_weight", "image_encoder.0.weight")
+SIGNATURE = (
+    "sft_key.gamma.weight",
+    "cross_decode.cross_attn.attention.q_proj_weight",
+    "image_encoder.0.weight",
+)
 
 
 def official_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
@@ -237,7 +241,11 @@ def official_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and set(obj) == {"jafar"}:
         obj = obj["jafar"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = f"a dict with keys {some_of([str(k) for k in obj])}" if isinstance(obj, dict) else type(obj).__name__
+        found = (
+            f"a dict with keys {some_of([str(k) for k in obj])}"
+            if isinstance(obj, dict)
+            else type(obj).__name__
+        )
         raise CheckpointError(f"{source}: {expected}, found {found}")
     missing = [key for key in SIGNATURE if key not in obj]
     if missing:
@@ -288,4 +296,3 @@ def from_official(obj: Any, source: str, patch_size: int = 14) -> JAFAR:
     )
     load_strictly(module, convert_official_state_dict(state), source, "JAFAR")
     return module.eval()
-
