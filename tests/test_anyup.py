@@ -200,3 +200,12 @@ def test_registered_with_its_capabilities_and_options():
     module = AnyUp(chunk_size=5, max_memory_mib=3.0, output_dtype="float16")
     assert not {"chunk_size", "max_memory_mib", "output_dtype"} & set(module.config())
     assert module.native_output_size((16, 16)) == (224, 224)
+
+
+def test_gradients_reach_every_parameter_the_output_depends_on():
+    module = small(chunk_size=30)
+    features, guide = small_inputs()
+    module(features, guide, (9, 11)).square().mean().backward()
+    unused = {name for name, p in module.named_parameters() if p.grad is None}
+    assert unused == {f"attention.{name}" for name in ("value_proj.weight", "value_proj.bias",
+                      "output_proj.weight", "output_proj.bias")}  # fmt: skip

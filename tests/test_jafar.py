@@ -180,3 +180,12 @@ def test_pipeline_gives_the_image_size_by_default(tiny_backbone):
     with torch.no_grad():
         out = pipeline(torch.rand(1, 3, 32, 48))
     assert out.shape == (1, backbone.channels, 32, 48) and pipeline.upsampler.chunk_size == 100
+
+
+def test_gradients_reach_every_parameter_the_output_depends_on():
+    module = small(chunk_size=30)
+    features, guide = small_inputs()
+    module(features, guide, (9, 11)).square().mean().backward()
+    unused = {name for name, p in module.named_parameters() if p.grad is None}
+    assert unused == {f"attention.{name}" for name in ("value_proj.weight", "value_proj.bias",
+                      "output_proj.weight", "output_proj.bias", "value_norm.weight")}  # fmt: skip

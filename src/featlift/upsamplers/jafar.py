@@ -15,7 +15,7 @@ normalised image the backbone saw):
   head-averaged softmax weights over the ``h * w`` keys weight the RAW features ``[B, h * w, C]``.
 
 628,480 parameters at C=384 (the official count; `HeadAveragedAttention` keeps the unused value norm, value
-and output projections of the official ``nn.MultiheadAttention``, 82,432 of them).
+and output projections of the official ``nn.MultiheadAttention``, 66,176 of them).
 
 Differences from the official code (github.com/PaulCouairon/JAFAR), none in results (the reference test
 agrees with its outputs to float noise):
