@@ -187,5 +187,8 @@ def test_gradients_reach_every_parameter_the_output_depends_on():
     features, guide = small_inputs()
     module(features, guide, (9, 11)).square().mean().backward()
     unused = {name for name, p in module.named_parameters() if p.grad is None}
+    assert unused == {
+        name for name, p in module.named_parameters() if not p.requires_grad
+    }  # frozen: DDP skips
     assert unused == {f"attention.{name}" for name in ("value_proj.weight", "value_proj.bias",
                       "output_proj.weight", "output_proj.bias", "value_norm.weight")}  # fmt: skip

@@ -13,7 +13,8 @@ exists only for one chunk of output pixels at a time:
 - `HeadAveragedAttention`: ``nn.MultiheadAttention``'s attention weights (``need_weights=True``,
   ``average_attn_weights=True``): ``softmax(q k^T / sqrt(d))`` per head, averaged over the heads; the
   value and output projections are kept (they are in the checkpoints and the parameter counts) but unused,
-  because both methods discard the attention's output and weight the raw features instead;
+  because both methods discard the attention's output and weight the raw features instead; they are frozen
+  (``requires_grad=False``) so that DDP, which refuses parameters without gradients, and optimisers skip them;
 - `attend_in_chunks`: the loop over chunks of output pixels, writing each chunk into a preallocated output.
 """
 
@@ -169,6 +170,15 @@ class HeadAveragedAttention(nn.Module):
         self.value_proj = nn.Linear(value_dim, qk_dim)  # unused: kept for the checkpoints
         self.output_proj = nn.Linear(qk_dim, qk_dim)  # unused: kept for the checkpoints
         self.value_norm = nn.RMSNorm(value_dim) if value_norm else None  # unused: kept for the checkpoints
+        for (
+            parameter
+        ) in self.unused_parameters():  # no gradient ever reaches them: DDP and optimisers skip them
+            parameter.requires_grad_(False)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """The value path's parameters: in the checkpoints, never in the output."""
+        unused = [*self.value_proj.parameters(), *self.output_proj.parameters()]
+        return unused + ([] if self.value_norm is None else list(self.value_norm.parameters()))
 
     def project_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """``[B, M, D]`` keys -> ``[B, heads, M, d]``."""
