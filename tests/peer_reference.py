@@ -5,7 +5,6 @@ and ``.std`` of the official output."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -95,7 +94,3 @@ def assert_matches_reference(output: torch.Tensor, reference: dict[str, torch.Te
     assert output.shape[-2:] == tuple(int(s) for s in case.split(".out_")[1].split("x"))
     found = agreement(output, reference, case)
     assert found.relative <= RELATIVE_TOLERANCE, f"{case}: {found} (relative {found.relative:.2e})"
-
-
-def path_of(name: str) -> Path:
-    return PEER_WEIGHTS / name

@@ -163,14 +163,15 @@ class JAFAR(Upsampler):
 
     def query_group_norm(self, pooled: QueryRows, rows_per_band: int):
         """The query GroupNorm over the whole pooled map, as a function of pooled rows: its per-group mean and
-        variance accumulated in float64 over bands of `rows_per_band` rows."""
+        variance accumulated in float64 (float32 on MPS) over bands of `rows_per_band` rows."""
         height, width = pooled.output_size
         source = pooled.source
         batch, channels = source.shape[:2]
-        total = torch.zeros(batch, GROUPS, dtype=torch.float64, device=source.device)
+        wide = torch.float32 if source.device.type == "mps" else torch.float64  # MPS has no float64
+        total = torch.zeros(batch, GROUPS, dtype=wide, device=source.device)
         squares = torch.zeros_like(total)
         for start in range(0, height, rows_per_band):
-            band = pooled.pooled(start, min(height, start + rows_per_band)).double()
+            band = pooled.pooled(start, min(height, start + rows_per_band)).to(wide)
             band = band.reshape(batch, GROUPS, -1)
             total += band.sum(dim=-1)
             squares += band.square().sum(dim=-1)
