@@ -81,3 +81,16 @@ def test_extract_runs_each_imported_peer_on_the_real_backbone(tmp_path):
         features = load_file(stored)["features"]
         assert features.shape == (384, 64, 64) and features.dtype == torch.float16
         assert torch.isfinite(features).all()
+
+
+@requires_peers
+def test_anyups_weights_for_any_backbone_take_the_patch_size_of_the_backbone_they_run_on(
+    tmp_path, tiny_backbone
+):
+    assert main(["import-peer", "anyup", str(OFFICIAL["anyup"]), "--out", str(tmp_path / "anyup")]) == 0
+    backbone = tiny_backbone(patch_size=16)  # 192 channels, patch 16: not the DINOv2 the file was made with
+    module, _ = load_checkpoint(tmp_path / "anyup", backbone=backbone)
+    assert module.native_output_size((4, 4)) == (64, 64)
+    with torch.no_grad():
+        out = module(torch.randn(1, backbone.channels, 4, 4), torch.randn(1, 3, 64, 64), (16, 16))
+    assert out.shape == (1, backbone.channels, 16, 16)

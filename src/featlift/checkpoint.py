@@ -43,7 +43,7 @@ from .backbones import ViTBackbone
 from .checkpoint_schema import ANY_BACKBONE, validate_checkpoint_json
 from .errors import CheckpointError, CheckpointMismatchError
 from .fileio import save_json_atomic, save_safetensors_atomic
-from .upsamplers import Upsampler, create_upsampler
+from .upsamplers import Upsampler, create_upsampler, get_upsampler_class
 from .weightfiles import refuse_non_finite
 
 FORMAT_VERSION = 1
@@ -267,9 +267,14 @@ def load_checkpoint(
     """
     directory = resolve_checkpoint_dir(path)
     config = read_checkpoint_config(directory)
+    options = dict(options or {})
+    agnostic = get_upsampler_class(config.upsampler).capabilities.backbones == "any"
+    if backbone is not None and agnostic and "patch_size" in config.upsampler_args:
+        options.setdefault(
+            "patch_size", backbone.patch_size
+        )  # weights for any backbone: sizes follow this one
     module = config.build_upsampler(str(directory / CONFIG_FILE), options)
     if backbone is not None:
-        agnostic = module.capabilities.backbones == "any"
         check_compatible(config.backbone, backbone, source=f"checkpoint {directory}", any_backbone=agnostic)
     weights_path = directory / WEIGHTS_FILE
     try:

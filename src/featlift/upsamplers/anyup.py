@@ -136,7 +136,7 @@ class AnyUp(Upsampler):
         torch.Size([1, 768, 448, 448])
     """
 
-    capabilities = Capabilities(guide="input", output_sizes="any", objective="anyup")
+    capabilities = Capabilities(guide="input", output_sizes="any", objective="anyup", backbones="any")
     options = (*CHUNK_OPTIONS, "output_dtype")
 
     def __init__(
