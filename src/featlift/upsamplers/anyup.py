@@ -50,17 +50,12 @@ from ..errors import CheckpointError
 from ..weightfiles import refuse_non_finite, some_of
 from .attention_blocks import (
     ConvEncoder,
+    GuidedAttentionUpsampler,
     HeadAveragedAttention,
-    QueryRows,
-    attend_in_chunks,
-    chunk_pixels,
-    query_bytes,
     reflect_conv,
     rename_encoder_keys,
 )
-from .base import Capabilities, Upsampler, check_inputs
-from .chunking import CHUNK_OPTIONS, check_chunking
-from .chunking import output_dtype as resolve_output_dtype
+from .base import Capabilities
 from .official_weights import load_strictly
 from .registry import register_upsampler
 from .rotary import RotaryEmbedding2d
@@ -127,7 +122,7 @@ class WindowMask:
 
 
 @register_upsampler("anyup")
-class AnyUp(Upsampler):
+class AnyUp(GuidedAttentionUpsampler):
     """AnyUp (see the module doc); takes features of any channel count.
 
     Example:
@@ -137,7 +132,6 @@ class AnyUp(Upsampler):
     """
 
     capabilities = Capabilities(guide="input", output_sizes="any", objective="anyup", backbones="any")
-    options = (*CHUNK_OPTIONS, "output_dtype")
 
     def __init__(
         self,
@@ -152,30 +146,18 @@ class AnyUp(Upsampler):
         max_memory_mib: float | None = None,
         output_dtype: str | None = None,
     ):
-        super().__init__()
+        super().__init__(
+            "AnyUp", qk_dim, num_heads, kernel_size, patch_size, chunk_size, max_memory_mib, output_dtype
+        )
         lfu_dim = qk_dim if lfu_dim is None else int(lfu_dim)
         for name, value in (("qk_dim", qk_dim), ("lfu_dim", lfu_dim)):
             if value < 8 or value % 8 or value % 4:
                 raise ValueError(f"AnyUp {name} must be a positive multiple of 8, got {value}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"AnyUp kernel_size must be odd and >= 1, got {kernel_size}")
         if not 0 < window_ratio:
             raise ValueError(f"AnyUp window_ratio must be > 0 (0.1 in the paper), got {window_ratio}")
-        if patch_size < 1:
-            raise ValueError(f"AnyUp patch_size must be >= 1, got {patch_size}")
-        check_chunking("AnyUp", chunk_size, max_memory_mib)
-        if output_dtype is not None:
-            resolve_output_dtype(output_dtype, torch.empty(0))  # refuse an unknown name now
-        self.qk_dim = int(qk_dim)
-        self.num_heads = int(num_heads)
-        self.kernel_size = int(kernel_size)
         self.lfu_kernel_size = int(lfu_kernel_size)
         self.lfu_dim = lfu_dim
         self.window_ratio = float(window_ratio)
-        self.patch_size = int(patch_size)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.max_memory_mib = None if max_memory_mib is None else float(max_memory_mib)
-        self.output_dtype = output_dtype
 
         def encoder(in_channels: int, kernel: int) -> ConvEncoder:
             return ConvEncoder(reflect_conv(in_channels, qk_dim, kernel), qk_dim, qk_dim)
@@ -205,10 +187,6 @@ class AnyUp(Upsampler):
             "patch_size": self.patch_size,
         }
 
-    def native_output_size(self, grid: tuple[int, int]) -> tuple[int, int]:
-        """The guide image's size, ``grid x patch_size`` (the official default output size)."""
-        return grid[0] * self.patch_size, grid[1] * self.patch_size
-
     def encode_keys(self, encoded: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``[B, heads, h * w, d]`` projected keys."""
         height, width = features.shape[-2:]
@@ -217,26 +195,8 @@ class AnyUp(Upsampler):
         keys = self.aggregation(keys)
         return self.attention.project_keys(keys.flatten(2).transpose(1, 2))
 
-    def forward(
-        self, features: torch.Tensor, guide: torch.Tensor | None, output_size: tuple[int, int]
-    ) -> torch.Tensor:
-        size = check_inputs(features, guide, output_size)
-        batch, channels, height, width = features.shape
-        guide = guide.to(features.dtype)
-        encoded = self.rotary.rotate_map(self.image_encoder(guide))
-        keys = self.encode_keys(encoded, features)
-        values = features.flatten(2).transpose(1, 2)
-        element = features.element_size()
-        per_query = query_bytes(self.qk_dim, self.num_heads, height * width, channels, element)
-        chunk = chunk_pixels(
-            size[0] * size[1], size[1], per_query, self.qk_dim, element, self.chunk_size, self.max_memory_mib
-        )
-        queries = QueryRows(self.query_encoder(encoded), size, self.query_mixer)
-        windows = WindowMask(size, (height, width), self.window_ratio, features.device)
-        out = features.new_empty(
-            batch, channels, *size, dtype=resolve_output_dtype(self.output_dtype, features)
-        )
-        return attend_in_chunks(queries, self.attention, keys, values, out, chunk, windows)
+    def outside_keys(self, size: tuple[int, int], grid: tuple[int, int], device: torch.device) -> WindowMask:
+        return WindowMask(size, grid, self.window_ratio, device)
 
 
 ENCODERS = ("image_encoder", "query_encoder", "key_encoder", "key_features_encoder", "aggregation")

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chunking import DEFAULT_MAX_MEMORY_MIB, chunk_length, chunk_slices
+from .base import Upsampler, check_inputs
+from .chunking import CHUNK_OPTIONS, DEFAULT_MAX_MEMORY_MIB, check_chunking, chunk_length, chunk_slices
+from .chunking import output_dtype as resolve_output_dtype
 
 GROUPS = 8
 """GroupNorm groups of every residual block (both methods)."""
@@ -252,3 +254,85 @@ def attend_in_chunks(
         weights = attention.weights(chunk_queries, keys, None if outside is None else outside(pixels))
         flat_out[:, :, pixels] = (weights @ values).transpose(1, 2)
     return out
+
+
+class GuidedAttentionUpsampler(Upsampler):
+    """What JAFAR and AnyUp share: an image encoding with 2-D RoPE, queries from it pooled to the output size,
+    keys on the token grid, and head-averaged attention over the raw features, computed in chunks of output pixels
+    into an output allocated in ``output_dtype``; with no size asked for, the output has the guide's pixel size.
+
+    A subclass builds ``image_encoder``, ``rotary``, ``query_encoder``, ``query_mixer`` and ``attention`` and
+    implements `encode_keys`; it may check the features (`check_features`), prepare the pooled queries
+    (`prepare_queries`: JAFAR's GroupNorm) and restrict each pixel's keys (`outside_keys`: AnyUp's windows).
+    """
+
+    options = (*CHUNK_OPTIONS, "output_dtype")
+
+    def __init__(
+        self,
+        method: str,
+        qk_dim: int,
+        num_heads: int,
+        kernel_size: int,
+        patch_size: int,
+        chunk_size: int | None,
+        max_memory_mib: float | None,
+        output_dtype: str | None,
+    ):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"{method} kernel_size must be odd and >= 1, got {kernel_size}")
+        if patch_size < 1:
+            raise ValueError(f"{method} patch_size must be >= 1, got {patch_size}")
+        check_chunking(method, chunk_size, max_memory_mib)
+        if output_dtype is not None:
+            resolve_output_dtype(output_dtype, torch.empty(0))  # refuse an unknown name now
+        self.qk_dim = int(qk_dim)
+        self.num_heads = int(num_heads)
+        self.kernel_size = int(kernel_size)
+        self.patch_size = int(patch_size)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.max_memory_mib = None if max_memory_mib is None else float(max_memory_mib)
+        self.output_dtype = output_dtype
+
+    def native_output_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The guide image's size, ``grid x patch_size`` (AnyUp's official default output size)."""
+        return grid[0] * self.patch_size, grid[1] * self.patch_size
+
+    def encode_keys(self, encoded: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, h * w, d]`` projected keys from the RoPE'd encoding and the features."""
+        raise NotImplementedError
+
+    def check_features(self, features: torch.Tensor) -> None:
+        """Raise on features this module cannot take (default: any)."""
+
+    def prepare_queries(self, queries: QueryRows, chunk: int) -> None:
+        """Set up what the pooled query rows need before the chunks run (default: nothing)."""
+
+    def outside_keys(
+        self, size: tuple[int, int], grid: tuple[int, int], device: torch.device
+    ) -> Callable[[slice], torch.Tensor | None] | None:
+        """Per chunk of output pixels, the mask of the keys they must not see; None: every pixel sees all."""
+        return None
+
+    def forward(
+        self, features: torch.Tensor, guide: torch.Tensor | None, output_size: tuple[int, int]
+    ) -> torch.Tensor:
+        size = check_inputs(features, guide, output_size)
+        self.check_features(features)
+        batch, channels, height, width = features.shape
+        encoded = self.rotary.rotate_map(self.image_encoder(guide.to(features.dtype)))
+        keys = self.encode_keys(encoded, features)
+        values = features.flatten(2).transpose(1, 2)
+        element = features.element_size()
+        per_query = query_bytes(self.qk_dim, self.num_heads, height * width, channels, element)
+        chunk = chunk_pixels(
+            size[0] * size[1], size[1], per_query, self.qk_dim, element, self.chunk_size, self.max_memory_mib
+        )
+        queries = QueryRows(self.query_encoder(encoded), size, self.query_mixer)
+        self.prepare_queries(queries, chunk)
+        out = features.new_empty(
+            batch, channels, *size, dtype=resolve_output_dtype(self.output_dtype, features)
+        )
+        outside = self.outside_keys(size, (height, width), features.device)
+        return attend_in_chunks(queries, self.attention, keys, values, out, chunk, outside)

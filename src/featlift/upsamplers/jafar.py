@@ -45,17 +45,13 @@ from ..weightfiles import refuse_non_finite, some_of
 from .attention_blocks import (
     GROUPS,
     ConvEncoder,
+    GuidedAttentionUpsampler,
     HeadAveragedAttention,
     QueryRows,
-    attend_in_chunks,
-    chunk_pixels,
-    query_bytes,
     reflect_conv,
     rename_encoder_keys,
 )
-from .base import Capabilities, Upsampler, check_inputs
-from .chunking import CHUNK_OPTIONS, check_chunking
-from .chunking import output_dtype as resolve_output_dtype
+from .base import Capabilities
 from .official_weights import load_strictly
 from .registry import register_upsampler
 from .rotary import RotaryEmbedding2d
@@ -84,7 +80,7 @@ def image_encoder(in_channels: int, channels: int, kernel_size: int) -> ConvEnco
 
 
 @register_upsampler("jafar")
-class JAFAR(Upsampler):
+class JAFAR(GuidedAttentionUpsampler):
     """JAFAR for ``channels`` feature channels (see the module doc).
 
     Example:
@@ -94,7 +90,6 @@ class JAFAR(Upsampler):
     """
 
     capabilities = Capabilities(guide="input", output_sizes="any", objective="jafar")
-    options = (*CHUNK_OPTIONS, "output_dtype")
 
     def __init__(
         self,
@@ -107,26 +102,14 @@ class JAFAR(Upsampler):
         max_memory_mib: float | None = None,
         output_dtype: str | None = None,
     ):
-        super().__init__()
+        super().__init__(
+            "JAFAR", qk_dim, num_heads, kernel_size, patch_size, chunk_size, max_memory_mib, output_dtype
+        )
         if channels < 1:
             raise ValueError(f"JAFAR channels must be >= 1, got {channels}")
         if qk_dim < GROUPS or qk_dim % GROUPS or qk_dim % 4:
             raise ValueError(f"JAFAR qk_dim must be a multiple of 4 and of {GROUPS}, got {qk_dim}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"JAFAR kernel_size must be odd and >= 1, got {kernel_size}")
-        if patch_size < 1:
-            raise ValueError(f"JAFAR patch_size must be >= 1, got {patch_size}")
-        check_chunking("JAFAR", chunk_size, max_memory_mib)
-        if output_dtype is not None:
-            resolve_output_dtype(output_dtype, torch.empty(0))  # refuse an unknown name now
         self.channels = int(channels)
-        self.qk_dim = int(qk_dim)
-        self.num_heads = int(num_heads)
-        self.kernel_size = int(kernel_size)
-        self.patch_size = int(patch_size)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.max_memory_mib = None if max_memory_mib is None else float(max_memory_mib)
-        self.output_dtype = output_dtype
 
         self.image_encoder = image_encoder(3, qk_dim, kernel_size)
         self.rotary = RotaryEmbedding2d(qk_dim)
@@ -150,9 +133,11 @@ class JAFAR(Upsampler):
             "patch_size": self.patch_size,
         }
 
-    def native_output_size(self, grid: tuple[int, int]) -> tuple[int, int]:
-        """The guide image's size, ``grid x patch_size``."""
-        return grid[0] * self.patch_size, grid[1] * self.patch_size
+    def check_features(self, features: torch.Tensor) -> None:
+        if features.shape[1] != self.channels:
+            raise InputSizeError(
+                f"JAFAR was built for {self.channels} feature channels, got features with {features.shape[1]}"
+            )
 
     def encode_keys(self, encoded: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``[B, heads, h * w, d]`` projected keys."""
@@ -183,29 +168,8 @@ class JAFAR(Upsampler):
         scale = scale.to(source.dtype).repeat_interleave(channels // GROUPS, dim=1)[:, :, None, None]
         return lambda rows: (rows - mean) * scale
 
-    def forward(
-        self, features: torch.Tensor, guide: torch.Tensor | None, output_size: tuple[int, int]
-    ) -> torch.Tensor:
-        size = check_inputs(features, guide, output_size)
-        if features.shape[1] != self.channels:
-            raise InputSizeError(
-                f"JAFAR was built for {self.channels} feature channels, got features with {features.shape[1]}"
-            )
-        guide = guide.to(features.dtype)
-        encoded = self.rotary.rotate_map(self.image_encoder(guide))
-        keys = self.encode_keys(encoded, features)
-        values = features.flatten(2).transpose(1, 2)
-        element = features.element_size()
-        per_query = query_bytes(self.qk_dim, self.num_heads, keys.shape[2], self.channels, element)
-        chunk = chunk_pixels(
-            size[0] * size[1], size[1], per_query, self.qk_dim, element, self.chunk_size, self.max_memory_mib
-        )
-        queries = QueryRows(self.query_encoder(encoded), size, self.query_mixer)
-        queries.normalize = self.query_group_norm(queries, max(1, chunk // size[1]))
-        out = features.new_empty(
-            features.shape[0], self.channels, *size, dtype=resolve_output_dtype(self.output_dtype, features)
-        )
-        return attend_in_chunks(queries, self.attention, keys, values, out, chunk)
+    def prepare_queries(self, queries: QueryRows, chunk: int) -> None:
+        queries.normalize = self.query_group_norm(queries, max(1, chunk // queries.output_size[1]))
 
 
 # Official parameter names (github.com/PaulCouairon/JAFAR) -> ours, besides the encoders' ``.0.`` / ``.1.``.
