@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from ..weightfiles import refuse_non_finite, some_of
+from ..weightfiles import refuse_non_finite
 from .attention_blocks import (
     ConvEncoder,
     GuidedAttentionUpsampler,
@@ -56,7 +56,7 @@ from .attention_blocks import (
     rename_encoder_keys,
 )
 from .base import Capabilities
-from .official_weights import load_strictly
+from .official_weights import check_official_state_dict, load_strictly
 from .registry import register_upsampler
 from .rotary import RotaryEmbedding2d
 
@@ -247,20 +247,7 @@ def from_official(obj: Any, source: str, patch_size: int = 14) -> AnyUp:
     ``window_ratio`` (0.1) are not in them: the official defaults, with which both checkpoints are used.
     `patch_size` is the backbone's (only the native output size).
     """
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = (
-            f"a dict with keys {some_of([str(k) for k in obj])}"
-            if isinstance(obj, dict)
-            else type(obj).__name__
-        )
-        raise CheckpointError(f"{source}: {EXPECTED}, found {found}")
-    missing = [key for key in SIGNATURE if key not in obj]
-    if missing:
-        hint = " (this looks like a JAFAR checkpoint)" if "sft_key.gamma.weight" in obj else ""
-        raise CheckpointError(
-            f"{source}: {EXPECTED}; found {len(obj)} tensors without {some_of(missing)}: "
-            f"{some_of(sorted(obj))}{hint}"
-        )
+    obj = check_official_state_dict(obj, source, EXPECTED, SIGNATURE)
     stem, basis = obj["image_encoder.0.weight"], obj["key_features_encoder.0.basis"]
     if stem.ndim != 4 or stem.shape[1] != 3 or basis.ndim != 4 or basis.shape[1] != 1:
         raise CheckpointError(

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, InputSizeError
-from ..weightfiles import refuse_non_finite, some_of
+from ..weightfiles import refuse_non_finite
 from .attention_blocks import (
     GROUPS,
     ConvEncoder,
@@ -52,7 +52,7 @@ from .attention_blocks import (
     rename_encoder_keys,
 )
 from .base import Capabilities
-from .official_weights import load_strictly
+from .official_weights import check_official_state_dict, load_strictly
 from .registry import register_upsampler
 from .rotary import RotaryEmbedding2d
 
@@ -205,21 +205,7 @@ def official_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     )
     if isinstance(obj, dict) and set(obj) == {"jafar"}:
         obj = obj["jafar"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = (
-            f"a dict with keys {some_of([str(k) for k in obj])}"
-            if isinstance(obj, dict)
-            else type(obj).__name__
-        )
-        raise CheckpointError(f"{source}: {expected}, found {found}")
-    missing = [key for key in SIGNATURE if key not in obj]
-    if missing:
-        hint = " (this looks like an AnyUp checkpoint)" if "key_features_encoder.0.basis" in obj else ""
-        raise CheckpointError(
-            f"{source}: {expected}; found {len(obj)} tensors without {some_of(missing)}: "
-            f"{some_of(sorted(obj))}{hint}"
-        )
-    return obj
+    return check_official_state_dict(obj, source, expected, SIGNATURE)
 
 
 def convert_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
