@@ -3,6 +3,7 @@ checkpoints, used from the CLI next to LiFT."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -94,3 +95,45 @@ def test_anyups_weights_for_any_backbone_take_the_patch_size_of_the_backbone_the
     with torch.no_grad():
         out = module(torch.randn(1, backbone.channels, 4, 4), torch.randn(1, 3, 64, 64), (16, 16))
     assert out.shape == (1, backbone.channels, 16, 16)
+
+
+@requires_peers
+def test_extracts_max_memory_and_dtype_reach_the_chunked_method(tmp_path, monkeypatch):
+    from featlift.upsamplers.jafar import JAFAR
+
+    built = []
+    original = JAFAR.__init__
+
+    @functools.wraps(original)  # the same signature: checkpoints are checked against it
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(JAFAR, "__init__", recording)
+    ckpt = tmp_path / "jafar"
+    assert main(["import-peer", "jafar", str(OFFICIAL["jafar"]), "--out", str(ckpt)]) == 0
+    image = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[0]
+    argv = [
+        "extract",
+        str(image),
+        "--weights",
+        str(DINOV2_WEIGHTS),
+        "--upsampler",
+        "jafar",
+        "--checkpoint",
+        str(ckpt),
+    ]
+    argv += [
+        "--size",
+        "56",
+        "--output-size",
+        "16",
+        "--dtype",
+        "float16",
+        "--max-memory",
+        "32",
+        "--out",
+        str(tmp_path / "f"),
+    ]
+    assert main(argv) == 0
+    assert (built[-1].max_memory_mib, built[-1].output_dtype) == (32.0, "float16")
