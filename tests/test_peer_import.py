@@ -137,3 +137,21 @@ def test_extracts_max_memory_and_dtype_reach_the_chunked_method(tmp_path, monkey
     ]
     assert main(argv) == 0
     assert (built[-1].max_memory_mib, built[-1].output_dtype) == (32.0, "float16")
+
+
+@requires_peers
+def test_imported_peers_run_as_variants_in_bench_and_viz(tmp_path):
+    specs = []
+    for method in sorted(OFFICIAL):
+        ckpt = tmp_path / f"ckpt-{method}"
+        assert main(["import-peer", method, str(OFFICIAL[method]), "--out", str(ckpt)]) == 0
+        specs.append(f"{UPSAMPLER[method]}:{ckpt}:size=16x16")
+    backbone = ["--weights", str(DINOV2_WEIGHTS), "--device", "cpu"]
+    bench = ["bench", *backbone, "--sizes", "56", "--variants", ",".join(["bilinear", *specs])]
+    assert main([*bench, "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "bench")]) == 0
+    table = (tmp_path / "bench" / "bench.md").read_text()
+    assert all(spec.split(":")[0] in table for spec in specs)
+    image = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[0]
+    viz = ["viz", "pca", str(image), *backbone, "--size", "56", "--variant", ",".join(specs)]
+    assert main([*viz, "--out", str(tmp_path / "pca.png")]) == 0
+    assert (tmp_path / "pca.png").stat().st_size > 0
