@@ -227,3 +227,11 @@ def test_lift_training_state_has_no_objective_entries(tmp_path, weights):
         assert not any(k.startswith("objective/") for k in handle.keys())
     assert "objective_modules" not in record
     assert load_state(run)["objective_modules"] == {}
+
+
+def test_the_featup_objective_refuses_another_loss_naming_it():
+    from featlift.errors import FeatliftError
+    from featlift.train.objectives import get_objective
+
+    with pytest.raises(FeatliftError, match="--loss l1: objective featup"):
+        get_objective("featup")(loss="l1")

@@ -73,7 +73,8 @@ def register(subparsers) -> None:
         "--objective",
         default=None,
         metavar="NAME",
-        help="registered training objective (default: the one the upsampler declares; lift for lift)",
+        help="registered training objective (default: the one the upsampler declares: lift for lift, jafar for "
+        "jafar, anyup for anyup, featup for featup-jbu)",
     )
     parser.add_argument(
         "--no-residual",
@@ -87,7 +88,12 @@ def register(subparsers) -> None:
         "--batch-size", type=positive_int, default=8, help="global batch (split over DDP ranks), default 8"
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, default 1e-3")
-    parser.add_argument("--loss", choices=LOSSES, default="cosine", help="default cosine")
+    parser.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="cosine",
+        help="the distance of the lift objective, default cosine (jafar, anyup and featup use their originals' own)",
+    )
     parser.add_argument(
         "--image-size",
         type=positive_int,

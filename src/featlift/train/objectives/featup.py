@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...errors import FeatliftError
 from ...upsamplers import Upsampler
 from ...upsamplers.featup_jbu import channel_norm
 from ..augment import jitter_features
@@ -97,6 +98,11 @@ class FeatUpObjective(Objective):
 
     def __init__(self, loss: str = "cosine"):
         super().__init__(loss)
+        if loss != "cosine":
+            raise FeatliftError(
+                f"--loss {loss}: objective featup trains with FeatUp's own loss (uncertainty-weighted squared error "
+                "of random projections); --loss does not apply to it"
+            )
         self.downsampler: AttentionDownsampler | None = None
         self.uncertainty: UncertaintyScale | None = None
 
