@@ -239,7 +239,10 @@ def setting(path: str, value):
         ),
         (lambda c: c["upsampler"]["args"].pop("channels") and c, "upsampler.args.channels is missing"),
         (setting("upsampler.args", [32, 16]), "upsampler.args must be an object, got [32, 16] (a list)"),
-        (setting("upsampler.name", "nope"), "upsampler.name: unknown upsampler 'nope'; available: anyup, bilinear"),
+        (
+            setting("upsampler.name", "nope"),
+            "upsampler.name: unknown upsampler 'nope'; available: anyup, bilinear",
+        ),
         (
             setting("normalization.std", [0.2, 0, 0.2]),
             "normalization.std must be a list of 3 finite numbers > 0",
