@@ -79,9 +79,16 @@ class Objective:
     description: ClassVar[str] = ""  # recorded in the checkpoint's training summary
     stochastic: ClassVar[bool] = False  # the loss draws random numbers: seeded per step by the loop
 
+    own_loss: ClassVar[str] = ""  # the original's loss it always trains with ("": the --loss distance)
+
     def __init__(self, loss: str = "cosine"):
         if loss not in LOSSES:
             raise FeatliftError(f"--loss {loss}: expected one of {', '.join(LOSSES)}")
+        if self.own_loss and loss != "cosine":
+            raise FeatliftError(
+                f"--loss {loss}: objective {self.name} trains with its original's own loss ({self.own_loss}); "
+                "--loss does not apply to it"
+            )
         self.distance = loss
 
     def feature_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

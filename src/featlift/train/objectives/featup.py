@@ -41,7 +41,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import FeatliftError
 from ...upsamplers import Upsampler
 from ...upsamplers.featup_jbu import channel_norm
 from ..augment import jitter_features
@@ -96,13 +95,10 @@ class FeatUpObjective(Objective):
         "uncertainty scale trained jointly (not saved with the upsampler); no CRF term; Adam"
     )
 
+    own_loss = "uncertainty-weighted squared error of random projections"
+
     def __init__(self, loss: str = "cosine"):
         super().__init__(loss)
-        if loss != "cosine":
-            raise FeatliftError(
-                f"--loss {loss}: objective featup trains with FeatUp's own loss (uncertainty-weighted squared error "
-                "of random projections); --loss does not apply to it"
-            )
         self.downsampler: AttentionDownsampler | None = None
         self.uncertainty: UncertaintyScale | None = None
 

@@ -29,7 +29,6 @@ import hashlib
 
 import torch
 
-from ...errors import FeatliftError
 from ..batches import Batch
 from .base import Objective
 
@@ -75,13 +74,7 @@ class DrawnObjective(Objective):
     """An objective with per-image random draws (`draw_generators`) and JAFAR's loss, which ``--loss`` cannot
     replace."""
 
-    def __init__(self, loss: str = "cosine"):
-        super().__init__(loss)
-        if loss != "cosine":
-            raise FeatliftError(
-                f"--loss {loss}: objective {self.name} trains with its original's own loss (cosine distance "
-                "plus min-max-normalised MSE); --loss does not apply to it"
-            )
+    own_loss = "cosine distance plus min-max-normalised MSE"
 
     def draw_generators(self, batch: Batch, pixels: torch.Tensor, what: str) -> list[torch.Generator]:
         """One generator per image of `pixels` (uint8 ``[B, 3, h, w]``, from `batch`) for the draw `what` in
