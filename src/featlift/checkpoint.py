@@ -270,9 +270,7 @@ def load_checkpoint(
     options = dict(options or {})
     agnostic = get_upsampler_class(config.upsampler).capabilities.backbones == "any"
     if backbone is not None and agnostic and "patch_size" in config.upsampler_args:
-        options.setdefault(
-            "patch_size", backbone.patch_size
-        )  # weights for any backbone: sizes follow this one
+        options.setdefault("patch_size", backbone.patch_size)  # weights for any backbone: sizes follow it
     module = config.build_upsampler(str(directory / CONFIG_FILE), options)
     if backbone is not None:
         check_compatible(config.backbone, backbone, source=f"checkpoint {directory}", any_backbone=agnostic)

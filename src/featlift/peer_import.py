@@ -9,6 +9,7 @@ where it came from.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -22,6 +23,7 @@ from .upsamplers import Upsampler, get_upsampler_class
 from .weightfiles import read_weights_file, refuse_non_finite
 
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+"""The guide normalisation recorded for weights that serve any backbone (AnyUp's README asks for ImageNet's)."""
 
 
 @dataclass(frozen=True)
@@ -93,12 +95,15 @@ def import_peer(
     module = read_official(method, path)
     trained_for = official_backbone(method)
     if backbone is not None:
-        spec = BackboneSpec.of(backbone)
+        spec, normalization = BackboneSpec.of(backbone), backbone.normalization
     elif trained_for == "any":
-        spec = BackboneSpec.any()
-    else:
-        spec = BackboneSpec.of(create_backbone(trained_for, pretrained=False))
-        spec = BackboneSpec(**{**spec.__dict__, "fingerprint": ""})
+        spec, normalization = BackboneSpec.any(), IMAGENET_NORMALIZATION
+    else:  # the official backbone's architecture and normalisation, without its weights
+        official = create_backbone(trained_for, pretrained=False)
+        spec, normalization = (
+            dataclasses.replace(BackboneSpec.of(official), fingerprint=""),
+            official.normalization,
+        )
     if backbone is not None and module.capabilities.backbones != "any":
         channels = getattr(module, "channels", None)
         if channels is not None and channels != backbone.channels:
@@ -114,6 +119,5 @@ def import_peer(
         "license": info.license,
         "trained_for": trained_for if backbone is None else backbone.name,
     }
-    normalization = backbone.normalization if backbone is not None else IMAGENET_NORMALIZATION
     save_checkpoint(directory, module, spec, training=training, normalization=normalization)
     return module, read_checkpoint_config(directory)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Upsampler, check_inputs
-from .chunking import CHUNK_OPTIONS, DEFAULT_MAX_MEMORY_MIB, check_chunking, chunk_length, chunk_slices
+from .chunking import CHUNK_OPTIONS, DEFAULT_MAX_MEMORY_MIB, chunk_length, chunk_slices, set_chunking
 from .chunking import output_dtype as resolve_output_dtype
 
 GROUPS = 8
@@ -284,16 +284,11 @@ class GuidedAttentionUpsampler(Upsampler):
             raise ValueError(f"{method} kernel_size must be odd and >= 1, got {kernel_size}")
         if patch_size < 1:
             raise ValueError(f"{method} patch_size must be >= 1, got {patch_size}")
-        check_chunking(method, chunk_size, max_memory_mib)
-        if output_dtype is not None:
-            resolve_output_dtype(output_dtype, torch.empty(0))  # refuse an unknown name now
+        set_chunking(self, method, chunk_size, max_memory_mib, output_dtype)
         self.qk_dim = int(qk_dim)
         self.num_heads = int(num_heads)
         self.kernel_size = int(kernel_size)
         self.patch_size = int(patch_size)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.max_memory_mib = None if max_memory_mib is None else float(max_memory_mib)
-        self.output_dtype = output_dtype
 
     def native_output_size(self, grid: tuple[int, int]) -> tuple[int, int]:
         """The guide image's size, ``grid x patch_size`` (AnyUp's official default output size)."""

@@ -36,6 +36,26 @@ def check_chunking(owner: str, chunk_size: int | None, max_memory_mib: float | N
         )
 
 
+def set_chunking(
+    module: object,
+    owner: str,
+    chunk_size: int | None,
+    max_memory_mib: float | None,
+    output_dtype_name: str | None,
+) -> None:
+    """Check a method's chunking options (ValueError naming `owner`) and store them on `module` as
+    ``chunk_size``, ``max_memory_mib`` and ``output_dtype``."""
+    check_chunking(owner, chunk_size, max_memory_mib)
+    if output_dtype_name is not None:
+        try:
+            output_dtype(output_dtype_name, torch.empty(0))
+        except ValueError as exc:
+            raise ValueError(f"{owner} {exc}") from None
+    module.chunk_size = None if chunk_size is None else int(chunk_size)
+    module.max_memory_mib = None if max_memory_mib is None else float(max_memory_mib)
+    module.output_dtype = output_dtype_name
+
+
 def chunk_length(
     total: int, bytes_per_item: float, chunk_size: int | None = None, max_memory_mib: float | None = None
 ) -> int:

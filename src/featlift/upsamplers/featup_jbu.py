@@ -53,7 +53,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputSizeError
 from .base import Capabilities, Upsampler, check_inputs, resize_features
-from .chunking import DEFAULT_MAX_MEMORY_MIB, check_chunking, chunk_slices, output_dtype
+from .chunking import DEFAULT_MAX_MEMORY_MIB, chunk_slices, output_dtype, set_chunking
 from .pixel_kernels import apply_pixel_kernels, tap_offsets
 from .registry import register_upsampler
 
@@ -176,16 +176,11 @@ class FeatUpJBU(Upsampler):
             raise ValueError(f"featup-jbu key_channels must be >= 1, got {key_channels}")
         if radius < 1:
             raise ValueError(f"featup-jbu radius must be >= 1, got {radius}")
-        check_chunking("featup-jbu", chunk_size, max_memory_mib)
-        if output_dtype is not None:
-            output_dtype_of(output_dtype)
+        set_chunking(self, "featup-jbu", chunk_size, max_memory_mib, output_dtype)
         self.channels = int(channels)
         self.key_channels = int(key_channels)
         self.radius = int(radius)
         self.use_norm = bool(use_norm)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.max_memory_mib = None if max_memory_mib is None else float(max_memory_mib)
-        self.output_dtype = output_dtype
         self.stages = nn.ModuleList(JointBilateralStage(key_channels, radius) for _ in range(STAGES))
         self.final_fixup = nn.Conv2d(channels, channels, 1)
 
@@ -211,7 +206,7 @@ class FeatUpJBU(Upsampler):
                 f"{features.shape[-2]}x{features.shape[-1]}: its first stage reflect-pads the doubled grid by "
                 f"{self.radius}, which needs more than {self.radius} rows and columns"
             )
-        dtype = output_dtype_of(self.output_dtype, features)
+        dtype = output_dtype(self.output_dtype, features)
         native = self.native_output_size(tuple(features.shape[-2:]))
         compute = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
         guide = guide.to(compute.dtype)
@@ -343,14 +338,6 @@ def upsampled_rows(source: torch.Tensor, first: int, stop: int) -> torch.Tensor:
         source[:, :, low:high], size=(2 * (high - low), 2 * width), mode="bicubic", align_corners=False
     )
     return band[:, :, first - 2 * low : stop - 2 * low]
-
-
-def output_dtype_of(name: str | None, features: torch.Tensor | None = None) -> torch.dtype:
-    """`chunking.output_dtype`, with a message that names this method; float32 when checking a name alone."""
-    try:
-        return output_dtype(name, features if features is not None else torch.empty(0))
-    except ValueError as exc:
-        raise ValueError(f"featup-jbu {exc}") from exc
 
 
 # Official key names (``upsampler.`` prefix of the Lightning checkpoint removed) -> this module's.
