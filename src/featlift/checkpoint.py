@@ -158,7 +158,15 @@ def check_buildable(name: str, args: dict[str, Any], source: str) -> None:
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """Accept the checkpoint folder or either of its two files."""
+    """Accept the checkpoint folder, either of its two files, or ``hf-hub:ORG/NAME[@REVISION]``.
+
+    A hub reference is downloaded into (or found in) the Hugging Face cache and verified (`featlift.hub`);
+    its snapshot folder is returned.
+    """
+    if isinstance(path, str) and path.startswith("hf-hub:"):
+        from .hub import download_checkpoint  # hub imports this module
+
+        return download_checkpoint(path)
     path = Path(path)
     if path.is_file() and path.name in (WEIGHTS_FILE, CONFIG_FILE):
         path = path.parent
@@ -262,8 +270,10 @@ def load_checkpoint(
 ) -> tuple[Upsampler, CheckpointConfig]:
     """Rebuild the upsampler of a checkpoint, strictly, in eval mode.
 
-    With `backbone`, first check that it gives the features the checkpoint was trained on. `options`
-    are constructor arguments that apply over the stored ones (e.g. LiFT's ``iters``).
+    `path` is a checkpoint folder (or one of its files) or ``hf-hub:ORG/NAME[@REVISION]`` (downloaded,
+    cached and verified, see `featlift.hub`; ``HF_HUB_OFFLINE=1`` reads the cache only). With `backbone`, first
+    check that it gives the features the checkpoint was trained on. `options` are constructor arguments that
+    apply over the stored ones (e.g. LiFT's ``iters``).
     """
     directory = resolve_checkpoint_dir(path)
     config = read_checkpoint_config(directory)
