@@ -178,7 +178,7 @@ def _remove_cached_file(path: Path) -> None:
 
 def _download_file(ref: HubReference, filename: str, revision: str | None, **kwargs: Any) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (  # where every huggingface_hub version since 0.2x exports them
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
@@ -252,7 +252,7 @@ def push_checkpoint(
     (built from `endpoint` and `token` when None). Failures of the hub raise `FeatliftError` naming the repo.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import HfHubHTTPError
 
     check_repo_id(repo_id)
     directory = Path(checkpoint_dir)
