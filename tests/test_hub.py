@@ -245,6 +245,8 @@ def test_unreachable_hub_without_cache_names_repo_and_file(monkeypatch, tmp_path
     with FakeHub() as server:
         url = server.url
     monkeypatch.setenv("HF_ENDPOINT", url)  # nothing listens there any more
+    # huggingface_hub retries 5 times with back-off (23 s of sleep) before it gives up on an uncached file
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None, raising=False)
     with pytest.raises(CheckpointError, match=r"hf-hub:org/tiny-lift: config\.json is not in the hub cache"):
         featlift.load_checkpoint("hf-hub:org/tiny-lift")
 
@@ -271,9 +273,7 @@ def test_extract_cli_takes_a_hub_checkpoint(hub, tmp_path, tiny_timm_weights, mo
         assert handle.metadata()["checkpoint"] == "hf-hub:org/tiny-lift"
         assert handle.get_tensor("features").shape == (192, 4, 4)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert (
-        main([*argv[:-4], "--checkpoint", "hf-hub:org/missing", "--out", str(tmp_path / "out2")]) == 2
-    )
+    assert main([*argv[:-4], "--checkpoint", "hf-hub:org/missing", "--out", str(tmp_path / "out2")]) == 2
 
 
 class RecordingApi:
@@ -429,3 +429,16 @@ def test_push_to_hub_refuses_bad_input(tiny_checkpoint, tmp_path, capsys):
     (directory / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes()[:-1] + b" ")
     assert main(["push-to-hub", str(directory), "org/x", "--dry-run"]) == 2
     assert "different saves" in capsys.readouterr().err
+
+
+def test_the_shipped_lift_served_by_a_hub_loads_bitwise_equal(hub):
+    from featlift.pretrained import shipped_checkpoints
+
+    shipped = shipped_checkpoints()[0]
+    hub.add("org/shipped-lift", checkpoint_files(shipped))  # 4.7 MB of weights through the HTTP path
+    from_hub, hub_config = featlift.load_checkpoint("hf-hub:org/shipped-lift")
+    local, local_config = featlift.load_checkpoint(shipped)
+    assert hub_config.to_json() == local_config.to_json()
+    hub_state, local_state = from_hub.state_dict(), local.state_dict()
+    assert hub_state.keys() == local_state.keys()
+    assert all(torch.equal(hub_state[k], local_state[k]) for k in local_state)
