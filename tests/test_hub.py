@@ -358,8 +358,7 @@ def test_model_card_header_and_contents(tiny_checkpoint, tmp_path):
         "library_name": "featlift",
         "pipeline_tag": "image-feature-extraction",
         "tags": ["featlift", "feature-upsampling", "vision-transformer", "lift"],
-        "base_model": f"timm/{backbone.name}",
-    }
+    }  # no base_model: the tiny test backbone is not a timm model
     assert CARD_MARKER in card
     row = f"| `{backbone.name}` | {backbone.layer} | token | {backbone.channels} | 16 | `{backbone.fingerprint()}` |"
     assert row in card
@@ -368,7 +367,14 @@ def test_model_card_header_and_contents(tiny_checkpoint, tmp_path):
     assert "featlift train IMAGES --out RUN\nfeatlift train IMAGES --out RUN --resume" in card
     assert "| 0 | 0.25 | 0.9163 | 0.9093 |" in card
     assert "### warp" in card and "| `lift` | 47.12 | 2.5 | 4 |" in card
-    assert "--checkpoint hf-hub:org/tiny-lift" in card
+    assert "--checkpoint hf-hub:org/tiny-lift --out" in card
+    # a timm backbone is the card's base_model (the hub repo timm takes its weights from); a branch is in the commands
+    from featlift.pretrained import shipped_checkpoints
+
+    shipped = read_checkpoint_config(shipped_checkpoints()[0])
+    card = model_card(shipped, "org/lift", "MIT", revision="v2")
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == "timm/vit_small_patch14_dinov2.lvd142m"
+    assert "--checkpoint hf-hub:org/lift@v2 --out" in card and 'load_checkpoint("hf-hub:org/lift@v2"' in card
 
 
 def test_push_to_hub_dry_run_writes_the_card_and_lists_the_files(

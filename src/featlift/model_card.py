@@ -89,6 +89,18 @@ def project_license() -> str:
     raise RuntimeError("featlift's license is unknown: it is neither installed nor run from its source tree")
 
 
+def timm_hub_id(backbone: str) -> str | None:
+    """The hub repository timm downloads `backbone`'s weights from (``timm/...``), or None if it has none."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        config = get_pretrained_cfg(backbone)
+    except Exception:  # not a timm model name (a plug-in or a test backbone)
+        return None
+    hub_id = getattr(config, "hf_hub_id", None) if config is not None else None
+    return hub_id if isinstance(hub_id, str) and hub_id else None
+
+
 def _yaml_value(value: Any) -> str:
     # JSON strings, numbers and lists are valid YAML flow scalars: no YAML library needed, nothing to escape by hand
     return json.dumps(value)
@@ -113,8 +125,12 @@ def model_card(
     repo_id: str,
     license: str,
     results: list[EvalResults] | None = None,
+    revision: str | None = None,
 ) -> str:
-    """The README.md for `repo_id` holding the checkpoint of `config` (its ``weights_sha256`` must be recorded)."""
+    """The README.md for `repo_id` (at branch `revision`, None: main) holding the checkpoint of `config`.
+
+    The config must record its ``weights_sha256``.
+    """
     if config.weights_sha256 is None:
         raise ValueError("the checkpoint records no weights_sha256: save it again before making its card")
     spec = config.backbone
@@ -126,8 +142,9 @@ def model_card(
         "pipeline_tag": "image-feature-extraction",
         "tags": tags,
     }
-    if not spec.is_any:
-        header["base_model"] = f"timm/{spec.name}"
+    base_model = None if spec.is_any else timm_hub_id(spec.name)
+    if base_model:
+        header["base_model"] = base_model
     lines = [
         "---",
         *(f"{key}: {_yaml_value(value)}" for key, value in header.items()),
@@ -135,6 +152,7 @@ def model_card(
         CARD_MARKER,
         "",
     ]
+    reference = f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
     lines += [f"# {repo_id.split('/')[-1]}", ""]
     lines += [
         f"A featlift `{config.upsampler}` upsampler checkpoint: it turns the "
@@ -179,14 +197,14 @@ def model_card(
         "```bash",
         f"featlift extract IMAGES --backbone {spec.name if not spec.is_any else 'BACKBONE'}"
         + (f" --layer {spec.layer} --facet {spec.facet}" if not spec.is_any else "")
-        + f" --upsampler {config.upsampler} --checkpoint hf-hub:{repo_id} --out features",
+        + f" --upsampler {config.upsampler} --checkpoint {reference} --out features",
         "```",
         "",
         "```python",
         "import featlift",
         f'backbone = featlift.create_backbone("{spec.name if not spec.is_any else "BACKBONE"}"'
         + (f", layer={spec.layer}, facet={json.dumps(spec.facet)})" if not spec.is_any else ")"),
-        f'upsampler, config = featlift.load_checkpoint("hf-hub:{repo_id}", backbone=backbone)',
+        f'upsampler, config = featlift.load_checkpoint("{reference}", backbone=backbone)',
         "```",
         "",
     ]
@@ -291,6 +309,7 @@ def checkpoint_card(
     repo_id: str,
     license: str | None = None,
     results_files: list[str | os.PathLike] | tuple = (),
+    revision: str | None = None,
 ) -> tuple[Path, CheckpointConfig, str]:
     """Verify the checkpoint in `checkpoint_dir` and make its card: ``(folder, config, card text)``.
 
@@ -323,4 +342,5 @@ def checkpoint_card(
         if extra.path.resolve() not in known:
             results.append(extra)
             known.add(extra.path.resolve())
-    return directory, config, model_card(config, repo_id, license or project_license(), results)
+    card = model_card(config, repo_id, license or project_license(), results, revision=revision)
+    return directory, config, card

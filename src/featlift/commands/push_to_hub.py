@@ -9,7 +9,7 @@ from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ..errors import FeatliftError
 from ..fileio import atomic_path
 from ..hub import CARD_FILE, check_repo_id, file_sha256, push_checkpoint
-from ..model_card import CARD_MARKER, checkpoint_card, project_license
+from ..model_card import CARD_MARKER, checkpoint_card
 
 
 def register(subparsers) -> None:
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--license",
         default=None,
-        help=f"the card's license (a hub license id; default featlift's: {project_license()})",
+        help="the card's license (a hub license id, e.g. apache-2.0; default featlift's own, from pyproject.toml)",
     )
     parser.add_argument(
         "--private",
@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     check_repo_id(args.repo_id)
     if args.card_out is not None and not args.dry_run:
         raise FeatliftError("--card-out only applies with --dry-run (a push uploads the card it makes)")
-    directory, config, card = checkpoint_card(args.run_dir, args.repo_id, args.license, args.results)
+    directory, config, card = checkpoint_card(
+        args.run_dir, args.repo_id, args.license, args.results, revision=args.revision
+    )
     files = [(CONFIG_FILE, directory / CONFIG_FILE), (WEIGHTS_FILE, directory / WEIGHTS_FILE)]
     if args.dry_run:
         card_path = Path(args.card_out) if args.card_out else directory / CARD_FILE
