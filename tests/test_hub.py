@@ -448,3 +448,17 @@ def test_the_shipped_lift_served_by_a_hub_loads_bitwise_equal(hub):
     hub_state, local_state = from_hub.state_dict(), local.state_dict()
     assert hub_state.keys() == local_state.keys()
     assert all(torch.equal(hub_state[k], local_state[k]) for k in local_state)
+
+
+def test_push_failure_names_the_repo_and_step(tiny_checkpoint):
+    import httpx2  # huggingface_hub's HTTP client (2.x): its errors carry the response
+    from huggingface_hub.utils import HfHubHTTPError
+
+    class Forbidden(RecordingApi):
+        def create_commit(self, repo_id, operations, **kwargs):
+            response = httpx2.Response(403, request=httpx2.Request("POST", "http://127.0.0.1/api/commit"))
+            raise HfHubHTTPError("403 Forbidden: no write access", response=response)
+
+    directory, _, _ = tiny_checkpoint
+    with pytest.raises(featlift.FeatliftError, match=r"push to org/x: uploading failed: 403 Forbidden"):
+        push_checkpoint(directory, "org/x", "card", api=Forbidden())
