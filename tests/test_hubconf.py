@@ -20,7 +20,13 @@ def hub_load(**kwargs):
 
 
 def hubconf_module():
-    return torch.hub._import_module("hubconf", str(REPO / "hubconf.py"))
+    """hubconf.py imported as torch.hub imports it (a module from the file's path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hubconf", REPO / "hubconf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_one_entry_per_shipped_checkpoint():
