@@ -99,8 +99,9 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.server.server_close()
 
 
 def checkpoint_files(directory: Path) -> dict[str, bytes]:
@@ -462,3 +463,29 @@ def test_push_failure_names_the_repo_and_step(tiny_checkpoint):
     directory, _, _ = tiny_checkpoint
     with pytest.raises(featlift.FeatliftError, match=r"push to org/x: uploading failed: 403 Forbidden"):
         push_checkpoint(directory, "org/x", "card", api=Forbidden())
+
+
+def test_offline_from_process_start(hub, tiny_checkpoint, tmp_path):
+    """``HF_HUB_OFFLINE=1 featlift ...``: huggingface_hub imported in offline mode, the hub gone, the cache answers."""
+    import os
+    import subprocess
+    import sys
+
+    directory, _, _ = tiny_checkpoint
+    hub.add("org/tiny-lift", checkpoint_files(directory))
+    snapshot = download_checkpoint("hf-hub:org/tiny-lift")
+    hub.__exit__()  # nothing listens any more
+    code = (
+        "import featlift, sys; module, config = featlift.load_checkpoint(sys.argv[1]); "
+        "print(config.weights_sha256, module.channels)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(featlift.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", code, "hf-hub:org/tiny-lift"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [read_checkpoint_config(snapshot).weights_sha256, "32"]
