@@ -12,7 +12,7 @@ from featlift.images import resize_images
 from featlift.pipeline import FeaturePipeline, build_pipeline
 from featlift.upsamplers import Upsampler, register_upsampler, registry
 from featlift.upsamplers.base import Capabilities
-from featlift.variants import parse_variant
+from featlift.variants import parse_variant, split_spec
 
 
 def recorder(guide: str, fitting: str = "none"):
@@ -173,3 +173,17 @@ def test_variant_specs_take_any_method_and_its_typed_options(tiny_backbone, toy_
 def test_bad_variant_specs_are_named(tiny_backbone, toy_registered, spec, message):
     with pytest.raises(FeatliftError, match=message):
         parse_variant(spec, tiny_backbone(patch_size=16))
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("lift", ("lift", None, {})),
+        ("lift:runs/a:iters=2", ("lift", "runs/a", {"iters": "2"})),
+        ("lift:hf-hub:org/name:iters=2", ("lift", "hf-hub:org/name", {"iters": "2"})),
+        ("jafar:hf-hub:org/name@v1", ("jafar", "hf-hub:org/name@v1", {})),
+        ("lift:size=64x64", ("lift", None, {"size": "64x64"})),
+    ],
+)
+def test_variant_specs_split_into_name_checkpoint_and_options(spec, expected):
+    assert split_spec(spec) == expected

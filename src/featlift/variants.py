@@ -5,7 +5,8 @@ Spec grammar: ``NAME[:CHECKPOINT][:key=value...]``, for any registered upsampler
 - ``none``: raw backbone tokens; ``input-Nx``: the backbone on the image resized N times larger (N a
   power of two), e.g. ``input-2x``;
 - any registered upsampler, e.g. ``bilinear``, ``lift``, ``lift:CKPT:iters=2``: ``CKPT`` is a checkpoint
-  folder (a trained method without one uses the checkpoint featlift ships for the backbone);
+  folder or ``hf-hub:ORG/NAME[@REV]`` (a trained method without one uses the checkpoint featlift ships for the
+  backbone);
 - ``size=HxW`` (or ``size=S``), for every variant: the output size of the features;
 - every other ``key=value`` is an argument of the method's constructor that its class lists in
   ``options`` (LiFT's ``iters``), typed as the constructor annotates it.
@@ -73,12 +74,14 @@ def implied_options(cls: type, defaults: dict[str, Any] | None) -> dict[str, Any
     return {key: value for key, value in (defaults or {}).items() if key in cls.options}
 
 
-def parse_variant(spec: str, backbone: ViTBackbone, defaults: dict[str, Any] | None = None) -> FeatureVariant:
-    """Build the variant `spec` describes, for `backbone` (see the module docstring for the grammar).
-
-    `defaults` are options for every method that takes them (e.g. a memory budget), under the spec's own.
-    """
+def split_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
+    """``(name, checkpoint or None, {key: text value})`` of a variant `spec` (grammar `GRAMMAR`); a checkpoint
+    ``hf-hub:ORG/NAME[@REV]`` keeps its own colon."""
     name, *rest = spec.split(":")
+    for k, part in enumerate(rest[:-1]):
+        if part == "hf-hub" and "=" not in rest[k + 1]:
+            rest[k : k + 2] = [f"hf-hub:{rest[k + 1]}"]
+            break
     text_options: dict[str, str] = {}
     checkpoint = None
     for part in rest:
@@ -91,6 +94,15 @@ def parse_variant(spec: str, backbone: ViTBackbone, defaults: dict[str, Any] | N
             checkpoint = part
         else:
             raise FeatliftError(f"variant {spec!r}: unexpected part {part!r} (grammar: {GRAMMAR})")
+    return name, checkpoint, text_options
+
+
+def parse_variant(spec: str, backbone: ViTBackbone, defaults: dict[str, Any] | None = None) -> FeatureVariant:
+    """Build the variant `spec` describes, for `backbone` (see the module docstring for the grammar).
+
+    `defaults` are options for every method that takes them (e.g. a memory budget), under the spec's own.
+    """
+    name, checkpoint, text_options = split_spec(spec)
     output_size = None
     if "size" in text_options:
         try:
