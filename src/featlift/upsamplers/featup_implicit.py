@@ -175,6 +175,36 @@ class ImplicitNetwork(nn.Module):
         return features @ self.components + self.mean
 
 
+class KernelDownsampler(nn.Module):
+    """FeatUp's ``SimpleDownsampler``: one learned ``k x k`` kernel (``|w| / sum |w|``, initialised uniform) applied
+    to every channel with the stride that fits ``k x k`` patches to the token grid, ``(H - k) // (h - 1)``."""
+
+    def __init__(self, kernel: int):
+        super().__init__()
+        self.kernel = int(kernel)
+        self.weights = nn.Parameter(torch.ones(kernel, kernel))
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        batch, channels, height, width = features.shape
+        k = self.kernel
+        strides = [
+            (size - k) // (cells - 1) if cells > 1 else k
+            for size, cells in zip((height, width), grid, strict=True)
+        ]
+        if min(strides) < 1:
+            raise ValueError(
+                f"kernel downsampler: a {height}x{width} map does not cover a {grid} grid of {k}x{k}"
+            )
+        weights = self.weights.abs()
+        weights = (weights / weights.sum())[None, None]
+        flat = features.reshape(batch * channels, 1, height, width)
+        down = F.conv2d(flat, weights, stride=tuple(strides))[..., : grid[0], : grid[1]]
+        return down.reshape(batch, channels, *grid)
+
+
+DOWNSAMPLERS = ("attention", "simple")
+
+
 def image_seed(image: torch.Tensor, seed: int) -> int:
     """A seed from the pixels of `image` and `seed`: the same picture gives the same fit wherever it is in a batch."""
     data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
@@ -219,6 +249,18 @@ def project_tokens(features: torch.Tensor, pca: tuple[torch.Tensor, torch.Tensor
     return torch.einsum("nchw,dc->ndhw", features - mean[:, None, None], components)
 
 
+def window_margin(patch_size: int) -> int:
+    """How far a downsampling window reaches past its token's patch on each side: half a patch, rounded up."""
+    return -(-int(patch_size) // 2)
+
+
+def window_size(patch_size: int) -> int:
+    """The side of the downsampling window of a token: its patch plus `window_margin` on each side (28 at patch
+    14; FeatUp: 29). With the jittered map reflect-padded by the margin, the downsamplers' stride
+    ``(H + 2m - k) // (h - 1)`` is exactly the patch and every window is centred on its token."""
+    return int(patch_size) + 2 * window_margin(patch_size)
+
+
 def magnitude(features: torch.Tensor) -> torch.Tensor:
     return features.square().sum(1, keepdim=True).sqrt()
 
@@ -241,6 +283,7 @@ class FeatUpImplicit(Upsampler):
         "views",
         "jitters_per_step",
         "proj_dim",
+        "downsampler",
         "seed",
         "chunk_size",
         "max_memory_mib",
@@ -252,11 +295,12 @@ class FeatUpImplicit(Upsampler):
         self,
         channels: int,
         patch_size: int,
-        steps: int = 100,
+        steps: int = 50,
         lr: float = 2e-3,
-        views: int = 64,
-        jitters_per_step: int = 10,
+        views: int = 32,
+        jitters_per_step: int = 2,
         proj_dim: int = 128,
+        downsampler: str = "simple",
         seed: int = 0,
         chunk_size: int | None = None,
         max_memory_mib: float | None = None,
@@ -273,11 +317,16 @@ class FeatUpImplicit(Upsampler):
         ):
             if int(value) != value or value < 1:
                 raise ValueError(f"featup-implicit {name} must be a whole number >= 1, got {value!r}")
+        if downsampler not in DOWNSAMPLERS:
+            raise ValueError(
+                f"featup-implicit downsampler {downsampler!r}: expected one of {', '.join(DOWNSAMPLERS)}"
+            )
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"featup-implicit lr must be > 0 and finite, got {lr!r}")
         self.channels, self.patch_size = int(channels), int(patch_size)
         self.steps, self.lr, self.views = int(steps), float(lr), int(views)
         self.jitters_per_step, self.proj_dim, self.seed = int(jitters_per_step), int(proj_dim), int(seed)
+        self.downsampler = downsampler
         set_chunking(self, "featup-implicit", chunk_size, max_memory_mib, output_dtype)
 
     def native_output_size(self, grid: tuple[int, int]) -> tuple[int, int]:
@@ -337,11 +386,6 @@ class FeatUpImplicit(Upsampler):
             gaussian_blur,
         )
 
-        grid = tuple(features.shape[-2:])
-        if min(grid) < 3:
-            raise InputSizeError(
-                f"featup-implicit needs a token grid of at least 3x3 for its downsampler, got {grid[0]}x{grid[1]}"
-            )
         seed = image_seed(image, self.seed)
         device = image.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -362,7 +406,12 @@ class FeatUpImplicit(Upsampler):
             dims = targets.shape[1]
             network = ImplicitNetwork(dims).to(device)
             network.set_color_scale(image)
-            downsampler = AttentionDownsampler(dims + 1, 2 * self.patch_size + 1).to(device)
+            kernel = window_size(self.patch_size)
+            downsampler = (
+                AttentionDownsampler(dims + 1, kernel)
+                if self.downsampler == "attention"
+                else KernelDownsampler(kernel)
+            ).to(device)
             uncertainty = UncertaintyScale(dims).to(device)
             parameters = [*network.parameters(), *downsampler.parameters(), *uncertainty.parameters()]
             optimizer = torch.optim.NAdam(parameters, lr=self.lr)
@@ -378,17 +427,21 @@ class FeatUpImplicit(Upsampler):
                 bar = tqdm(total=self.steps, unit="step", desc="featup-implicit fit", leave=False)
             downsampler.train()
             uncertainty.train()
+            network.fit_losses = []
             try:
                 for _ in range(self.steps):
                     upsampled = network(inputs, network.dropout_masks(inputs))
                     upsampled = upsampled.transpose(0, 1).reshape(1, dims, height, width)
                     both = torch.cat([magnitude(upsampled), upsampled], dim=1)
-                    loss = self.multiview_loss(both, targets, jitters, downsampler, uncertainty)
+                    views_loss, gradient = self.multiview_loss(
+                        both, targets, jitters, downsampler, uncertainty
+                    )
                     regulariser = MAGNITUDE_TV_WEIGHT * total_variation(both[:, :1])
                     regulariser = (
                         regulariser + BLUR_PIN_WEIGHT * (gaussian_blur(upsampled) - upsampled).square().mean()
                     )
-                    torch.autograd.backward([both, regulariser], [loss, None])
+                    torch.autograd.backward([both, regulariser], [gradient, None])
+                    network.fit_losses.append(views_loss + float(regulariser.detach()))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if bar is not None:
@@ -403,22 +456,27 @@ class FeatUpImplicit(Upsampler):
             parameter.requires_grad_(False)
         return network
 
-    def multiview_loss(self, both, targets, jitters, downsampler, uncertainty) -> torch.Tensor:
+    def multiview_loss(self, both, targets, jitters, downsampler, uncertainty) -> tuple[float, torch.Tensor]:
         """The views' reconstruction and magnitude terms for ``jitters_per_step`` views drawn with replacement,
-        back-propagated view by view into the downsampler and the uncertainty head; returns their gradient with
-        respect to `both` (``[|F|, F]``), which the caller sends on through the network."""
+        back-propagated view by view into the downsampler and the uncertainty head; returns their value and their
+        gradient with respect to `both` (``[|F|, F]``), which the caller sends on through the network."""
         from ..train.augment import jitter_features
         from ..train.objectives.featup_downsampler import weighted_error
 
         leaf = both.detach().requires_grad_(True)
         chosen = torch.randint(targets.shape[0], (self.jitters_per_step,)).tolist()
+        margin = window_margin(self.patch_size)
+        total = 0.0
         for index in chosen:
             target = targets[index : index + 1]
-            down = downsampler(jitter_features(leaf, jitters[index]), tuple(target.shape[-2:]))
+            jittered = F.pad(jitter_features(leaf, jitters[index]), [margin] * 4, mode="reflect")
+            down = downsampler(jittered, tuple(target.shape[-2:]))
             reconstruction = weighted_error((down[:, 1:] - target).square(), uncertainty(target))
             magnitude_loss = (down[:, :1] - magnitude(target)).square().mean()
-            ((reconstruction + MAGNITUDE_WEIGHT * magnitude_loss) / len(chosen)).backward()
-        return leaf.grad
+            loss = (reconstruction + MAGNITUDE_WEIGHT * magnitude_loss) / len(chosen)
+            loss.backward()
+            total += float(loss.detach())
+        return total, leaf.grad
 
     def evaluate_into(self, network: ImplicitNetwork, image: torch.Tensor, out: torch.Tensor) -> None:
         """`network` at every pixel of `out` ``[C, H', W']``, the guide `image` resized bilinearly to ``H' x W'``."""
