@@ -121,15 +121,17 @@ class ImplicitNetwork(nn.Module):
     ``[dims, C]`` and ``mean`` ``[C]`` map the output back to the backbone's channels (identity when None).
     """
 
-    def __init__(self, dims: int, frequencies: int = FREQUENCIES):
+    def __init__(self, dims: int, hidden: int | None = None, frequencies: int = FREQUENCIES):
         super().__init__()
         width = fourier_width(frequencies)
         self.fourier = FourierFeatures(frequencies)
         self.input_norm = nn.LayerNorm(width)
-        self.first = nn.Linear(width, dims)
-        self.hidden_norm = nn.LayerNorm(dims)
-        self.second = nn.Linear(dims, dims)
-        self.third = nn.Linear(dims, dims)
+        hidden = dims if hidden is None else hidden
+        self.first = nn.Linear(width, hidden)
+        self.hidden_norm = nn.LayerNorm(hidden)
+        self.second = nn.Linear(hidden, hidden)
+        self.third = nn.Linear(hidden, dims)
+        self.fit_losses: list[float] = []  # the loss of every fitting step
         self.register_buffer("color_low", torch.zeros(3))
         self.register_buffer("color_range", torch.ones(3))
         self.components: torch.Tensor | None = None
@@ -404,7 +406,7 @@ class FeatUpImplicit(Upsampler):
                 pca = fit_pca(targets[:PCA_VIEWS], self.proj_dim)
                 targets = project_tokens(targets, pca)
             dims = targets.shape[1]
-            network = ImplicitNetwork(dims).to(device)
+            network = ImplicitNetwork(dims, hidden=self.proj_dim).to(device)
             network.set_color_scale(image)
             kernel = window_size(self.patch_size)
             downsampler = (
@@ -486,7 +488,7 @@ class FeatUpImplicit(Upsampler):
             image = F.interpolate(
                 image, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink
             )
-        dims = network.third.out_features
+        dims = network.first.out_features
         per_pixel = 4 * (INPUTS * (1 + 4 * FREQUENCIES) + 2 * fourier_width() + 6 * dims + 2 * out.shape[0])
         length = chunk_length(height * width, per_pixel, self.chunk_size, self.max_memory_mib)
         flat = out.view(out.shape[0], height * width)
