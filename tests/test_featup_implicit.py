@@ -168,13 +168,14 @@ def test_draws_are_seeded_per_image_so_a_rerun_gives_the_same_output():
     other = toy_image().flip(-1)
     method = small()
     batch = torch.cat([other, image])
+    torch.manual_seed(1)  # whatever the caller's random state: the draws are the image's own
     together = method.fit_upsample(toy_backbone(batch), batch, (16, 16), toy_backbone)
+    torch.manual_seed(2)
     alone = method.fit_upsample(toy_backbone(image), image, (16, 16), toy_backbone)
     assert torch.equal(together[1], alone[0])  # the same picture, wherever it is in a batch
     assert not torch.equal(together[0], together[1])
     reseeded = small(seed=1).fit_upsample(toy_backbone(image), image, (16, 16), toy_backbone)
     assert not torch.equal(reseeded, alone)
-    assert torch.random.get_rng_state().equal(torch.random.get_rng_state())  # no global draw left behind
 
 
 def test_the_fit_leaves_the_global_random_state_alone():
