@@ -28,39 +28,51 @@ The fit (`fit_image`), with everything random drawn from a generator seeded by t
    to the backbone through the pipeline's ``features_of``) and to the upsampled map alike;
 2. per step (``steps``, NAdam at ``lr`` 2e-3 over the network, the downsampler and the uncertainty head):
    ``F`` at the fitted image's ``H x W`` pixels, ``[|F|, F]`` (its magnitude as an extra channel), and for each of
-   ``jitters_per_step`` views drawn with replacement, the learned attention downsampler
-   (`featlift.train.objectives.featup_downsampler.AttentionDownsampler`, ``kernel = 2 * patch + 1``: 29 at
-   patch 14) of the jittered ``[|F|, F]`` back to the token grid, against the view's PCA-projected tokens ``t``:
+   ``jitters_per_step`` views drawn with replacement, a learned downsampler ``D`` of the jittered ``[|F|, F]``
+   back to the token grid, against the view's PCA-projected tokens ``t``:
 
-       loss = mean over views of  mean(err / (2 s²) + log s) + 0.001 * mean((|D(J(F))|_0 - |t|)²)
+       loss = mean over views of  mean(err / (2 s²) + log s) + 0.001 * mean((D(J([|F|, F]))_0 - |t|)²)
               + 0.05 * TV(|F|) + 0.1 * mean((blur(F) - F)²),
-       err = (D(J(F))_1: - t)²,  s = UncertaintyScale(t)
+       err = (D(J([|F|, F]))_1: - t)²,  s = UncertaintyScale(t)
 
    (``outlier_detection``, ``mag_weight``, ``mag_tv_weight``, ``blur_pin``; TV as FeatUp's ``total_variation``:
-   the summed squared neighbour differences over the element count; blur: 5x5 Gaussian, sigma 1).
+   the summed squared neighbour differences over the element count; blur: 5x5 Gaussian, sigma 1; `UncertaintyScale`,
+   `weighted_error` and `gaussian_blur` are those of FeatUp's JBU objective, `featup_downsampler`).
+   ``D`` is ``downsampler="simple"`` (default; FeatUp's ``SimpleDownsampler``: one learned ``k x k`` kernel
+   ``|w| / sum |w|``, `KernelDownsampler`) or ``"attention"`` (FeatUp's default, `featup_downsampler.AttentionDownsampler`
+   on ``d + 1`` channels). Its window is ``k = patch + 2 * ceil(patch / 2)`` (`window_size`, 28 at patch 14) on the
+   jittered map reflect-padded by ``ceil(patch / 2)``, so its stride ``(H + 2m - k) // (h - 1)`` is the patch and
+   each window is centred on its token.
    The gradient is the official one; it is accumulated view by view through the map ``[|F|, F]`` and then sent
    through the network once, so the memory is that of one view, not of ``jitters_per_step``.
 3. The output: the network in evaluation mode at every output pixel (coordinates of the output grid, colours of
    the guide resized bilinearly to it), computed in chunks of output pixels straight into the output
-   (``chunk_size`` / ``max_memory_mib``, ``output_dtype``: `chunking`).
+   (``chunk_size`` / ``max_memory_mib``, ``output_dtype``: `chunking`). The native output is one feature per
+   input pixel (the grid times the patch), as FeatUp's.
 
 Where it differs from the official code (config ``implicit_upsampler.yaml``):
 
-- ``steps`` 100 and ``views`` 64 by default (official 1200 and 3000; reachable with ``--steps 1200`` and
-  ``--option views=3000``): the official values take far too long per image on a CPU;
+- defaults for a CPU: ``steps`` 50 (official 1200), ``views`` 32 (3000), ``jitters_per_step`` 2 (10),
+  ``downsampler`` ``simple`` (``attention``): on a CPU one attention view at 224 px costs ~13 s forward and
+  backward (it unfolds ``129 x 28² x 256`` patches), a simple one ~1 s, the MLP at 224² pixels ~5 s per step,
+  so the official settings take many hours per image; they stay reachable (``--steps 1200 --option views=3000
+  --option jitters_per_step=10 --option downsampler=attention``);
+- the downsampling windows are centred on their tokens (above); FeatUp's ``k = 29`` without padding has stride
+  ``(224 - 29) // 15 = 13`` for DINOv2's 14 px tokens, so its windows drift up to half a patch off their tokens;
 - pixel coordinates are pixel centres ``-1 + (2i + 1) / H`` (official ``linspace(-1, 1, H)``), so that a map at
   another resolution samples the same places; the learned phases are stored ``[2, frequencies, 5]`` (the
   official stores ``[2, 5, frequencies]`` and reshapes it, a different but equally random parametrisation);
 - jitter offsets are continuous fractions of the image (official: whole pixels of the zoomed image), the
   zoom is applied by sampling (`jitter_features`) rather than ``F.interpolate(scale_factor=zoom)``;
-- the PCA is exact (SVD) instead of ``torch.pca_lowrank(niter=4)``; with ``proj_dim >= C`` no PCA is used;
+- the PCA is exact (SVD) instead of ``torch.pca_lowrank(niter=4)``; with ``proj_dim >= C`` no PCA is used and
+  the output has ``C`` channels, the MLP's width staying ``proj_dim``;
 - the backbone's output is not ChannelNorm'd (the latest config's ``use_norm: false``): the output lives in the
   backbone's own feature space, as every featlift method's does;
-- the kernel of the attention downsampler is ``2 * patch + 1`` (FeatUp hard-codes 29 for patch 14 and 16, 8 for
-  patch 8), and its logit mask is drawn as in `AttentionDownsampler` (training mode throughout the fit).
+- the attention downsampler's logit mask is drawn as in `AttentionDownsampler` (training mode throughout the fit).
 
 Parameters fitted per image at C=384 (d=128): network 73,098 (phases 300, LayerNorms 606 + 256, linears
-38,912 + 16,512 + 16,512), downsampler 129 + 1 + 2 x 841 = 1,812, uncertainty head 129.
+38,912 + 16,512 + 16,512; counted from the official architecture, the paper gives none), downsampler 784
+(simple) or 129 + 1 + 2 x 784 = 1,698 (attention), uncertainty head 129. Nothing of a fit is kept in the module.
 """
 
 from __future__ import annotations
