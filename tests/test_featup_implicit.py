@@ -19,6 +19,8 @@ from featlift.upsamplers.featup_implicit import (
     FeatUpImplicit,
     FourierFeatures,
     ImplicitNetwork,
+    KernelDownsampler,
+    downsample_to_tokens,
     draw_jitters,
     fourier_width,
     total_variation,
@@ -122,6 +124,31 @@ def test_jitters_are_featup_pad_zoom_crop_flip_views():
     assert [v.crop for v in draw_jitters(5, torch.Generator().manual_seed(3))] == [
         v.crop for v in draw_jitters(5, torch.Generator().manual_seed(3))
     ]
+
+
+def test_downsampling_windows_are_centred_on_their_tokens():
+    features = torch.randn(1, 2, 16, 24)
+    down = KernelDownsampler(window_size(4))  # 8x8 windows on the map padded by 2, stride 4
+    assert down(F.pad(features, [2] * 4, mode="reflect"), (4, 6)).shape == (1, 2, 4, 6)
+    torch.testing.assert_close(  # initialised uniform: the mean of each 8x8 window
+        downsample_to_tokens(down, features, 4),
+        F.avg_pool2d(F.pad(features, [2] * 4, mode="reflect"), 8, stride=4),
+    )
+    with torch.no_grad():  # a box over the central 4x4 of each window is the mean over each token's patch
+        down.weights.zero_()
+        down.weights[2:6, 2:6] = -3.0  # |w| / sum |w|
+    torch.testing.assert_close(downsample_to_tokens(down, features, 4), F.avg_pool2d(features, 4))
+
+
+def test_the_attention_downsampler_of_featup_fits_too():
+    from featlift.train.objectives.featup_downsampler import AttentionDownsampler
+
+    assert sum(p.numel() for p in AttentionDownsampler(129, window_size(14)).parameters()) == 1_698
+    assert sum(p.numel() for p in KernelDownsampler(window_size(14)).parameters()) == 784
+    image = toy_image()
+    method = small(downsampler="attention", steps=4)
+    network = method.fit_image(toy_backbone(image), image, toy_backbone)
+    assert len(network.fit_losses) == 4 and all(math.isfinite(v) for v in network.fit_losses)
 
 
 def test_any_resolution_evaluation_in_chunks_equals_one_chunk():

@@ -275,6 +275,14 @@ def window_size(patch_size: int) -> int:
     return int(patch_size) + 2 * window_margin(patch_size)
 
 
+def downsample_to_tokens(downsampler: nn.Module, features: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`features` ``[B, C, H, W]`` at pixel resolution -> ``[B, C, H / patch, W / patch]`` through `downsampler`,
+    on the map reflect-padded by `window_margin` so that each window is centred on its token."""
+    grid = (features.shape[-2] // patch_size, features.shape[-1] // patch_size)
+    margin = window_margin(patch_size)
+    return downsampler(F.pad(features, [margin] * 4, mode="reflect"), grid)
+
+
 def magnitude(features: torch.Tensor) -> torch.Tensor:
     return features.square().sum(1, keepdim=True).sqrt()
 
@@ -479,12 +487,10 @@ class FeatUpImplicit(Upsampler):
 
         leaf = both.detach().requires_grad_(True)
         chosen = torch.randint(targets.shape[0], (self.jitters_per_step,)).tolist()
-        margin = window_margin(self.patch_size)
         total = 0.0
         for index in chosen:
             target = targets[index : index + 1]
-            jittered = F.pad(jitter_features(leaf, jitters[index]), [margin] * 4, mode="reflect")
-            down = downsampler(jittered, tuple(target.shape[-2:]))
+            down = downsample_to_tokens(downsampler, jitter_features(leaf, jitters[index]), self.patch_size)
             reconstruction = weighted_error((down[:, 1:] - target).square(), uncertainty(target))
             magnitude_loss = (down[:, :1] - magnitude(target)).square().mean()
             loss = (reconstruction + MAGNITUDE_WEIGHT * magnitude_loss) / len(chosen)
