@@ -136,7 +136,8 @@ def test_downsampling_windows_are_centred_on_their_tokens():
     )
     with torch.no_grad():  # a box over the central 4x4 of each window is the mean over each token's patch
         down.weights.zero_()
-        down.weights[2:6, 2:6] = -3.0  # |w| / sum |w|
+        down.weights[2:6, 2:4] = -3.0  # |w| / sum |w|: the sign of a weight does not matter
+        down.weights[2:6, 4:6] = 3.0
     torch.testing.assert_close(downsample_to_tokens(down, features, 4), F.avg_pool2d(features, 4))
 
 
