@@ -164,8 +164,21 @@ class FeaturePipeline(nn.Module):
         features = features.clone()
         guide = guide.clone() if guide is not None else None
         with torch.enable_grad(), autocast(images.device, self.amp):
-            features = self.upsampler(features, guide, size)
+            features = self.upsampler.fit_upsample(features, guide, size, self.features_of)
         return self._as_output(features.detach())
+
+    def features_of(self, normalized: torch.Tensor) -> torch.Tensor:
+        """The backbone's tokens ``[N, C, h, w]`` of normalised images ``[N, 3, H, W]``, without gradients (not
+        inference tensors, so a per-image fit may use them in autograd): the `~featlift.upsamplers.base.FeaturesOf`
+        a per-image method gets (`~featlift.upsamplers.Upsampler.fit_upsample`), e.g. for jittered views."""
+        if normalized.ndim != 4 or normalized.shape[1] != 3:
+            raise InputSizeError(
+                f"features_of: expected normalised images [N, 3, H, W], got {list(normalized.shape)}"
+            )
+        self.backbone.grid_size(*normalized.shape[-2:])
+        weight = next(self.backbone.parameters())
+        with torch.no_grad(), autocast(normalized.device, self.amp):
+            return self.backbone(normalized.to(weight.dtype)).float()
 
     def _as_output(self, features: torch.Tensor) -> torch.Tensor:
         """float32 (autocast may give bf16), unless the method was asked for an ``output_dtype``: a float16

@@ -61,6 +61,13 @@ def register(subparsers) -> None:
         "short for --option iters=N",
     )
     parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="optimisation steps of a method fitted on each image (featup-implicit: default 50, FeatUp's 1200); "
+        "short for --option steps=N",
+    )
+    parser.add_argument(
         "--option",
         action="append",
         default=[],
@@ -101,10 +108,16 @@ def register(subparsers) -> None:
 def upsampler_options_from_args(args: argparse.Namespace) -> dict:
     """``--option KEY=VALUE`` and ``--iters`` as the upsampler's typed options."""
     if args.upsampler in (None, "none"):
-        if args.option or args.iters is not None:
-            raise FeatliftError("--option/--iters: --upsampler none takes no options")
+        if args.option or args.iters is not None or args.steps is not None:
+            raise FeatliftError("--option/--iters/--steps: --upsampler none takes no options")
         return {}
     cls = get_upsampler_class(args.upsampler)
+    if args.steps is not None and cls.capabilities.fitting != "per-image":
+        per_image = [name for name in available_upsamplers() if is_per_image(name)]
+        raise FeatliftError(
+            f"--steps {args.steps}: upsampler {args.upsampler!r} is not fitted per image "
+            f"(fitting {cls.capabilities.fitting!r}); --steps applies to {', '.join(per_image) or 'none'}"
+        )
     # the stored dtype and the memory budget, for the methods that compute in chunks straight into their output
     options = implied_options(cls, {"output_dtype": args.dtype, **memory_defaults(args)})
     for item in args.option:
@@ -114,7 +127,16 @@ def upsampler_options_from_args(args: argparse.Namespace) -> dict:
         options[key.strip()] = option_value(cls, key.strip(), value.strip(), f"--option {item}")
     if args.iters is not None:
         options["iters"] = option_value(cls, "iters", str(args.iters), "--iters")
+    if args.steps is not None:
+        options["steps"] = option_value(cls, "steps", str(args.steps), "--steps")
     return options
+
+
+def is_per_image(upsampler: str | None) -> bool:
+    """True for a method optimised on each image at test time (``capabilities.fitting == "per-image"``)."""
+    return (
+        upsampler not in (None, "none") and get_upsampler_class(upsampler).capabilities.fitting == "per-image"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,6 +149,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if checkpoint:
         logger.info("upsampler checkpoint: %s", checkpoint)
+    batch_size = args.batch_size
+    if is_per_image(args.upsampler):
+        # one fit per image: one image per batch, so each output is written when its fit ends and a rerun
+        # (after a crash or Ctrl-C) redoes only the images not written yet
+        upsampler.show_progress = not args.quiet
+        if batch_size != 1:
+            logger.info("%s is fitted on each image: extracting one image at a time", args.upsampler)
+        batch_size = 1
     pipeline = FeaturePipeline(backbone, upsampler, output_size=args.output_size, checkpoint=checkpoint)
     grid = pipeline.output_grid(*args.size)
     logger.info("%d images -> %s, features [%d, %d, %d]", len(items), args.out, backbone.channels, *grid)
@@ -136,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         size=args.size,
         dtype=DTYPES[args.dtype],
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         device=device,
         workers=max(0, args.workers),
         overwrite=args.overwrite,

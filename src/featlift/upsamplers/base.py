@@ -9,6 +9,7 @@ the default objective; variant specs (``name:key=value``) may set the constructo
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,7 +42,11 @@ channel-agnostic layer, e.g. AnyUp; loading it for another backbone only warns).
 
 FITTING = ("none", "trained", "per-image")
 """Where a method's parameters come from: it has none, they are trained once (and saved in a checkpoint),
-or they are optimised on each image at test time."""
+or they are optimised on each image at test time (see `Upsampler.fit_upsample`)."""
+
+FeaturesOf = Callable[[torch.Tensor], torch.Tensor]
+"""The backbone as a per-image method sees it: normalised images ``[N, 3, H, W]`` (as the guide ``input`` is
+normalised) -> the backbone's tokens ``[N, C, H / patch, W / patch]``, computed without gradients."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,21 @@ class Upsampler(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this module (stored in checkpoints)."""
         return {}
+
+    def fit_upsample(
+        self,
+        features: torch.Tensor,
+        guide: torch.Tensor | None,
+        output_size: tuple[int, int],
+        features_of: FeaturesOf,
+    ) -> torch.Tensor:
+        """What the pipeline calls for a method with ``fitting="per-image"``, with autograd enabled (outside
+        inference mode) and ordinary copies of `features` and `guide`: fit on each image of the batch and return
+        its upsampled features, as `forward` does. `features_of` (`FeaturesOf`) runs the backbone on other images,
+        e.g. jittered views of the guide, for a fit that needs their features. The default ignores it and calls
+        `forward`; a method that needs the backbone overrides this. The method keeps nothing of a fit after it
+        returns (its state dict stays that of the freshly built module)."""
+        return self(features, guide, output_size)
 
     def forward(
         self, features: torch.Tensor, guide: torch.Tensor | None, output_size: tuple[int, int]
