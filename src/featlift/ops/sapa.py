@@ -34,6 +34,7 @@ from featlift.ops.reassembly import (
     nearest_rows,
     reassemble,
     rows_with_zero_halo,
+    upsample_nearest,
 )
 from featlift.upsamplers.chunking import output_dtype as resolve_output_dtype
 
@@ -195,7 +196,7 @@ class SAPA(nn.Module):
             query = self.queries(guide[:, :, start:stop], guide_stats, gate_rows, query_feature_rows)
             query = query.to(compute_dtype(query.dtype))
             key_band = rows_with_zero_halo(keys, first - radius, last + radius).to(query.dtype)
-            key_band = key_band.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+            key_band = upsample_nearest(key_band, scale)
             offset = start - (first - radius) * scale - radius * scale
             rows, width = stop - start, query.shape[-1]
             similarities = []
