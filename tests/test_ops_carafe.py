@@ -194,12 +194,12 @@ def test_bad_input_errors():
 
 def test_peak_memory_is_bounded_by_the_budget():
     """384 channels, 64x64 -> 128x128: beyond the output (24 MiB) and the input features' storage (the bands
-    slice it), the working memory stays within a 4 MiB budget; unfolding would take 25 x 24 MiB."""
+    slice it), the working memory stays within an 8 MiB budget; unfolding would take 25 x 24 MiB."""
     torch.manual_seed(7)
-    op = CARAFE(384, max_memory_mib=4)
+    op = CARAFE(384, max_memory_mib=8)
     features = torch.randn(1, 384, 64, 64)
     output_mib = 384 * 128 * 128 * 4 / 2**20
     inputs_mib = features.numel() * 4 / 2**20
     compressed_mib = 64 * 64 * 64 * 4 / 2**20  # the 1x1 compressor's output, computed once for the map
     working = peak_memory_mib(lambda: op(features)) - output_mib - inputs_mib - compressed_mib
-    assert 0 < working <= 4, f"{working:.1f} MiB of working memory with a 4 MiB budget"
+    assert 0 < working <= 8, f"{working:.1f} MiB of working memory with an 8 MiB budget"

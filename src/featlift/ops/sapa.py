@@ -57,7 +57,7 @@ def apply_group_norm(
     normalised = ((grouped - mean) * inv_std).flatten(1, 2)
     if norm.affine:
         normalised = normalised * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
-    return normalised
+    return normalised.to(rows.dtype)
 
 
 class SAPA(nn.Module):
