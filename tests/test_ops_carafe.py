@@ -158,6 +158,9 @@ def test_autocast_bfloat16_keeps_the_input_dtype_and_stays_close():
     expected = op(features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = op(features)
+        compressed = op.channel_compressor(features)
+        kernels = op.kernels(compressed, 0, 12)
+    assert compressed.dtype == torch.bfloat16 and kernels.dtype == torch.float32  # softmax in float32
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=0.05, rtol=0.05)
     half = op.to(torch.bfloat16)(features.to(torch.bfloat16))
