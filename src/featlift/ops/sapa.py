@@ -16,6 +16,9 @@ and ``sapa_base.py`` of tiny-smart/sapa):
 - ``"G"`` gated bilinear: query = ``g * q_guide(norm(guide)) + (1 - g) * q_features(up(features))``, with
   ``g = up(sigmoid(gate(norm(features))))`` a one-channel gate from the decoder and ``up`` nearest upsampling
   (``SAPAExp`` with ``q_mode="gate"``); keys as in "B".
+
+Not offered: ``SAPAExp``'s value projection (``v_embed``, ``out_dim``) and ``q_mode="cat"`` (experiments outside
+the paper's three variants), and the extended version's dynamic selection (SAPA-D, deformable sampling).
 """
 
 from __future__ import annotations
