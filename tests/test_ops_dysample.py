@@ -180,6 +180,15 @@ def test_the_memory_budget_bounds_the_working_memory_beyond_the_output():
     assert whole > 4 * bounded
 
 
+def test_the_output_is_allocated_in_the_output_dtype():
+    op = randomised(DySample(8, 2, "lp", 2, chunk_rows=2, output_dtype="bfloat16"), std=0.2)
+    features = torch.randn(1, 8, 5, 4)
+    got = op(features)
+    assert got.dtype == torch.bfloat16
+    op.output_dtype = None
+    torch.testing.assert_close(got, op(features).to(torch.bfloat16))
+
+
 def test_gradients_flow_through_chunks():
     op = randomised(DySample(8, 2, "lp", 2, chunk_rows=2), std=0.2)
     features = torch.randn(1, 8, 5, 4, requires_grad=True)
@@ -228,6 +237,10 @@ def test_bad_input_is_refused_naming_the_value():
         op(torch.randn(8, 4, 4))
     with pytest.raises(InputSizeError, match="floating-point.*torch.int64"):
         op(torch.ones(1, 8, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"takes no guide.*\[1, 8, 8, 8\]"):
+        op(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 8, 8))
+    with pytest.raises(ValueError, match="output_dtype 'float8'"):
+        DySample(8, output_dtype="float8")
     with pytest.raises(ValueError, match="style 'xy'"):
         DySample(8, style="xy")
     with pytest.raises(ValueError, match=r"channels \(6\) must be a positive multiple of groups \(4\)"):

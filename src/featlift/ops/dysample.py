@@ -27,7 +27,10 @@ Memory: the output is computed in chunks of low-res rows (the ``s`` output rows 
 offsets, sampling grid and samples written straight into the output, so the working memory beyond the output
 is one chunk's. ``chunk_rows`` fixes the output rows per chunk (rounded down to a multiple of ``s``, at least
 ``s``); otherwise a chunk holds as many rows as ``max_memory_mib`` (default 512) allows at the estimate of
-`DySample.bytes_per_row`.
+`DySample.bytes_per_row`. ``output_dtype`` (``float32``, ``float16``, ``bfloat16``; default the features')
+is the dtype the output is allocated in. Sampling positions and samples are computed in float32 (float64 for
+double features) whatever the features' dtype or autocast: in half precision a position in a 1000-pixel-wide
+map would be off by up to half a pixel.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from torch import nn
 
 from ..errors import InputSizeError
 from ..upsamplers.chunking import check_chunking, chunk_length, chunk_slices
+from ..upsamplers.chunking import output_dtype as resolve_output_dtype
 
 STYLES = ("lp", "pl")
 OFFSET_INIT_STD = 0.001
@@ -65,6 +69,7 @@ class DySample(nn.Module):
         dyscope: bool = False,
         chunk_rows: int | None = None,
         max_memory_mib: float | None = None,
+        output_dtype: str | None = None,
     ):
         super().__init__()
         if isinstance(scale_factor, bool) or int(scale_factor) != scale_factor or scale_factor < 1:
@@ -86,6 +91,10 @@ class DySample(nn.Module):
                 f"DySample chunk_rows must be >= 1 output rows (or None: from the budget), got {chunk_rows}"
             )
         check_chunking("DySample", None, max_memory_mib)
+        try:
+            resolve_output_dtype(output_dtype, torch.empty(0))
+        except ValueError as exc:
+            raise ValueError(f"DySample {exc}") from None
         self.channels = int(channels)
         self.scale_factor = scale
         self.style = style
@@ -93,6 +102,7 @@ class DySample(nn.Module):
         self.dyscope = bool(dyscope)
         self.chunk_rows = None if chunk_rows is None else int(chunk_rows)
         self.max_memory_mib = None if max_memory_mib is None else float(max_memory_mib)
+        self.output_dtype = output_dtype
         predictor_in = channels // (scale * scale) if style == "pl" else channels
         predictor_out = 2 * groups if style == "pl" else 2 * groups * scale * scale
         self.offset = nn.Conv2d(predictor_in, predictor_out, kernel_size=1)
@@ -165,12 +175,18 @@ class DySample(nn.Module):
         return chunk_length(height, self.bytes_per_row(width, element_size), None, self.max_memory_mib)
 
     def forward(self, features: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, C, h, w]`` -> ``[B, C, s*h, s*w]``. `guide` is unused: DySample needs no high-res guide (it is
-        accepted for the interface the guided operators share)."""
-        if features.ndim != 4 or features.shape[1] != self.channels:
-            raise InputSizeError(
-                f"DySample features: expected [B, {self.channels}, h, w], got {list(features.shape)}"
+        """``[B, C, h, w]`` -> ``[B, C, s*h, s*w]``, in ``output_dtype`` (default: the features' dtype).
+
+        DySample takes no guide (its offsets come from the features alone): a `guide` is refused (ValueError),
+        as by the other unguided operator, `featlift.ops.CARAFE`."""
+        if guide is not None:
+            raise ValueError(
+                f"DySample takes no guide (its offsets come from the features alone), got a guide of shape "
+                f"{list(guide.shape)}: call it as DySample(features)"
             )
+        if not isinstance(features, torch.Tensor) or features.ndim != 4 or features.shape[1] != self.channels:
+            shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise InputSizeError(f"DySample features: expected [B, {self.channels}, h, w], got {shape}")
         if not features.is_floating_point():
             raise InputSizeError(f"DySample features: expected a floating-point tensor, got {features.dtype}")
         batch, channels, height, width = features.shape
@@ -178,6 +194,7 @@ class DySample(nn.Module):
         # sampling positions in float32 at least: a half-precision coordinate is off by up to ~w/1000 pixels
         exact = torch.float64 if features.dtype == torch.float64 else torch.float32
         grouped = features.reshape(batch * self.groups, channels // self.groups, height, width).to(exact)
+        result_dtype = resolve_output_dtype(self.output_dtype, features)
         step = self.rows_per_chunk(height, width, grouped.element_size())
         out = None
         for rows in chunk_slices(height, step):
@@ -188,8 +205,8 @@ class DySample(nn.Module):
             )
             samples = samples.view(batch, channels, scale * (rows.stop - rows.start), scale * width)
             if step >= height:
-                return samples.to(features.dtype)
+                return samples.to(result_dtype)
             if out is None:
-                out = features.new_empty(batch, channels, scale * height, scale * width)
+                out = features.new_empty(batch, channels, scale * height, scale * width, dtype=result_dtype)
             out[:, :, scale * rows.start : scale * rows.stop] = samples
         return out
