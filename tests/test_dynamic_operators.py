@@ -103,6 +103,19 @@ def test_the_guided_ones_follow_the_image_and_need_it(name):
         up(features, None, (8, 10))
 
 
+@pytest.mark.parametrize("name", GUIDED)
+def test_a_pass_feeds_the_operator_the_stem_of_the_image_resized_to_four_times_its_output(name):
+    up = build(name)
+    features, guide = inputs()  # guide 56 x 70 for a 4 x 5 grid: the 8 x 10 pass's stem sees it at 32 x 40
+    with torch.no_grad():
+        image = torch.nn.functional.interpolate(
+            guide, (32, 40), mode="bilinear", align_corners=False, antialias=True
+        )
+        encoder = up.stem.project(up.stem.layers(image))
+        assert encoder.shape == (2, up.operator.guide_channels, 8, 10)
+        torch.testing.assert_close(up.one_pass(features, guide, None), up.operator(features, encoder))
+
+
 @pytest.mark.parametrize("name", ("carafe", "dysample"))
 def test_the_unguided_ones_ignore_the_image(name):
     up = build(name)
@@ -219,7 +232,9 @@ def test_trains_with_lifts_objective_and_resumes_as_an_uninterrupted_run(trained
         assert abs(a - b) <= 1e-5
     a, b = (load_file(str(root / method / run / "model.safetensors")) for run in ("straight", "resumed"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
-    assert straight[0][2] != straight[1][2]  # the same batch in both epochs: the first step changed the module
+    assert (
+        straight[0][2] != straight[1][2]
+    )  # the same batch in both epochs: the first step changed the module
     module, _ = load_checkpoint(root / method / "straight")
     assert module.name == method and module.config() == build(method, channels=192).config()
 
