@@ -134,6 +134,25 @@ def test_the_image_stem_lands_on_each_pass_output_size():
         assert stem(image, size).shape == (1, 24, *size)
 
 
+def test_the_operators_arguments_reach_it_and_the_checkpoint_config():
+    carafe = build("carafe", up_kernel=3, compressed_channels=16, groups=2)
+    assert (carafe.operator.up_kernel, carafe.operator.compressed_channels, carafe.operator.groups) == (
+        3,
+        16,
+        2,
+    )
+    sapa = build("sapa", variant="G", embedding_dim=8, up_kernel=3)
+    assert (sapa.operator.variant, sapa.operator.embedding_dim, sapa.operator.up_kernel) == ("G", 8, 3)
+    fade = build("fade", lite=True, up_kernel=3)
+    assert fade.operator.lite and fade.operator.up_kernel == 3
+    dysample = build("dysample", style="pl", groups=2, dyscope=True)
+    assert (dysample.operator.style, dysample.operator.groups, dysample.operator.dyscope) == ("pl", 2, True)
+    assert dysample.config() == {"channels": 64, "scale": 2, "style": "pl", "groups": 2, "dyscope": True}
+    for up in (carafe, sapa, fade, dysample):
+        rebuilt = create_upsampler(up.name, **up.config())
+        rebuilt.load_state_dict(up.state_dict())  # same shapes: the config rebuilds the same module
+
+
 def test_guide_channels_follow_the_operator():
     assert build("sapa").operator.guide_channels == 32
     assert build("sapa", variant="I").operator.guide_channels == 64
