@@ -85,14 +85,16 @@ def reassembly_bytes_per_row(
     channels: int, width: int, scale_factor: int, kernel_size: int, groups: int, element_size: int
 ) -> tuple[float, float]:
     """``(bytes per output row, bytes per band independent of its rows)`` of `reassemble`'s own tensors: the
-    float accumulator, the kernels, and the nearest-upsampled band (``s`` copies of its low-res rows plus the
-    ``2r`` halo rows, each ``s * (w + 2r)`` wide)."""
+    float accumulator, the kernels, the band's low-res rows with their ``r``-pixel zero border and their nearest
+    upsampling (``s`` copies of each low-res row, ``s * (w + 2r)`` wide); a band of ``n`` output rows reaches
+    at most ``n / s + 2r + 1`` low-res rows."""
     radius = kernel_size // 2
     out_width = scale_factor * width
     up_width = scale_factor * (width + 2 * radius)
+    low_row = channels * (width + 2 * radius) * element_size
     per_row = channels * out_width * element_size + groups * kernel_size**2 * out_width * element_size
-    per_row += channels * up_width * element_size
-    halo = channels * up_width * element_size * (2 * radius + 1) * scale_factor
+    per_row += channels * up_width * element_size + low_row / scale_factor
+    halo = (channels * up_width * element_size * scale_factor + low_row) * (2 * radius + 1)
     return float(per_row), float(halo)
 
 
@@ -102,14 +104,24 @@ def low_res_rows(start: int, stop: int, scale_factor: int, halo: int) -> tuple[i
     return start // scale_factor - halo, (stop - 1) // scale_factor + halo
 
 
-def rows_with_zero_halo(tensor: torch.Tensor, first: int, last: int) -> torch.Tensor:
-    """Rows ``first .. last`` (inclusive) of `tensor` ``[B, C, H, W]``, rows outside ``0 .. H-1`` as zeros."""
+def rows_with_zero_halo(tensor: torch.Tensor, first: int, last: int, columns: int = 0) -> torch.Tensor:
+    """Rows ``first .. last`` (inclusive) of `tensor` ``[B, C, H, W]``, rows outside ``0 .. H-1`` as zeros, and
+    `columns` zero columns added on each side (one copy at most; a view when nothing is added)."""
     height = tensor.shape[-2]
     inside = tensor[:, :, max(first, 0) : min(last, height - 1) + 1]
     above, below = max(0, -first), max(0, last - (height - 1))
-    if above or below:
-        inside = F.pad(inside, (0, 0, above, below))
+    if above or below or columns:
+        inside = F.pad(inside, (columns, columns, above, below))
     return inside
+
+
+def upsample_nearest(tensor: torch.Tensor, scale: int) -> torch.Tensor:
+    """`tensor` ``[B, C, H, W]`` nearest-upsampled by the integer `scale` in both dims, in one copy."""
+    if scale == 1:
+        return tensor
+    batch, channels, height, width = tensor.shape
+    spread = tensor[:, :, :, None, :, None].expand(batch, channels, height, scale, width, scale)
+    return spread.reshape(batch, channels, height * scale, width * scale)
 
 
 def nearest_rows(
@@ -117,7 +129,7 @@ def nearest_rows(
 ) -> torch.Tensor:
     """Output rows ``start .. stop-1`` of the nearest-``scale``x upsampling of `tensor`'s low-res rows
     ``first .. last`` (a band cut by `rows_with_zero_halo`), columns upsampled too."""
-    up = tensor.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    up = upsample_nearest(tensor, scale)
     offset = start - first * scale
     return up[:, :, offset : offset + stop - start]
 
@@ -166,7 +178,6 @@ def reassemble(
         dtype=features.dtype if out_dtype is None else out_dtype,
         device=features.device,
     ).contiguous(memory_format=memory_format)
-    padded_columns = F.pad(features, (radius, radius, 0, 0)).to(dtype)
     per_group = channels // groups
     for band in chunk_slices(out_height, rows):
         start, stop = band.start, band.stop
@@ -178,8 +189,7 @@ def reassemble(
                 f"expected {list(expected)}"
             )
         first, last = low_res_rows(start, stop, scale_factor, radius)
-        up = rows_with_zero_halo(padded_columns, first, last)
-        up = up.repeat_interleave(scale_factor, dim=-2).repeat_interleave(scale_factor, dim=-1)
+        up = upsample_nearest(rows_with_zero_halo(features, first, last, radius).to(dtype), scale_factor)
         offset = start - (first + radius) * scale_factor
         up = up.view(batch, groups, per_group, up.shape[-2], up.shape[-1])
         kernels = kernels.view(batch, groups, taps, stop - start, out_width)
@@ -196,6 +206,7 @@ def reassemble(
         if finish_rows is not None:
             result = finish_rows(start, stop, result)
         out[:, :, start:stop] = result
+        del kernels, up, acc, result, shifted  # free this band before the next one is built
     return out
 
 

@@ -34,6 +34,7 @@ from featlift.ops.reassembly import (
     nearest_rows,
     reassemble,
     rows_with_zero_halo,
+    upsample_nearest,
 )
 from featlift.upsamplers.chunking import output_dtype as resolve_output_dtype
 
@@ -56,7 +57,7 @@ def apply_group_norm(
     normalised = ((grouped - mean) * inv_std).flatten(1, 2)
     if norm.affine:
         normalised = normalised * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
-    return normalised
+    return normalised.to(rows.dtype)
 
 
 class SAPA(nn.Module):
@@ -195,7 +196,7 @@ class SAPA(nn.Module):
             query = self.queries(guide[:, :, start:stop], guide_stats, gate_rows, query_feature_rows)
             query = query.to(compute_dtype(query.dtype))
             key_band = rows_with_zero_halo(keys, first - radius, last + radius).to(query.dtype)
-            key_band = key_band.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+            key_band = upsample_nearest(key_band, scale)
             offset = start - (first - radius) * scale - radius * scale
             rows, width = stop - start, query.shape[-1]
             similarities = []
