@@ -159,13 +159,13 @@ class DySample(nn.Module):
         return torch.stack([x, y], dim=-1).view(batch * self.groups, scale * rows, scale * width, 2)
 
     def bytes_per_row(self, width: int, element_size: int) -> float:
-        """Working bytes of one low-res row of a chunk: its ``C * s²`` samples per pixel (and the ``C``
-        shuffled features of ``style="pl"``), and about six (eight with the dynamic scope) tensors of
-        ``2 * groups * s²`` offset values per pixel (conv outputs, scaled offsets, coordinates, grid)."""
+        """Working bytes of one low-res row of a chunk: its ``C * s²`` samples per pixel, the ``C`` features of
+        the row band the offset conv reads (a copy: a band of rows is not contiguous; for ``style="pl"`` the
+        pixel-shuffled band), and about six (eight with the dynamic scope) tensors of ``2 * groups * s²``
+        offset values per pixel (conv outputs, scaled offsets, coordinates, grid)."""
         per_pixel_offsets = 2 * self.groups * self.scale_factor**2
         temporaries = 8 if self.scope is not None else 6
-        shuffled = self.channels if self.style == "pl" else 0
-        values = self.channels * self.scale_factor**2 + shuffled + temporaries * per_pixel_offsets
+        values = self.channels * (self.scale_factor**2 + 1) + temporaries * per_pixel_offsets
         return float(width * element_size * values)
 
     def rows_per_chunk(self, height: int, width: int, element_size: int) -> int:
