@@ -10,11 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_neighbourhood_attention import dense_neighbourhood_attention
+from train_helpers import one_thread
 
 from featlift.errors import InputSizeError
 from featlift.meters import peak_memory_mib
 from featlift.upsamplers.naf import NAF, pooled_rows
 from featlift.upsamplers.registry import get_upsampler_class
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors run far faster on one thread on a busy machine."""
+    with one_thread():
+        yield
+
 
 SMALL = {"dim": 32, "attention_heads": 4, "rope_heads": 2}
 
@@ -165,16 +174,16 @@ def test_output_dtype_float16_is_written_chunk_by_chunk():
 def test_peak_memory_stays_near_the_budget_at_a_large_output():
     torch.manual_seed(0)
     features, image = torch.randn(1, 64, 16, 16), torch.randn(1, 3, 64, 64)
-    size = (512, 512)
-    output_mib = 64 * 512 * 512 * 4 / 2**20  # 64 MiB
-    budget = 24.0
+    size = (256, 256)  # 16x: a chunk of one row holds 16 x 256 x 81 scores per head
+    output_mib = 64 * 256 * 256 * 4 / 2**20  # 16 MiB
+    budget = 8.0
     small = NAF(max_memory_mib=budget).eval()
     peak = peak_memory_mib(lambda: small(features, image, size))
-    # the output, the encoding of the guide (and its convolutions) and the [D, H, w] key pooling are fixed costs
-    assert peak < output_mib + 2 * budget + 20, peak
-    whole = NAF(chunk_size=512 * 512).eval()
+    # besides the chunks: the output, the guide's encoding at 64 px (4 MiB) and the [D, H, w] key pooling (4 MiB)
+    assert peak < output_mib + 2 * budget, peak
+    whole = NAF(chunk_size=256 * 256).eval()
     whole.load_state_dict(small.state_dict())
-    assert peak_memory_mib(lambda: whole(features, image, size)) > output_mib + 6 * budget
+    assert peak_memory_mib(lambda: whole(features, image, size)) > output_mib + 20 * budget
 
 
 def test_gradients_reach_every_parameter():

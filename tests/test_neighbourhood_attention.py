@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from train_helpers import one_thread
 
 from featlift.upsamplers.neighbourhood_attention import (
     axis_windows,
@@ -14,6 +15,13 @@ from featlift.upsamplers.neighbourhood_attention import (
     neighbourhood_attention,
     row_chunks,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors run far faster on one thread on a busy machine."""
+    with one_thread():
+        yield
 
 
 def natten_window_start(index: int, length: int, kernel: int, dilation: int) -> int:

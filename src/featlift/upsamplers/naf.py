@@ -65,18 +65,41 @@ GUIDE_LIMIT = 4
 """A guide larger than this many times the output size (either side) is resized down first."""
 
 
+def pooling_bins(length: int, size: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input bins ``[first, last)`` of ``adaptive_avg_pool`` outputs ``start:stop`` (`length` inputs to
+    `size` outputs): ``[floor(i L / size), ceil((i + 1) L / size))``."""
+    index = torch.arange(start, stop)
+    return (index * length) // size, -((-(index + 1) * length) // size)
+
+
+def bin_means(x: torch.Tensor, dim: int, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` along `dim` over each bin ``[first, last)`` (indices into `x`), summed tap by tap."""
+    count = (last - first).to(x.device)
+    first, last = first.to(x.device), last.to(x.device)
+    shape = [1] * x.ndim
+    shape[dim] = len(count)
+    total = None
+    for tap in range(int(count.max())):
+        taps = torch.minimum(first + tap, last - 1)
+        taken = x[(slice(None),) * dim + (taps,)]  # indexing: faster than index_select on the last dim
+        if tap:
+            taken = taken * (tap < count).view(shape).to(x.dtype)
+        total = taken if total is None else total.add_(taken)
+    return total.div_(count.view(shape).to(x.dtype))
+
+
 def pooled_rows(x: torch.Tensor, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of ``F.adaptive_avg_pool2d(x, size)``, ``[B, C, stop - start, size[1]]``: each output
-    row the mean of its bin of input rows (one matmul over the band's input rows), then the columns pooled."""
-    height = x.shape[-2]
-    rows = torch.arange(start, stop, device=x.device)
-    first_in, last_in = (rows * height) // size[0], -((-(rows + 1) * height) // size[0])
-    low, high = int(first_in[0]), int(last_in[-1])
-    inputs = torch.arange(low, high, device=x.device)
-    inside = (inputs[None, :] >= first_in[:, None]) & (inputs[None, :] < last_in[:, None])
-    weights = inside.to(x.dtype) / (last_in - first_in)[:, None].to(x.dtype)
-    band = torch.einsum("nr,bcrw->bcnw", weights, x[:, :, low:high])
-    return F.adaptive_avg_pool2d(band, (stop - start, size[1]))
+    """Rows ``start:stop`` of ``F.adaptive_avg_pool2d(x, size)``, ``[B, C, stop - start, size[1]]``: the band's
+    input rows, pooled along the columns and the rows in the order that pools fewer values first (equal, as
+    every bin is a rectangle)."""
+    height, width = x.shape[-2:]
+    first, last = pooling_bins(height, size[0], start, stop)
+    low, high = int(first[0]), int(last[-1])
+    band = x[:, :, low:high]
+    columns = pooling_bins(width, size[1], 0, size[1])
+    if high - low < stop - start:  # fewer input rows than output rows: columns first
+        return bin_means(bin_means(band, 3, *columns), 2, first - low, last - low)
+    return bin_means(bin_means(band, 2, first - low, last - low), 3, *columns)
 
 
 class PlainConvBlock(nn.Module):
@@ -159,11 +182,13 @@ class AxialRotaryEmbedding(nn.Module):
                 column_angles[:, None, :].expand(quarter, rows, width),
             ]
         )
-        angle = torch.cat([half, half])  # [d, n, W]
-        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        cos, sin = half.cos().to(x.dtype), half.sin().to(x.dtype)  # a channel and its pair share the angle
         heads = x.view(batch, self.heads, self.head_dim, rows, width)
         first, second = heads.chunk(2, dim=2)
-        rotated = heads * cos + torch.cat((-second, first), dim=2) * sin
+        rotated = torch.cat(
+            [torch.addcmul(first * cos, second, sin, value=-1), torch.addcmul(second * cos, first, sin)],
+            dim=2,
+        )
         return rotated.view(batch, dim, rows, width)
 
 
