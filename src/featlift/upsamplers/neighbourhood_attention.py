@@ -214,10 +214,9 @@ def neighbourhood_attention(
         del weights
         mixed = mixed.view(batch, heads, row_runs, column_runs, row_slots, column_slots, value_dim)
         mixed = mixed.permute(0, 1, 6, 2, 4, 3, 5)  # [B, heads, dv, Rr, Lr, Rc, Lc]
-        if rows.full and columns.full:
-            mixed = mixed.reshape(batch, heads * value_dim, stop - start, width)
-        else:
-            mixed = mixed.reshape(batch, heads * value_dim, row_runs * row_slots, column_runs * column_slots)
-            mixed = mixed.index_select(2, rows.placement).index_select(3, columns.placement)
-        out[:, :, start:stop] = mixed
+        if rows.full and columns.full:  # written straight into the output's rows, one copy
+            out[:, :, start:stop].view(mixed.shape).copy_(mixed)
+            continue
+        mixed = mixed.reshape(batch, heads * value_dim, row_runs * row_slots, column_runs * column_slots)
+        out[:, :, start:stop] = mixed.index_select(2, rows.placement).index_select(3, columns.placement)
     return out
