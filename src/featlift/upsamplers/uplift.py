@@ -51,8 +51,10 @@ DECODER_CHANNELS = 64
 NEIGHBOURHOOD = 17
 ENCODER_PIXELS_PER_TOKEN = 16  # the original enlarges patch-14 images to 16 px per token for its encoder
 HALO = 4
-"""Rows of the step's input beyond a band that its output rows depend on: 2 for the two 3x3 convs at the
-input's resolution, 1 for the two at the output's, 1 for the bilinear residual (and >= the attender's 2)."""
+"""Rows of a step's input beyond a band of its output rows (halved) that those rows depend on: 2 for the two
+3x3 convs at the input's resolution, 1 for the two at the output's, 1 for the bilinear residual (and >= the
+attender's reach of 2)."""
+FINE_HALO = 2  # output rows beyond a band that the two 3x3 convs at the output's resolution reach
 
 
 class ConvBlock(nn.Module):
@@ -209,12 +211,20 @@ class UPLiFT(Upsampler):
             raise InputSizeError(
                 f"UPLiFT was built for {self.channels} channels, got features with {band.shape[1]}"
             )
-        coarse = steps.encoding_rows(steps.coarse_encoding, low, band_row0, band_row0 + rows)
-        merged = self.coarse_fuse(torch.cat([band, coarse.to(band.dtype)], dim=1))
-        upsampled = self.up(merged) + bilinear_2x_rows(merged, band_row0, low[0])
-        fine = steps.encoding_rows(steps.fine_encoding, high, 2 * band_row0, 2 * (band_row0 + rows))
-        guide = self.fine_fuse(torch.cat([upsampled, fine.to(upsampled.dtype)], dim=1))
-        guide = guide[:, :, row0 - 2 * band_row0 : row1 - 2 * band_row0]
+        coarse = steps.encoding_rows(steps.coarse_encoding, low, band_row0, band_row0 + rows).to(band.dtype)
+        merged = self.coarse_fuse(torch.cat([band, coarse], dim=1))
+        del coarse
+        # only the rows the fine convs (2 rows each way) and the bilinear residual (1 row) reach
+        first = max(band_row0, (row0 - FINE_HALO) // 2 - 1)
+        last = min(band_row0 + rows, (row1 + FINE_HALO) // 2 + 2)
+        merged = merged[:, :, first - band_row0 : last - band_row0]
+        upsampled = self.up(merged) + bilinear_2x_rows(merged, first, low[0])
+        del merged
+        fine = steps.encoding_rows(steps.fine_encoding, high, 2 * first, 2 * last).to(upsampled.dtype)
+        merged = torch.cat([upsampled, fine], dim=1)
+        del upsampled, fine
+        guide = self.fine_fuse(merged)[:, :, row0 - 2 * first : row1 - 2 * first]
+        del merged
         return self.attender(guide, band, guide_row0=row0, values_row0=band_row0, values_height=low[0])
 
     def input_band(self, steps: _Steps, step: int, row0: int, row1: int) -> tuple[int, int]:
@@ -257,25 +267,26 @@ class UPLiFT(Upsampler):
         return outputs
 
     def band_bytes(self, steps: _Steps, rows: int) -> float:
-        """An estimate of the bytes that computing `rows` output rows of the last step holds at its peak: each
-        step's band of input rows and the tensors its decoder and attender make (float32, per batch item)."""
-        batch, channels, total = steps.features.shape[0], self.channels, 0.0
+        """An estimate of the bytes live at the peak of computing `rows` output rows of the last step: the
+        largest over the steps of the step's input band (held while it works) plus the tensors its decoder or
+        its attender makes, in float32 for the whole batch (tensors of a step below are freed by then)."""
+        batch, channels, peak = steps.features.shape[0], self.channels, 0.0
         coarse, fine, hidden = ENCODER_CHANNELS[-1], ENCODER_CHANNELS[-2], DECODER_CHANNELS
-        row0, row1 = 0, rows
+        row0, row1 = 0, min(rows, steps.sizes[-1][0])
         for step in range(len(steps.sizes) - 1, 0, -1):
-            width = steps.sizes[step][1]
-            first, last = self.input_band(steps, step, row0, min(row1, steps.sizes[step][0]))
-            band_rows = last - first
-            low = (
-                band_rows * width / 2 * (2 * channels + 2 * coarse + 4 * hidden)
-            )  # band, cat, block temporaries
-            high = 2 * band_rows * width * (3 * hidden + 2 * fine + hidden + 4 * hidden)  # up, cat, block
-            attend = (row1 - row0) * width * (
-                2 * channels + 3 * NEIGHBOURHOOD
-            ) + band_rows * width / 2 * channels
-            total = max(total, low + high + attend) + band_rows * width / 2 * channels  # the band stays held
+            width, low_width = steps.sizes[step][1], steps.sizes[step - 1][1]
+            first, last = self.input_band(steps, step, row0, row1)
+            band = (last - first) * low_width
+            fine_rows = 2 * min(last - first, (row1 - row0 + 2 * FINE_HALO) // 2 + 4)
+            low = band * (
+                2 * channels + 2 * coarse + 3 * hidden
+            )  # band, encoding, their cat, conv temporaries
+            high = band * channels + fine_rows * width * (2 * hidden + 2 * fine + 4 * hidden)
+            attend = band * channels + (row1 - row0) * width * (hidden + 2 * NEIGHBOURHOOD + channels)
+            attend += 2 * ((row1 - row0) // 2 + 4) * (low_width + 4) * channels  # the neighbourhood's rows
+            peak = max(peak, low, high, attend)
             row0, row1 = first, last
-        return 4.0 * batch * total
+        return 4.0 * batch * peak
 
     def band_rows(self, steps: _Steps) -> int:
         """Output rows per band of the last step (even): from ``chunk_size`` or the memory budget."""
