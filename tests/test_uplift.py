@@ -118,6 +118,53 @@ def test_shapes_for_any_patch_and_number_of_steps(patch, grid, iters):
         assert module(features, guide, (5, 7)).shape == (1, 8, 5, 7)  # resized from the native map
 
 
+def reference_steps(module: UPLiFT, features: torch.Tensor, guide: torch.Tensor, passes: int) -> list:
+    """UPLiFT written from the original's description with whole-map torch ops (its resizes, its residuals)."""
+    if module.patch_size == 14:
+        guide = F.interpolate(
+            guide, size=(guide.shape[2] * 16 // 14, guide.shape[3] * 16 // 14), mode="bilinear"
+        )
+    x, encoded = guide, []
+    for block in module.image_encoder:
+        out = block.layers(x)
+        encoded.append(out + F.pad(x, (0, 0, 0, 0, 0, out.shape[1] - x.shape[1])))  # input zero-padded
+        x = encoded[-1]
+    e4, e3 = encoded[-1], encoded[-2]
+    outputs, x = [], features
+    for _ in range(passes):
+        h, w = x.shape[-2:]
+        merged = torch.cat([x, F.interpolate(e4, size=(h, w), mode="nearest")], dim=1)
+        y = module.coarse_fuse.layers(merged) + merged[:, :64]  # the first 64 input channels
+        u = module.up(y) + F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=True)
+        merged = torch.cat([u, F.interpolate(e3, size=(2 * h, 2 * w), mode="nearest")], dim=1)
+        g = module.fine_fuse.layers(merged) + merged[:, :64]
+        logits = module.attender.logits(g)
+        weights = torch.softmax(logits + g[:, : logits.shape[1]], dim=1)
+        padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+        out = 0
+        for d, (dy, dx) in enumerate(module.attender.offsets):
+            shifted = padded[:, :, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+            out = out + weights[:, d : d + 1] * shifted.repeat_interleave(2, 2).repeat_interleave(2, 3)
+        outputs.append(out)
+        x = out
+    return outputs
+
+
+@pytest.mark.parametrize("patch,grid", [(14, (2, 3)), (16, (3, 2))])
+def test_steps_equal_the_method_written_with_whole_map_torch_ops(patch, grid):
+    module = small(patch=patch)
+    torch.manual_seed(6)
+    features, guide = torch.randn(2, 8, *grid), torch.randn(2, 3, grid[0] * patch, grid[1] * patch)
+    with torch.no_grad():
+        expected = reference_steps(module, features, guide, 3)
+        for got, want in zip(module.upsample_steps(features, guide, 3), expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        module.chunk_size = 2 * grid[1] * 8  # bands of two rows of the 8x output
+        torch.testing.assert_close(
+            module(features, guide, (8 * grid[0], 8 * grid[1])), expected[-1], atol=1e-5, rtol=1e-5
+        )
+
+
 def test_steps_follow_the_output_size_and_reuse_one_encoding_of_the_guide():
     module = small()
     features, guide = torch.randn(1, 8, 2, 3), torch.randn(1, 3, 32, 48)
