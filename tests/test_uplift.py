@@ -12,7 +12,7 @@ from featlift.meters import peak_memory_mib
 from featlift.speedups import fold_batchnorm
 from featlift.upsamplers import create_upsampler, get_upsampler_class
 from featlift.upsamplers.local_attender import NEIGHBOURHOODS, LocalAttender
-from featlift.upsamplers.uplift import UPLiFT, bilinear_2x_rows, nearest_indices
+from featlift.upsamplers.uplift import UPLiFT, bilinear_2x_rows, convert_original_state_dict, nearest_indices
 
 
 @pytest.fixture(autouse=True)
@@ -305,3 +305,31 @@ def test_registered_with_its_capabilities_and_options():
         24,
     )
     assert UPLiFT.from_features(32, 14).config() == {"channels": 32, "patch_size": 14}
+
+
+def original_keys() -> list[str]:
+    """The state-dict keys of the original's UPLiFT at its DINOv2-S/14 config, from its module structure:
+    SingleConv = conv.0 (3x3), conv.1 (BN), conv.3 (1x1); DoubleConv = conv.0, conv.1, conv.3, conv.4, conv.6."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    single = ["conv.0.weight", *(f"conv.1.{n}" for n in bn), "conv.3.weight", "conv.3.bias"]
+    double = ["conv.0.weight", *(f"conv.1.{n}" for n in bn), "conv.3.weight", *(f"conv.4.{n}" for n in bn),
+              "conv.6.weight", "conv.6.bias"]  # fmt: skip
+    keys = [f"encoder.block_{i}.blocks.0.{k}" for i in range(5) for k in single]
+    keys += [f"decoder.block_0.blocks.0.{k}" for k in double] + [
+        "decoder.up_1.up.weight",
+        "decoder.up_1.up.bias",
+    ]
+    keys += [f"decoder.block_1.blocks.0.{k}" for k in double] + [
+        "attender.conv1.weight",
+        "attender.conv1.bias",
+    ]
+    return keys
+
+
+def test_an_original_state_dict_loads_after_renaming_its_keys():
+    module = UPLiFT(channels=384, patch_size=14)
+    ours = module.state_dict()
+    renamed = convert_original_state_dict({f"module.{k}": k for k in original_keys()})
+    assert sorted(renamed) == sorted(ours)
+    assert renamed["attender.logits.weight"] == "attender.conv1.weight"
+    assert renamed["coarse_fuse.layers.4.running_var"] == "decoder.block_0.blocks.0.conv.4.running_var"

@@ -15,6 +15,11 @@ The DINOv2-S/14 configuration of the original (``configs/uplift_dinov2-s14.yaml`
 - the Local Attender (`featlift.upsamplers.local_attender`) over the 17-offset neighbourhood: the step's
   output is ``LocalAttender(g, x)``, ``[B, C, 2h, 2w]``.
 
+The paper describes the encoder with strided convolutions; the released DINOv2-S/14 configuration has
+``down_op: none`` at every level (all five blocks at the image's resolution), which is what is built here. The
+layer order inside each block is the original's, so its state dicts load after renaming the keys
+(`convert_original_state_dict`).
+
 789,521 parameters at ``C = 384`` (the encoder 283,904, the decoder 504,512, the attender 1,105); only the
 first decoder conv depends on ``C``.
 
@@ -323,3 +328,30 @@ class UPLiFT(Upsampler):
                 row1 = min(height, row0 + rows)
                 out[:, :, row0:row1] = self.rows_of(steps, passes, row0, row1)
         return resize_features(out, size)
+
+
+# Key prefixes of the original's state dict (``uplift/uplift.py``, DINOv2-S/14 config) -> ours.
+ORIGINAL_KEY_PREFIXES = {
+    **{
+        f"encoder.block_{i}.blocks.0.conv.": f"image_encoder.{i}.layers."
+        for i in range(len(ENCODER_CHANNELS))
+    },
+    "decoder.block_0.blocks.0.conv.": "coarse_fuse.layers.",
+    "decoder.up_1.up.": "up.",
+    "decoder.block_1.blocks.0.conv.": "fine_fuse.layers.",
+    "attender.conv1.": "attender.logits.",
+}
+
+
+def convert_original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the keys of an original UPLiFT state dict (``module.`` prefixes allowed) to this module's; keys
+    it does not know are kept, so ``load_state_dict`` names them."""
+    converted = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        for old, new in ORIGINAL_KEY_PREFIXES.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        converted[key] = value
+    return converted
