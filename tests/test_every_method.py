@@ -2,7 +2,8 @@
 once, so a new method that breaks the contract fails here even if its own tests forget to look.
 
 For each registered built-in upsampler, on a small random feature map and guide:
-- it builds for a backbone (`from_features`), and its ``config()`` is JSON and rebuilds it;
+- it builds for a backbone (`from_features`); its ``config()`` is JSON and, for a trained method (whose
+  checkpoint stores it), rebuilds it;
 - a trained method's ``options`` (inference-only settings) are never stored in its ``config()``;
 - the output has the requested size, batch and channels at its native size and at an odd size, and is finite;
 - the items of a batch are independent (item 0 of a batch of 2 equals item 0 alone);
@@ -72,8 +73,10 @@ def test_config_is_json_rebuilds_and_holds_no_options(name):
     module = build(name)
     config = module.config()
     assert json.loads(json.dumps(config)) == config
-    if module.trainable:  # a checkpoint stores config(); inference-only options must not travel with weights
-        assert not set(config) & set(module.options), f"{name}: options stored in config(): {module.options}"
+    if not module.trainable:
+        return  # no checkpoint ever stores an untrained method's config
+    # a checkpoint stores config(); inference-only options must not travel with the weights
+    assert not set(config) & set(module.options), f"{name}: options stored in config(): {module.options}"
     rebuilt = get_upsampler_class(name)(**config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in module.state_dict().items()
