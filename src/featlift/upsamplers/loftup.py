@@ -71,7 +71,7 @@ def min_max_scaled(image: torch.Tensor) -> torch.Tensor:
     flat = image.flatten(2)
     low = flat.amin(dim=2)[:, :, None, None]
     span = (flat.amax(dim=2)[:, :, None, None] - low).clamp_min(MIN_MAX_FLOOR)
-    return (image - low) / span - 0.5
+    return (image - low).div_(span).sub_(0.5)  # one copy of the image
 
 
 class SinusoidalCoordinates(nn.Module):
@@ -285,9 +285,9 @@ class LoftUp(Upsampler):
         if self.chunk_size is not None:
             return chunk_length(total, per_query, chunk_size=self.chunk_size)
         budget = DEFAULT_MAX_MEMORY_MIB if self.max_memory_mib is None else self.max_memory_mib
-        halo_mib = (
-            2 * QUERY_HALO * width * (5 * self.query_encoding.channels + 6 * self.dim) * element / 2**20
-        )
+        # a band's halo rows, and the row a band holds beyond its chunk
+        row_bytes = width * (2 * QUERY_HALO * (5 * self.query_encoding.channels + 6 * self.dim) + self.dim)
+        halo_mib = row_bytes * element / 2**20
         return chunk_length(total, per_query, max_memory_mib=max(budget - halo_mib, budget / 4))
 
     def forward(
@@ -307,18 +307,20 @@ class LoftUp(Upsampler):
         keys_values = [block.keys_values(tokens) for block in self.blocks]
         element = features.element_size()
         chunk = self.chunk_pixels(height * width, width, tokens.shape[1], element)
-        whole = self.encode_query_rows(scaled_guide, 0, height) if self.training else None
+        # the encoded query rows the chunks read: in training the whole map (BatchNorm's batch statistics),
+        # else a band of rows at a time
+        band = self.encode_query_rows(scaled_guide, 0, height) if self.training else None
+        band_first, band_rows = 0, -(-chunk // width) + 1  # a chunk's rows plus the row it shares with the next
         out = features.new_empty(
             batch, channels, height, width, dtype=resolve_output_dtype(self.output_dtype, features)
         )
         flat_out = out.view(batch, channels, height * width)
         for pixels in chunk_slices(height * width, chunk):
             first, stop = pixels.start // width, (pixels.stop - 1) // width + 1
-            rows = (
-                whole[:, :, first:stop]
-                if whole is not None
-                else self.encode_query_rows(scaled_guide, first, stop)
-            )
+            if band is None or first < band_first or stop > band_first + band.shape[2]:
+                band_first = first
+                band = self.encode_query_rows(scaled_guide, first, min(height, max(stop, first + band_rows)))
+            rows = band[:, :, first - band_first : stop - band_first]
             offset = first * width
             queries = rows.flatten(2)[:, :, pixels.start - offset : pixels.stop - offset].transpose(1, 2)
             flat_out[:, :, pixels] = self.decode(queries, keys_values).transpose(1, 2).to(out.dtype)
