@@ -310,7 +310,10 @@ class LoftUp(Upsampler):
         # the encoded query rows the chunks read: in training the whole map (BatchNorm's batch statistics),
         # else a band of rows at a time
         band = self.encode_query_rows(scaled_guide, 0, height) if self.training else None
-        band_first, band_rows = 0, -(-chunk // width) + 1  # a chunk's rows plus the row it shares with the next
+        band_first, band_rows = (
+            0,
+            -(-chunk // width) + 1,
+        )  # a chunk's rows plus the row it shares with the next
         out = features.new_empty(
             batch, channels, height, width, dtype=resolve_output_dtype(self.output_dtype, features)
         )
