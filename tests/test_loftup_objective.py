@@ -15,6 +15,8 @@ from train_helpers import TINY_NAME, one_thread, save_tiny_weights, train_args, 
 
 from featlift import load_checkpoint
 from featlift.cli import main
+from featlift.train.batches import Batch
+from featlift.train.objectives.featup import JITTERS
 from featlift.train.objectives.loftup import (
     CROPS,
     EMATeacher,
@@ -85,6 +87,48 @@ def test_crop_boxes_are_the_regions_of_the_view_in_the_student_map():
     assert crop_box(CROPS[0], (224, 224)) == (slice(0, 112), slice(112, 224))
     assert all(view.scale * view.crop[2] == 1.0 for view in CROPS)  # every crop is seen at S x S
     assert sorted({view.scale for view in CROPS}) == [2.0, 4.0]
+
+
+def hand_batch(channels: int = 8) -> Batch:
+    """Two images: every view 32 px (8x8 tokens of patch 4) with random pixels and features."""
+    torch.manual_seed(3)
+    names = ["image", *(v.name for v in JITTERS), *(v.name for v in CROPS)]
+    pixels = {n: torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8) for n in names}
+    features = {n: torch.randn(2, channels, 8, 8) for n in names}
+    return Batch(pixels, features, [0, 1], lambda x: (x - 0.5) / 0.25, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("distilling", [True, False])
+def test_the_loss_is_the_weighted_sum_of_its_terms(distilling):
+    batch = hand_batch()
+    torch.manual_seed(0)
+    upsampler = LoftUp(8, patch_size=4).train()
+    objective = LoftUpObjective()
+    objective.prepare(upsampler, 8)
+    objective.teacher.after = 0 if distilling else 5
+    objective.ema_after = 0 if distilling else 5
+    filled(objective.teacher.model, 0.0)  # a teacher unlike the student
+    with torch.no_grad():
+        objective.teacher.model.output_norm.bias.normal_()
+        objective.teacher.model.output_norm.weight.normal_()
+    torch.manual_seed(7)
+    loss = objective.loss(upsampler, batch)
+    torch.manual_seed(7)  # the same draws, in the loss's order
+    student = objective.upsampled(upsampler, batch)
+    crops, jitters = torch.randperm(4)[:2].tolist(), torch.randperm(8)[:2].tolist()
+    expected = 0.05 * total_variation(student)
+    for crop, jitter in zip(crops, jitters, strict=True):
+        expected = expected + (
+            objective.reconstruction(upsampler, student, batch, JITTERS[jitter]) / 2
+        ).clamp_min(0)
+        if distilling:
+            expected = expected + 20 * objective.affinity_loss(student, batch, CROPS[crop], False) / 2
+    assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
+    if distilling:
+        assert objective.affinity_loss(student, batch, CROPS[crops[0]], False) > 1e-4  # the term counts
+    loss.backward()
+    assert all(p.grad is not None for p in objective.downsampler.parameters())
+    assert all(p.grad is None for p in objective.teacher.parameters())
 
 
 @pytest.fixture(scope="module")
