@@ -272,7 +272,7 @@ class LoftUp(Upsampler):
         return self.output_norm(self.output_proj(self.final_norm(queries)))
 
     def query_bytes(self, tokens: int, element: int) -> int:
-        """Working bytes one output pixel needs, from the tensors a chunk creates: the query encoding
+        """Working bytes one output pixel needs (`element`: bytes of one value for all images of the batch), from the tensors a chunk creates: the query encoding
         (coordinate products, sin, cos, their concatenation and norm: ~5 x its 203 channels; the convs, norms
         and ReLUs: 6 x D), one block (norms, projections, head split, attention output, residuals: ~10 x D;
         scores and softmax: 2 x heads x tokens; MLP: 2 x C) and the output head (D + 3 x C)."""
@@ -305,15 +305,13 @@ class LoftUp(Upsampler):
         scaled_guide = min_max_scaled(resize_features(guide.to(features.dtype), size))
         tokens = self.encode_tokens(features)
         keys_values = [block.keys_values(tokens) for block in self.blocks]
-        element = features.element_size()
+        element = features.element_size() * batch  # a chunk of output pixels holds them for every image
         chunk = self.chunk_pixels(height * width, width, tokens.shape[1], element)
         # the encoded query rows the chunks read: in training the whole map (BatchNorm's batch statistics),
         # else a band of rows at a time
         band = self.encode_query_rows(scaled_guide, 0, height) if self.training else None
-        band_first, band_rows = (
-            0,
-            -(-chunk // width) + 1,
-        )  # a chunk's rows plus the row it shares with the next
+        band_first = 0
+        band_rows = -(-chunk // width) + 1  # a chunk's rows plus the row it shares with the next
         out = features.new_empty(
             batch, channels, height, width, dtype=resolve_output_dtype(self.output_dtype, features)
         )
