@@ -393,6 +393,7 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                objective.after_step(upsampler)
                 value = float(all_reduce_sum(loss.detach().clone(), info)) / info.world_size
                 guard.after_step(value, upsampler, epoch, step)
                 loss_sum += value

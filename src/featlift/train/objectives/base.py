@@ -31,6 +31,8 @@ the DDP-wrapped module, so DDP sees one forward per step). Optionally an objecti
   exists, `modules` names them; the loop moves them to the device, optimises them with the upsampler (one
   Adam), puts them in train/eval mode with it, wraps them in DDP with it and saves them in the resumable
   training state (``--resume`` restores them); they are not saved with the upsampler's checkpoint;
+- runs `after_step` after every optimiser step (e.g. an EMA teacher follows the upsampler); state it keeps
+  belongs in its `modules` (buffers included), so that ``--resume`` restores it;
 - draws random numbers in `loss` (dropout, random projections, a choice of views): ``stochastic = True`` makes
   the loop seed torch's generator from (seed, epoch, step, rank) before every step, so a resumed run repeats
   the uninterrupted one.
@@ -105,6 +107,9 @@ class Objective:
     def loss(self, upsampler: Upsampler, batch: Batch) -> torch.Tensor:
         """The scalar loss of one training step."""
         raise NotImplementedError
+
+    def after_step(self, upsampler: Upsampler) -> None:
+        """Runs after every optimiser step, with the (unwrapped) upsampler just updated (default: nothing)."""
 
     def validation_sums(self, upsampler: Upsampler, batch: Batch) -> torch.Tensor:
         """Float64 ``[len(sums)]``: each of ``sums`` summed over the batch's images (called under no_grad)."""
