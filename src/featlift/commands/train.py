@@ -73,8 +73,8 @@ def register(subparsers) -> None:
         "--objective",
         default=None,
         metavar="NAME",
-        help="registered training objective (default: the one the upsampler declares: lift for lift, jafar for "
-        "jafar, anyup for anyup, featup for featup-jbu)",
+        help="registered training objective (default: the one the upsampler declares: lift for lift, carafe, "
+        "sapa, fade and dysample; jafar, anyup, uplift, naf and loftup for their own; featup for featup-jbu)",
     )
     parser.add_argument(
         "--no-residual",
