@@ -3,7 +3,9 @@
 For each variant and output size, a fresh Python process builds the backbone and the variant, computes the
 real DINOv2 features of one image (16x16 tokens at 224 px), and then, on the upsampler alone:
 
-- times one call (after a warm-up call at the smallest size, so one-time set-up is not counted);
+- times one call (after a warm-up call at the smallest size, so one-time set-up is not counted); a method fitted
+  per image (``featup-implicit``) is fitted in that call, with the backbone on its jittered views, and has no
+  warm-up;
 - records the process's peak RSS during that call above its RSS before it (what the machine has to have);
 - with ``--tracker``, in a second call, the peak of the tensors the call holds at once
   (`featlift.meters.TensorMemoryTracker`, the CPU analogue of ``max_memory_allocated``).
@@ -48,23 +50,33 @@ def measure_one(args: argparse.Namespace) -> dict:
         defaults["max_memory_mib"] = args.max_memory
     (variant,) = parse_variants([args.one], backbone, defaults)
     upsampler = variant.pipeline.upsampler
-    with torch.inference_mode():
+    per_image = upsampler.capabilities.fitting == "per-image"
+
+    def call(size: tuple[int, int]) -> torch.Tensor:
+        """One upsampling; a per-image method is fitted on the image first (the fit is part of its cost)."""
+        if per_image:
+            with torch.enable_grad():
+                fitted = upsampler.fit_upsample(features, guide, size, variant.pipeline.features_of)
+            return fitted.detach()
+        return upsampler(features, guide, size)
+
+    with torch.no_grad():
         normalized = backbone.normalize(image_to_tensor(load_image(args.image), (BASE, BASE))[None])
         features = backbone(normalized)
         guide = normalized if upsampler.capabilities.guide != "none" else None
         size = (args.one_size, args.one_size)
-        warm = (2 * features.shape[-2], 2 * features.shape[-1])
-        upsampler(features, guide, warm)  # first-call set-up, at a small size
+        if not per_image:  # first-call set-up, at a small size (a per-image fit has none worth a second fit)
+            call((2 * features.shape[-2], 2 * features.shape[-1]))
         before = rss_mib()
         reset_peak_rss()
-        out, seconds = timed_call(lambda: upsampler(features, guide, size))
+        out, seconds = timed_call(lambda: call(size))
         call_peak = peak_rss_mib() - before
         output_mib = out.numel() * out.element_size() / 2**20
         dtype = str(out.dtype).removeprefix("torch.")
         del out
         tracked = None
         if args.tracker:
-            tracked = peak_memory_mib(lambda: upsampler(features, guide, size))
+            tracked = peak_memory_mib(lambda: call(size))
     return {
         "variant": args.one,
         "output": args.one_size,
