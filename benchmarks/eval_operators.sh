@@ -5,7 +5,8 @@
 # all), then DAVIS-2016 and warp next to bilinear and LiFT at the settings of eval_peers.sh (224 px, every
 # upsampler at 64x64 = two 2x passes; DAVIS: the first 6 frames of each sequence; warp: 20 images + the pair).
 # Usage: benchmarks/eval_operators.sh [RUNS_DIR] [OUT_DIR]  (defaults runs/operators, benchmarks/operator_eval_results)
-# Knobs: SHARED (default ../shared), CACHE (feature cache, default runs/cache), OPERATORS, TASKS, PYTHON.
+# Knobs: SHARED (default ../shared), CACHE (feature cache, default runs/cache), OPERATORS, TASKS, PYTHON,
+#   BASELINES (the variants beside them, default bilinear:size=64x64,lift:iters=2; empty for none).
 # A run folder that exists is resumed (a finished one is left as it is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,14 +18,14 @@ SHARED=${SHARED:-../shared}
 CACHE=${CACHE:-runs/cache}
 OPERATORS=${OPERATORS:-dysample carafe sapa fade}
 WEIGHTS="$SHARED/weights/vit_small_patch14_dinov2.imgfocus.safetensors"
-VARIANTS="bilinear:size=64x64,lift:iters=2"
+VARIANTS=${BASELINES-bilinear:size=64x64,lift:iters=2}
 for op in $OPERATORS; do
     RESUME=()
     if [[ -d "$RUNS/$op" ]]; then RESUME=(--resume); fi  # a finished run: "nothing to do"; an interrupted one goes on
     OMP_NUM_THREADS=${THREADS:-1} "$PYTHON" -m featlift train "$SHARED/data/imagenet-sample" --weights "$WEIGHTS" \
         --upsampler "$op" --out "$RUNS/$op" --epochs 8 --batch-size 8 --image-size 448 --val-fraction 0.1 \
         --seed 0 --cache "$CACHE" --device cpu --no-progress "${RESUME[@]}"
-    VARIANTS+=",$op:$RUNS/$op:iters=2"
+    VARIANTS+="${VARIANTS:+,}$op:$RUNS/$op:iters=2"
 done
 export THREADS=${THREADS:-1} SHARED PYTHON
 VARIANTS="$VARIANTS" TASKS="${TASKS:-davis warp}" DAVIS_FRAMES=6 WARP_IMAGES=20 bash benchmarks/eval_tasks.sh "$OUT"
