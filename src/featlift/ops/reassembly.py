@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from featlift.errors import InputSizeError
-from featlift.upsamplers.chunking import chunk_length, chunk_slices
+from featlift.upsamplers.chunking import DEFAULT_MAX_MEMORY_MIB, check_chunking, chunk_length, chunk_slices
 
 KernelRows = Callable[[int, int], torch.Tensor]
 """``kernel_rows(start, stop)``: the normalised kernels ``[B, G*k², stop - start, s*w]`` of output rows
@@ -59,10 +59,7 @@ def check_chunk_rows(owner: str, chunk_rows: int | None, max_memory_mib: float |
         raise ValueError(
             f"{owner} chunk_rows must be an integer >= 1 (or None: from the budget), got {chunk_rows}"
         )
-    if max_memory_mib is not None and not (0 < float(max_memory_mib) < float("inf")):
-        raise ValueError(
-            f"{owner} max_memory_mib must be > 0 and finite (or None: 512), got {max_memory_mib}"
-        )
+    check_chunking(owner, None, max_memory_mib)
 
 
 def band_rows(
@@ -76,7 +73,7 @@ def band_rows(
     (the part of a band's working memory that does not grow with its rows)."""
     if chunk_rows is not None:
         return chunk_length(height, bytes_per_row, int(chunk_rows))
-    budget_mib = 512.0 if max_memory_mib is None else float(max_memory_mib)
+    budget_mib = DEFAULT_MAX_MEMORY_MIB if max_memory_mib is None else float(max_memory_mib)
     left_mib = max(budget_mib - halo_bytes / 2**20, 1e-6)
     return chunk_length(height, bytes_per_row, None, left_mib)
 

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import InputSizeError
 from .base import Capabilities, Upsampler, check_inputs, resize_features
-from .chunking import CHUNK_OPTIONS, chunk_length, output_dtype, set_chunking
+from .chunking import CHUNK_OPTIONS, DEFAULT_MAX_MEMORY_MIB, chunk_length, output_dtype, set_chunking
 from .lift import LiFT
 from .local_attender import LocalAttender, add_channel_residual
 from .registry import register_upsampler
@@ -301,7 +301,7 @@ class UPLiFT(Upsampler):
         if self.chunk_size is not None:
             rows = chunk_length(height, 1, max(1, self.chunk_size // width))
         else:
-            budget = (self.max_memory_mib or 512.0) * 2**20
+            budget = (self.max_memory_mib or DEFAULT_MAX_MEMORY_MIB) * 2**20
             low, high = 2, height  # the most rows whose estimate fits the budget (at least 2)
             while low < high:
                 middle = (low + high + 1) // 2
