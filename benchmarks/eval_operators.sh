@@ -5,7 +5,9 @@
 # all), then DAVIS-2016 and warp next to bilinear and LiFT at the settings of eval_peers.sh (224 px, every
 # upsampler at 64x64 = two 2x passes; DAVIS: the first 6 frames of each sequence; warp: 20 images + the pair).
 # Usage: benchmarks/eval_operators.sh [RUNS_DIR] [OUT_DIR]  (defaults runs/operators, benchmarks/operator_eval_results)
-# Knobs: SHARED (default ../shared), CACHE (feature cache, default runs/cache), OPERATORS, TASKS, PYTHON,
+# Knobs: SHARED (default ../shared), CACHE (feature cache, default runs/cache), OPERATORS (each NAME or
+#   NAME:key=value... with constructor settings, e.g. fade:gating=false; its run folder is the spec with : and = as -),
+#   TASKS, PYTHON,
 #   BASELINES (the variants beside them, default bilinear:size=64x64,lift:iters=2; empty for none).
 # A run folder that exists is resumed (a finished one is left as it is).
 set -euo pipefail
@@ -20,12 +22,13 @@ OPERATORS=${OPERATORS:-dysample carafe sapa fade}
 WEIGHTS="$SHARED/weights/vit_small_patch14_dinov2.imgfocus.safetensors"
 VARIANTS=${BASELINES-bilinear:size=64x64,lift:iters=2}
 for op in $OPERATORS; do
+    RUN="$RUNS/$(tr ':=' '--' <<<"$op")"
     RESUME=()
-    if [[ -d "$RUNS/$op" ]]; then RESUME=(--resume); fi  # a finished run: "nothing to do"; an interrupted one goes on
+    if [[ -d "$RUN" ]]; then RESUME=(--resume); fi  # a finished run: "nothing to do"; an interrupted one goes on
     OMP_NUM_THREADS=${THREADS:-1} "$PYTHON" -m featlift train "$SHARED/data/imagenet-sample" --weights "$WEIGHTS" \
-        --upsampler "$op" --out "$RUNS/$op" --epochs 8 --batch-size 8 --image-size 448 --val-fraction 0.1 \
+        --upsampler "$op" --out "$RUN" --epochs 8 --batch-size 8 --image-size 448 --val-fraction 0.1 \
         --seed 0 --cache "$CACHE" --device cpu --no-progress "${RESUME[@]}"
-    VARIANTS+="${VARIANTS:+,}$op:$RUNS/$op:iters=2"
+    VARIANTS+="${VARIANTS:+,}${op%%:*}:$RUN:iters=2"
 done
 export THREADS=${THREADS:-1} SHARED PYTHON
 VARIANTS="$VARIANTS" TASKS="${TASKS:-davis warp}" DAVIS_FRAMES=6 WARP_IMAGES=20 bash benchmarks/eval_tasks.sh "$OUT"

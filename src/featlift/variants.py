@@ -137,6 +137,38 @@ def option_value(cls: type, key: str, text: str, spec: str) -> Any:
     if key not in cls.options:
         known = ", ".join(["size", *cls.options])
         raise FeatliftError(f"variant {spec!r}: {cls.name} has no option {key!r}; its options: {known}")
+    return typed_argument(cls, key, text, f"variant {spec!r}")
+
+
+def parse_training_spec(spec: str, trainable: typing.Collection[str]) -> tuple[str, dict[str, Any]]:
+    """``NAME[:key=value...]`` of ``featlift train --upsampler`` -> ``(NAME, constructor settings)``, each value
+    typed as the constructor annotates it; e.g. ``fade:gating=false`` -> ``("fade", {"gating": False})``."""
+    name, checkpoint, text_settings = split_spec(spec)
+    where = f"--upsampler {spec!r}"
+    if name not in trainable:
+        raise FeatliftError(
+            f"{where}: {name!r} is not a trainable upsampler; choose from {', '.join(trainable)}"
+        )
+    if checkpoint is not None:
+        raise FeatliftError(
+            f"{where}: unexpected part {checkpoint!r}; the grammar is NAME[:key=value...] (no checkpoint: "
+            "continue a run with --resume)"
+        )
+    cls = get_upsampler_class(name)
+    known = cls.setting_names()
+    settings = {}
+    for key, text in text_settings.items():
+        if key not in known:
+            hint = " (use --no-residual)" if key == "residual" else ""
+            raise FeatliftError(
+                f"{where}: {name} has no setting {key!r}{hint}; its settings: {', '.join(known) or 'none'}"
+            )
+        settings[key] = typed_argument(cls, key, text, where)
+    return name, settings
+
+
+def typed_argument(cls: type, key: str, text: str, where: str) -> Any:
+    """``key=text`` for the constructor of upsampler class `cls`, typed as the constructor annotates `key`."""
     annotation = typing.get_type_hints(cls.__init__).get(key, str)
     members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     if text.lower() == "none" and type(None) in typing.get_args(annotation):
@@ -152,7 +184,7 @@ def option_value(cls: type, key: str, text: str, spec: str) -> Any:
         return kind(text)
     except (ValueError, TypeError, FeatliftError):
         kind_name = getattr(kind, "__name__", str(kind))
-        raise FeatliftError(f"variant {spec!r}: {key}={text!r} is not a valid {kind_name}") from None
+        raise FeatliftError(f"{where}: {key}={text!r} is not a valid {kind_name}") from None
 
 
 def parse_variants(

@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 from ..train import LOSSES, TrainConfig, train
 from ..upsamplers import available_upsamplers, get_upsampler_class
+from ..variants import parse_training_spec
 from .common import add_backbone_args, add_device_arg, positive_int, weights_from_args
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,14 @@ def config_command(config: TrainConfig) -> str:
     defaults = TrainConfig(images="", out="")
     parts = ["featlift", "train", config.images, "--out", config.out]
     for name, value in asdict(config).items():
-        if name in ("images", "out", "command", "cache_dtype") or value == getattr(defaults, name):
+        if name in ("images", "out", "command", "cache_dtype", "upsampler_args"):
+            continue
+        if name == "upsampler":
+            spec = ":".join([value, *(f"{k}={v}" for k, v in config.upsampler_args.items())])
+            if spec != defaults.upsampler:
+                parts += ["--upsampler", spec]
+            continue
+        if value == getattr(defaults, name):
             continue
         if name in _FLAGS:
             if value == _FLAGS[name][0]:
@@ -67,7 +75,12 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoint, state, log")
     trainable = [name for name in available_upsamplers() if get_upsampler_class(name).trainable]
     parser.add_argument(
-        "--upsampler", default="lift", choices=trainable, help="upsampler to train (default lift)"
+        "--upsampler",
+        default="lift",
+        type=lambda spec: parse_training_spec(spec, trainable),
+        metavar="NAME[:key=value...]",
+        help=f"upsampler to train (default lift): {', '.join(trainable)}; key=value sets a constructor setting "
+        "that its checkpoint stores, e.g. fade:gating=false",
     )
     parser.add_argument(
         "--objective",
@@ -140,6 +153,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    upsampler, upsampler_args = args.upsampler if isinstance(args.upsampler, tuple) else (args.upsampler, {})
     config = TrainConfig(
         images=args.images,
         out=args.out,
@@ -147,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         weights=weights_from_args(args),
         layer=args.layer,
         facet=args.facet,
-        upsampler=args.upsampler,
+        upsampler=upsampler,
+        upsampler_args=upsampler_args,
         objective=args.objective,
         residual=args.residual,
         epochs=args.epochs,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 
 @dataclass
@@ -18,6 +19,8 @@ class TrainConfig:
     upsampler: str = "lift"
     objective: str | None = None  # default: the upsampler class's capabilities.objective
     residual: bool = True
+    # constructor settings of the upsampler (stored in its checkpoint), e.g. {"gating": False} for fade
+    upsampler_args: dict[str, Any] = field(default_factory=dict)
     epochs: int = 5
     batch_size: int = 8
     lr: float = 1e-3

@@ -107,6 +107,13 @@ def _build_upsampler(config: TrainConfig, backbone: ViTBackbone) -> Upsampler:
         args["residual"] = config.residual
     elif not config.residual:
         raise FeatliftError(f"--no-residual: upsampler {config.upsampler} has no residual option")
+    known = cls.setting_names()
+    unknown = sorted(set(config.upsampler_args) - set(known))
+    if unknown:
+        raise FeatliftError(
+            f"upsampler_args {unknown}: {config.upsampler} has no such setting; its settings: {', '.join(known) or 'none'}"
+        )
+    args.update(config.upsampler_args)
     return cls.from_features(backbone.channels, backbone.patch_size, **args)
 
 

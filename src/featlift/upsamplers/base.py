@@ -134,6 +134,20 @@ class Upsampler(nn.Module):
         shape = {"channels": channels, "patch_size": patch_size}
         return cls(**{k: v for k, v in shape.items() if k in taken}, **args)
 
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        """The constructor arguments a training run may choose (``featlift train --upsampler NAME:key=value``):
+        what `config` stores, not the run-time `options` (chunking, ``iters``), the backbone's shape
+        (``channels``, ``patch_size``) nor ``residual`` (``--no-residual``)."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return [
+            p.name
+            for p in parameters
+            if p.name not in ("self", "channels", "patch_size", "residual")
+            and p.name not in cls.options
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+
     def native_output_size(self, grid: tuple[int, int]) -> tuple[int, int]:
         """The output size for a ``grid`` of tokens when the caller asks for none: 2x, or the fixed factor."""
         factor = self.capabilities.factor or 2
