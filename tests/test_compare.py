@@ -239,3 +239,82 @@ def test_task_table_and_settings():
         parse_task_settings([], ["devis"])
     with pytest.raises(Exception, match="not among --tasks"):
         parse_task_settings(["warp.limit=2"], ["davis"])
+
+
+def _cell(method, task, quality, ms):
+    from featlift.compare.leaderboard import Cell
+
+    metric = {"davis": "J&F", "warp": "PCK@0.1"}[task]
+    result = {"metrics": {metric: quality}, "ms_per_image": ms, "peak_memory_mib": 10.0, "details": {}}
+    return Cell(method, task, metric, result, "h", False, 1.0)
+
+
+def test_leaderboard_ranks_marks_the_front_and_formats_costs():
+    from featlift.compare.leaderboard import Leaderboard, format_parameters
+
+    cells = [_cell("a", "davis", 60, 10), _cell("b", "davis", 70, 20), _cell("c", "davis", 50, 30)]
+    cells += [_cell("a", "warp", 40, 10), _cell("b", "warp", 45, 20)]  # c has no warp result
+    training = {
+        "b": {"epochs": 2, "train_images": 9, "image_size": 448, "wall_time_s": 12.5, "trained_here": True}
+    }
+    board = Leaderboard(
+        ["a", "b", "c"], [("davis", "J&F"), ("warp", "PCK@0.1")], cells, {"b": 1_234_567}, training
+    )
+    assert board.mean_ranks() == {"a": 2.0, "b": 1.0, "c": 3.0}
+    assert board.ordered_methods() == ["b", "a", "c"]
+    assert board.fronts() == {"davis": ["a", "b"], "warp": ["a", "b"]}
+    lines = board.markdown().splitlines()
+    assert lines[2].startswith("| 1.00 | `b` | 70.0* | 20.0 | 10 | 45.0* |")
+    assert "| 3.00 | `c` | 50.0 | 30.0 | 10 | - | - | - |" in lines[4]
+    assert "1.23 M" in lines[2] and "2 ep x 9 img @448 px, 12.5 s (here)" in lines[2]
+    assert format_parameters(0) == "0" and format_parameters(1500) == "1.5 k"
+
+
+def test_counting_pipeline_moves_the_bar_by_the_images():
+    from featlift.compare.run import _CountingPipeline
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    class Pipeline:
+        wants_sources = True
+
+        def __call__(self, images, sources=None):
+            return images * 2
+
+    bar = Bar()
+    counting = _CountingPipeline(Pipeline(), bar)
+    assert (
+        torch.equal(counting(torch.ones(3, 1)), torch.full((3, 1), 2.0))
+        and counting(torch.ones(2, 1)) is not None
+    )
+    assert bar.n == 5 and counting.wants_sources is True
+
+
+def test_task_layouts_are_found_under_the_data_root(tmp_path):
+    (tmp_path / "voc2012" / "VOCdevkit" / "VOC2012").mkdir(parents=True)
+    (tmp_path / "camvid").mkdir()
+    assert TASKS["probe-voc"].locate(tmp_path) == (tmp_path / "voc2012" / "VOCdevkit" / "VOC2012").resolve()
+    assert TASKS["probe-camvid"].locate(tmp_path) == (tmp_path / "camvid").resolve()
+    assert TASKS["davis"].locate(tmp_path) is None
+    assert "davis2016: no such folder" in TASKS["davis"].missing_reason(tmp_path)
+
+
+def test_budget_and_bad_settings_are_refused_naming_the_value(tmp_path, data_root, tiny_timm_weights, capsys):
+    from featlift.compare.methods import parse_budget
+    from featlift.errors import FeatliftError
+
+    assert parse_budget("epochs=2, image_size=224")["epochs"] == 2 and parse_budget(None)["image_size"] == 448
+    for text, message in (("epoch=2", "'epoch=2' is not KEY=VALUE"), ("epochs=x", "epochs='x' is not a valid int"),
+                          ("epochs=0", "must be positive"), ("val_fraction=1", r"must be in \[0, 1\)")):  # fmt: skip
+        with pytest.raises(FeatliftError, match=message):
+            parse_budget(text)
+    out = tmp_path / "out"
+    assert compare(data_root, tiny_timm_weights, out, "bilinear", "davis", "--set", "davis.topk=0") == 2
+    assert "DavisConfig.topk = 0: expected an integer >= 1" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+    assert compare(data_root, tiny_timm_weights, out, "bilinear,nosuch", "davis") == 2
+    assert "nosuch" in capsys.readouterr().err

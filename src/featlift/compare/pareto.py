@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -26,18 +28,38 @@ def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
     return [label for _, _, label in sorted(front)]
 
 
+def _drawn_digest(path: Path) -> str | None:
+    """The digest of the panels a PNG written by `plot_fronts` shows (in its text chunk), None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get(DIGEST_KEY)
+    except OSError:
+        return None
+
+
+DIGEST_KEY = "featlift-panels"
+
+
 def plot_fronts(
     panels: Sequence[tuple[str, str, list[tuple[str, float, float]]]], path: str | os.PathLike
 ) -> Path | None:
     """One panel per ``(task, metric, points)``: each method at (ms per image, quality), the Pareto front
-    joined and its points filled; written atomically to `path` (PNG). None when there is nothing to plot."""
+    joined and its points filled; written atomically to `path` (PNG). None when there is nothing to plot.
+    A PNG already at `path` that shows the same panels (a digest in its metadata) is kept as it is."""
     panels = [p for p in panels if any(math.isfinite(c) and math.isfinite(q) for _, c, q in p[2])]
     if not panels:
         return None
+    path = Path(path)
+    digest = hashlib.sha256(json.dumps(panels, default=str).encode()).hexdigest()[:16]
+    if path.is_file() and _drawn_digest(path) == digest:
+        return path
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib import pyplot as plt
+    from matplotlib import ticker
 
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
     for axis, (task, metric, points) in zip(axes[0], panels, strict=True):
@@ -57,13 +79,15 @@ def plot_fronts(
         logarithmic = all(cost > 0 for cost, _ in by_label.values())
         if logarithmic:
             axis.set_xscale("log")
+            axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.xaxis.set_minor_formatter(ticker.NullFormatter())
         axis.set_xlabel("ms per image" + (" (log)" if logarithmic else ""))
         axis.set_ylabel(metric)
         axis.set_title(f"{task} (red: Pareto front)")
         axis.grid(alpha=0.3)
+        axis.margins(x=0.15, y=0.1)
     figure.tight_layout()
-    path = Path(path)
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
+        figure.savefig(tmp, format="png", dpi=110, metadata={DIGEST_KEY: digest})
     plt.close(figure)
     return path

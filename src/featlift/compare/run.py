@@ -173,9 +173,9 @@ def run_compare(options: CompareOptions, backbone: ViTBackbone) -> CompareOutcom
     if len(set(options.methods)) != len(options.methods):
         raise FeatliftError(f"--methods repeat: {options.methods}")
     device = resolve_device(options.device)
-    out_dir = check_writable_dir(options.out, "output folder --out")
-    ready, skipped = _prepare_tasks(options)
+    ready, skipped = _prepare_tasks(options)  # bad settings and unknown methods are refused before any work
     methods = [resolve_method(spec, backbone) for spec in options.methods]
+    out_dir = check_writable_dir(options.out, "output folder --out")
     _train_missing(methods, backbone, options, out_dir)
     backbone_id = {
         "name": backbone.name,
@@ -271,8 +271,9 @@ def run_compare(options: CompareOptions, backbone: ViTBackbone) -> CompareOutcom
                     out_dir, board, settings, str(device)
                 )  # a killed run still shows what it has
                 outer.update(1)
-            del variant
-            gc.collect()
+            if variant is not None:
+                del variant
+                gc.collect()  # the method's module is freed before the next one is built
     finally:
         outer.close()
     leaderboard, results = write_leaderboard(out_dir, board, settings, str(device))
