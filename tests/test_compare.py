@@ -182,13 +182,19 @@ def test_probe_task_and_a_method_without_checkpoint(tmp_path, data_root, tiny_ti
 
 
 def test_train_missing_trains_once_per_method_and_reuses_it(
-    tmp_path, data_root, tiny_timm_weights, counted, capsys
+    tmp_path, data_root, tiny_timm_weights, counted, monkeypatch, capsys
 ):
+    trainings = []
+    original = compare_run.train_method
+    monkeypatch.setattr(
+        compare_run, "train_method", lambda *a, **k: (trainings.append(a[0]), original(*a, **k))[1]
+    )
     out = tmp_path / "out"
     budget = "epochs=1,image_size=64,batch_size=2,val_fraction=0"
     args = ("--train-missing", "--budget", budget)
     code = compare(data_root, tiny_timm_weights, out, "bilinear,lift,lift:iters=2", "warp", *args)
     assert code == 0, capsys.readouterr().err
+    assert trainings == ["lift"]  # lift and lift:iters=2 share one checkpoint
     trained = list((out / "trained").iterdir())
     assert len(trained) == 1 and trained[0].name.startswith("lift-")
     assert (trained[0] / "model.safetensors").is_file() and (trained[0] / "train_state.safetensors").is_file()
