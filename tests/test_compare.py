@@ -324,3 +324,5 @@ def test_budget_and_bad_settings_are_refused_naming_the_value(tmp_path, data_roo
     assert not out.exists()  # refused before any work
     assert compare(data_root, tiny_timm_weights, out, "bilinear,nosuch", "davis") == 2
     assert "nosuch" in capsys.readouterr().err
+    assert compare(tmp_path / "nodata", tiny_timm_weights, out, "bilinear", "davis") == 2
+    assert "--data-root" in capsys.readouterr().err and not out.exists()

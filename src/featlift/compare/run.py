@@ -172,6 +172,10 @@ def run_compare(options: CompareOptions, backbone: ViTBackbone) -> CompareOutcom
         raise FeatliftError("--methods: no method given")
     if len(set(options.methods)) != len(options.methods):
         raise FeatliftError(f"--methods repeat: {options.methods}")
+    if not Path(options.data_root).is_dir():
+        raise FeatliftError(
+            f"--data-root {options.data_root}: no such folder (expected one holding davis2016/, voc2012/, camvid/, ...)"
+        )
     device = resolve_device(options.device)
     ready, skipped = _prepare_tasks(options)  # bad settings and unknown methods are refused before any work
     methods = [resolve_method(spec, backbone) for spec in options.methods]
