@@ -261,9 +261,8 @@ class ViTBackbone(nn.Module):
         self.layer = layer % depth
         self.facet = facet
         self.depth = depth
-        patch = (
-            model.patch_embed if hasattr(model, "patch_embed") else model.embeds
-        ).patch_size  # NaFlexVit: embeds
+        embedding = model.patch_embed if hasattr(model, "patch_embed") else model.embeds  # NaFlexVit: embeds
+        patch = embedding.patch_size
         patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
         if patch[0] != patch[1]:
             raise BackboneError(f"{name}: non-square patches {patch} are not supported")
