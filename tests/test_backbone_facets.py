@@ -24,6 +24,7 @@ LAYER = 1
 FAMILIES = [
     ("vit_base_patch16_224.dino", {}, (3, 2), 1, "Block", "Attention"),
     ("vit_small_patch14_reg4_dinov2", {}, (3, 2), 5, "Block", "Attention"),
+    ("vit_small_patch14_reg4_dinov2", {"qk_norm": True}, (2, 3), 5, "Block", "Attention"),
     ("vit_base_patch16_clip_224", {}, (2, 3), 1, "Block", "Attention"),
     ("vit_base_patch16_siglip_224", {}, (3, 2), 0, "Block", "Attention"),
     ("vit_base_patch16_siglip_224.v2_webli", {}, (2, 3), 0, "Block", "Attention"),  # SigLIP2
@@ -32,6 +33,7 @@ FAMILIES = [
     ("vit_base_patch16_rpn_224", {}, (3, 2), 0, "ResPostBlock", "Attention"),  # post-norm residual
     ("vit_small_patch16_dinov3", {}, (3, 2), 5, "EvaBlock", "EvaAttention"),  # CLS + 4 storage tokens
     ("vit_small_patch16_dinov3_qkvb", {}, (2, 3), 5, "EvaBlock", "EvaAttention"),  # separate q/v biases
+    ("vit_small_patch16_dinov3", {"qk_norm": True}, (2, 3), 5, "EvaBlock", "EvaAttention"),
     ("eva02_tiny_patch14_224.mim_in22k", {}, (3, 2), 1, "EvaBlock", "EvaAttention"),
     ("eva02_base_patch14_224.mim_in22k", {}, (2, 3), 1, "EvaBlock", "EvaAttention"),  # unfused q/k/v
     ("eva02_enormous_patch14_clip_224", {}, (3, 2), 1, "EvaBlockPostNorm", "EvaAttention"),
@@ -41,7 +43,7 @@ FAMILIES = [
     ("naflexvit_base_patch16_radio_v3", {}, (3, 2), 8, "Block", "Attention"),  # RADIO: CLS + 7 summary
     ("vit_base_patch16_radio_v3", {"img_size": (48, 32)}, (3, 2), 8, "Block", "Attention"),
 ]
-IDS = [family[0] for family in FAMILIES]
+IDS = [family[0] + ("+qk_norm" if family[1].get("qk_norm") else "") for family in FAMILIES]
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
