@@ -38,12 +38,20 @@ FAMILIES = [
     ("eva02_base_patch14_224.mim_in22k", {}, (2, 3), 1, "EvaBlock", "EvaAttention"),  # unfused q/k/v
     ("eva02_enormous_patch14_clip_224", {}, (3, 2), 1, "EvaBlockPostNorm", "EvaAttention"),
     ("vit_pe_core_tiny_patch16_384", {}, (3, 2), 1, "EvaBlock", "AttentionRope"),
+    (
+        "vit_pe_core_tiny_patch16_384",
+        {"qkv_fused": False, "num_kv_heads": 2},
+        (2, 3),
+        1,
+        "EvaBlock",
+        "AttentionRope",
+    ),
     ("beit_base_patch16_224", {"img_size": (48, 32)}, (3, 2), 1, "Block", "Attention"),  # rel. pos. bias
     ("beitv2_base_patch16_224", {"img_size": (32, 48)}, (2, 3), 1, "Block", "Attention"),
     ("naflexvit_base_patch16_radio_v3", {}, (3, 2), 8, "Block", "Attention"),  # RADIO: CLS + 7 summary
     ("vit_base_patch16_radio_v3", {"img_size": (48, 32)}, (3, 2), 8, "Block", "Attention"),
 ]
-IDS = [family[0] + ("+qk_norm" if family[1].get("qk_norm") else "") for family in FAMILIES]
+IDS = [family[0] + "".join(f"+{key}" for key in family[1] if key != "img_size") for family in FAMILIES]
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -239,3 +247,12 @@ def test_naflex_radio_takes_any_multiple_of_the_patch():
     assert (backbone.patch_size, backbone.num_prefix_tokens, backbone.channels) == (16, 8, 64)
     for size in ((32, 48), (64, 16)):
         assert backbone(torch.randn(1, 3, *size)).shape == (1, 64, size[0] // 16, size[1] // 16)
+
+
+def test_grouped_query_attention_keys_and_values_have_the_key_value_heads():
+    kwargs = dict(qkv_fused=False, num_kv_heads=2, pretrained=False, layer=1, **SMALL)
+    channels = {
+        facet: create_backbone("vit_pe_core_tiny_patch16_384", facet=facet, **kwargs).channels
+        for facet in ATTENTION_FACETS
+    }
+    assert channels == {"query": 64, "key": 32, "value": 32}  # 4 query heads, 2 key/value heads of 16
