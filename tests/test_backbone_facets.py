@@ -256,3 +256,17 @@ def test_grouped_query_attention_keys_and_values_have_the_key_value_heads():
         for facet in ATTENTION_FACETS
     }
     assert channels == {"query": 64, "key": 32, "value": 32}  # 4 query heads, 2 key/value heads of 16
+
+
+def test_build_kwargs_per_family_and_the_callers_win():
+    from featlift.backbones.families import timm_build_kwargs
+
+    assert timm_build_kwargs("vit_small_patch16_dinov3") == {"num_classes": 0, "dynamic_img_size": True}
+    assert timm_build_kwargs("naflexvit_base_patch16_radio_v3.c_radio") == {"num_classes": 0}
+    assert timm_build_kwargs("beitv2_base_patch16_224", {"img_size": 64}) == {
+        "num_classes": 0,
+        "img_size": 64,
+    }
+    assert timm_build_kwargs("vit_base_patch16_radio_v3")["dynamic_img_size"] is False
+    assert timm_build_kwargs("vit_base_patch16_224", {"dynamic_img_size": False})["dynamic_img_size"] is False
+    assert timm_build_kwargs("no_such_model") == {"num_classes": 0, "dynamic_img_size": True}

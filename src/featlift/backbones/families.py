@@ -25,7 +25,7 @@ def _entrypoint_module(name: str) -> str:
     architecture = name.split(".")[0]
     try:
         return timm.models.model_entrypoint(architecture).__module__
-    except RuntimeError:  # unknown name: the builder reports it
+    except (KeyError, RuntimeError):  # an unknown name: the builder reports it
         return ""
 
 
