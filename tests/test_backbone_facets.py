@@ -158,13 +158,11 @@ def test_backbone_facets_are_the_patch_tokens_on_the_grid(
 ):
     """ViTBackbone's maps: the facets of the patch tokens (prefix tokens dropped), row-major on the token grid,
     with the rotary embedding the backbone captured itself; the token facet is timm's own NCHW map."""
-    images = None
+    built = build(name, kwargs, "token")
+    torch.manual_seed(1)
+    images = torch.randn(1, 3, grid[0] * built.patch_size, grid[1] * built.patch_size, dtype=torch.float64)
     for facet in ("token", *ATTENTION_FACETS):
-        backbone = build(name, kwargs, facet)
-        if images is None:
-            torch.manual_seed(1)
-            size = (grid[0] * backbone.patch_size, grid[1] * backbone.patch_size)
-            images = torch.randn(1, 3, *size, dtype=torch.float64)
+        backbone = ViTBackbone(built.model, built.name, layer=LAYER, facet=facet)
         with torch.no_grad():
             got = backbone(images)
         assert got.shape == (1, backbone.channels, *grid)
