@@ -37,6 +37,8 @@ FAMILIES = [
     ("eva02_tiny_patch14_224.mim_in22k", {}, (3, 2), 1, "EvaBlock", "EvaAttention"),
     ("eva02_base_patch14_224.mim_in22k", {}, (2, 3), 1, "EvaBlock", "EvaAttention"),  # unfused q/k/v
     ("eva02_enormous_patch14_clip_224", {}, (3, 2), 1, "EvaBlockPostNorm", "EvaAttention"),
+    # per-block, per-head learned RoPE frequencies:
+    ("vit_base_patch16_rope_mixed_224", {}, (2, 3), 1, "EvaBlock", "AttentionRope"),
     ("vit_pe_core_tiny_patch16_384", {}, (3, 2), 1, "EvaBlock", "AttentionRope"),
     (
         "vit_pe_core_tiny_patch16_384",
@@ -48,6 +50,7 @@ FAMILIES = [
     ),
     ("beit_base_patch16_224", {"img_size": (48, 32)}, (3, 2), 1, "Block", "Attention"),  # rel. pos. bias
     ("beitv2_base_patch16_224", {"img_size": (32, 48)}, (2, 3), 1, "Block", "Attention"),
+    ("beit3_base_patch16_224", {}, (3, 2), 1, "Block", "Attention"),  # a VisionTransformer in timm
     ("naflexvit_base_patch16_radio_v3", {}, (3, 2), 8, "Block", "Attention"),  # RADIO: CLS + 7 summary
     ("vit_base_patch16_radio_v3", {"img_size": (48, 32)}, (3, 2), 8, "Block", "Attention"),
 ]
