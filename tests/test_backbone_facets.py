@@ -271,3 +271,52 @@ def test_build_kwargs_per_family_and_the_callers_win():
     assert timm_build_kwargs("vit_base_patch16_radio_v3")["dynamic_img_size"] is False
     assert timm_build_kwargs("vit_base_patch16_224", {"dynamic_img_size": False})["dynamic_img_size"] is False
     assert timm_build_kwargs("no_such_model") == {"num_classes": 0, "dynamic_img_size": True}
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("vit_small_patch16_dinov3_qkvb", {}),
+        ("vit_small_patch16_dinov3", {"qk_norm": True}),
+        ("eva02_tiny_patch14_224.mim_in22k", {}),
+        ("vit_pe_core_tiny_patch16_384", {}),
+        ("beit_base_patch16_224", {"img_size": (48, 32)}),
+        ("vit_small_patch14_reg4_dinov2", {"qk_norm": True}),
+    ],
+)
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_facets_are_the_tensors_timm_hands_to_attention(monkeypatch, name, kwargs, autocast):
+    """The q, k, v timm passes to ``scaled_dot_product_attention`` in block LAYER, dtype included (bf16 autocast
+    on the CPU: timm casts rotated q/k to v's dtype; a LayerNorm q/k-norm returns float32 under autocast)."""
+    backbone = create_backbone(name, pretrained=False, facet="key", layer=LAYER, **SMALL, **kwargs)
+    randomize(backbone.model, seed=3)
+    block = backbone.model.blocks[LAYER]
+    seen: dict = {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, *args, **kw):
+        if seen.pop("in_layer", False):
+            seen["qkv"] = (query, key, value)
+        return sdpa(query, key, value, *args, **kw)
+
+    def block_pre(module, args, kw):
+        seen["tokens"], seen["rope"] = args[0], kw.get("rope")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    handles = [
+        block.register_forward_pre_hook(block_pre, with_kwargs=True),
+        block.attn.register_forward_pre_hook(lambda module, args: seen.update(in_layer=True)),
+    ]
+    images = torch.randn(1, 3, 3 * backbone.patch_size, 2 * backbone.patch_size)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            backbone.model.forward_intermediates(images, indices=[LAYER], intermediates_only=True)
+            facets = [attention_facet(block, seen["tokens"], f, rope=seen["rope"]) for f in ATTENTION_FACETS]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert "qkv" in seen, "timm did not call scaled_dot_product_attention in the block"
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for facet, flat, used in zip(ATTENTION_FACETS, facets, seen["qkv"], strict=True):
+        assert flat.dtype == used.dtype, facet
+        torch.testing.assert_close(flat, used.transpose(1, 2).flatten(2), **tolerance, msg=facet)

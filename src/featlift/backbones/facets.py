@@ -98,12 +98,16 @@ def attention_facet(
         )
     inputs = block.norm1(tokens) if type(block) in _PRE_NORM_BLOCKS else tokens
     heads = _project(attn, inputs, facet)  # [B, heads, N, head_dim]
+    projection_dtype = heads.dtype
     if facet == "query":
         heads = attn.q_norm(heads) if hasattr(attn, "q_norm") else heads
     elif facet == "key":
         heads = attn.k_norm(heads) if hasattr(attn, "k_norm") else heads
     if facet != "value" and rope is not None:
-        heads = _rotate_patch_tokens(heads, rope, attn.num_prefix_tokens, getattr(attn, "rotate_half", False))
+        rotated = _rotate_patch_tokens(
+            heads, rope, attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        )
+        heads = rotated.to(projection_dtype)  # as timm casts rotated q/k to v's dtype (under autocast: v's)
     batch, count = tokens.shape[:2]
     return heads.transpose(1, 2).reshape(batch, count, -1)
 
