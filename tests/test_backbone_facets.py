@@ -284,12 +284,19 @@ def test_build_kwargs_per_family_and_the_callers_win():
         ("vit_small_patch14_reg4_dinov2", {"qk_norm": True}),
     ],
 )
-@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
-def test_facets_are_the_tensors_timm_hands_to_attention(monkeypatch, name, kwargs, autocast):
-    """The q, k, v timm passes to ``scaled_dot_product_attention`` in block LAYER, dtype included (bf16 autocast
-    on the CPU: timm casts rotated q/k to v's dtype; a LayerNorm q/k-norm returns float32 under autocast)."""
+@pytest.mark.parametrize(
+    "device, autocast",
+    [("cpu", None), ("cpu", torch.bfloat16), ("cuda", torch.float16)],
+    ids=["float32", "bf16-autocast", "cuda-fp16-autocast"],
+)
+def test_facets_are_the_tensors_timm_hands_to_attention(monkeypatch, name, kwargs, device, autocast):
+    """The q, k, v timm passes to ``scaled_dot_product_attention`` in block LAYER, dtype included: under
+    autocast timm casts rotated q/k to v's dtype (on CUDA a LayerNorm q/k-norm returns float32 before that)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA (autocast runs LayerNorm in float32 there)")
     backbone = create_backbone(name, pretrained=False, facet="key", layer=LAYER, **SMALL, **kwargs)
     randomize(backbone.model, seed=3)
+    backbone.to(device)
     block = backbone.model.blocks[LAYER]
     seen: dict = {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -307,16 +314,16 @@ def test_facets_are_the_tensors_timm_hands_to_attention(monkeypatch, name, kwarg
         block.register_forward_pre_hook(block_pre, with_kwargs=True),
         block.attn.register_forward_pre_hook(lambda module, args: seen.update(in_layer=True)),
     ]
-    images = torch.randn(1, 3, 3 * backbone.patch_size, 2 * backbone.patch_size)
+    images = torch.randn(1, 3, 3 * backbone.patch_size, 2 * backbone.patch_size, device=device)
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad(), torch.autocast(device, dtype=autocast, enabled=autocast is not None):
             backbone.model.forward_intermediates(images, indices=[LAYER], intermediates_only=True)
             facets = [attention_facet(block, seen["tokens"], f, rope=seen["rope"]) for f in ATTENTION_FACETS]
     finally:
         for handle in handles:
             handle.remove()
     assert "qkv" in seen, "timm did not call scaled_dot_product_attention in the block"
-    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast is not None else dict(rtol=1e-5, atol=1e-5)
     for facet, flat, used in zip(ATTENTION_FACETS, facets, seen["qkv"], strict=True):
         assert flat.dtype == used.dtype, facet
         torch.testing.assert_close(flat, used.transpose(1, 2).flatten(2), **tolerance, msg=facet)
