@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import DINOV2_NAME, DINOV2_WEIGHTS, IMAGENET_SAMPLE, requires_shared
 
 from featlift import BackboneError, InputSizeError, create_backbone
 from featlift.backbones import ViTBackbone
@@ -327,3 +328,34 @@ def test_facets_are_the_tensors_timm_hands_to_attention(monkeypatch, name, kwarg
     for facet, flat, used in zip(ATTENTION_FACETS, facets, seen["qkv"], strict=True):
         assert flat.dtype == used.dtype, facet
         torch.testing.assert_close(flat, used.transpose(1, 2).flatten(2), **tolerance, msg=facet)
+
+
+@requires_shared
+@pytest.mark.shared
+def test_real_dinov2_attention_from_facets_on_a_real_image():
+    """The real DINOv2 ViT-S/14 from ../shared on a real ImageNet image, last block (float32)."""
+    from featlift.images import image_to_tensor, load_image
+
+    backbone = create_backbone(DINOV2_NAME, weights=DINOV2_WEIGHTS, facet="key", layer=-1)
+    image = image_to_tensor(load_image(IMAGENET_SAMPLE / "n01440764_tench.JPEG"), (224, 224))
+    images = backbone.normalize(image.unsqueeze(0))
+    layer = backbone.layer
+    block = backbone.model.blocks[layer]
+    seen: dict = {}
+    handles = [
+        block.register_forward_pre_hook(
+            lambda m, args, kw: seen.update(tokens=args[0], block_kwargs=kw), with_kwargs=True
+        ),
+        block.attn.register_forward_pre_hook(
+            lambda m, args, kw: seen.update(attn_input=args[0], attn_kwargs=kw), with_kwargs=True
+        ),
+        block.attn.register_forward_hook(lambda m, args, out: seen.update(attn_output=out)),
+    ]
+    try:
+        with torch.no_grad():
+            backbone.model.forward_intermediates(images, indices=[layer], intermediates_only=True)
+            got = attention_from_facets(block, seen)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(got, seen["attn_output"], rtol=1e-4, atol=1e-4)
