@@ -3,9 +3,10 @@
 Facets of block `l` (0-based):
 - ``token``: the block's output tokens, passed through the model's final norm (as DINOv2's
   ``get_intermediate_layers(norm=True)`` and timm's ``forward_features`` do for the last block);
-- ``query`` / ``key`` / ``value``: the block's attention projections of ``norm1(x)``, where ``x`` is
-  the block's input; query and key are taken after the model's ``q_norm`` / ``k_norm`` (identity for
-  most ViTs). The heads are concatenated head-major into ``num_heads * head_dim`` channels.
+- ``query`` / ``key`` / ``value``: exactly what the block's attention computes with: the projections
+  of its input with their biases, query and key after the ``q_norm`` / ``k_norm`` and the rotary position
+  embedding of rotary ViTs (DINOv3, EVA02); see `featlift.backbones.facets`. The heads are concatenated
+  head-major into ``num_heads * head_dim`` channels.
 
 Prefix tokens (CLS, registers) are dropped; the result is ``[B, C, H / patch, W / patch]``.
 """
@@ -27,6 +28,8 @@ from torch import nn
 from ..errors import BackboneError, InputSizeError
 from ..fingerprint import state_dict_fingerprint
 from ..weightfiles import read_weights_file, refuse_non_finite, some_of
+from .facets import attention_facet, facet_channels, uses_rotary_embedding
+from .families import fixed_input_size, fixed_size_advice, timm_build_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +173,7 @@ def _build_timm_model(
     if not timm.is_model(name.split(".")[0]):
         close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=8, cutoff=0.6)
         raise BackboneError(f"unknown timm model {name!r}; similar names: {', '.join(close) or 'none'}")
-    kwargs = dict(num_classes=0, dynamic_img_size=True, **(timm_kwargs or {}))
+    kwargs = timm_build_kwargs(name, timm_kwargs)
     try:
         if weights is not None:
             state = load_weights_file(weights)
@@ -237,7 +240,9 @@ class ViTBackbone(nn.Module):
     def __init__(self, model: nn.Module, name: str, layer: int | None = None, facet: str = "token"):
         super().__init__()
         for attribute in ("blocks", "patch_embed", "forward_intermediates", "num_prefix_tokens"):
-            if not hasattr(model, attribute):
+            if not hasattr(model, attribute) and not (
+                attribute == "patch_embed" and hasattr(model, "embeds")
+            ):
                 raise BackboneError(
                     f"{name}: is not a Vision Transformer featlift can tap (it has no `{attribute}`); "
                     "use a timm ViT such as vit_small_patch14_dinov2.lvd142m or vit_base_patch16_224.dino"
@@ -256,7 +261,8 @@ class ViTBackbone(nn.Module):
         self.layer = layer % depth
         self.facet = facet
         self.depth = depth
-        patch = model.patch_embed.patch_size
+        embedding = model.patch_embed if hasattr(model, "patch_embed") else model.embeds  # NaFlexVit: embeds
+        patch = embedding.patch_size
         patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
         if patch[0] != patch[1]:
             raise BackboneError(f"{name}: non-square patches {patch} are not supported")
@@ -265,13 +271,8 @@ class ViTBackbone(nn.Module):
         if facet == "token":
             self.channels = int(model.embed_dim)
         else:
-            attn = model.blocks[self.layer].attn
-            if not isinstance(getattr(attn, "qkv", None), nn.Linear):
-                raise BackboneError(
-                    f"{name}: block {self.layer} has no fused `attn.qkv` projection, so the {facet!r} facet "
-                    "is not available; use facet 'token'"
-                )
-            self.channels = int(attn.qkv.out_features // 3)
+            where = f"{name} ({type(model).__name__}): block {self.layer}"
+            self.channels = facet_channels(model.blocks[self.layer], facet, where)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
@@ -304,6 +305,12 @@ class ViTBackbone(nn.Module):
                 f"input size {height}x{width} is not a multiple of {self.name}'s patch size {p}; "
                 f"resize to e.g. {max(p, round(height / p) * p)}x{max(p, round(width / p) * p)}"
             )
+        fixed = fixed_input_size(self.model)
+        if fixed is not None and (height, width) != fixed:
+            raise InputSizeError(
+                f"input size {height}x{width}: {self.name} ({type(self.model).__name__}) takes only "
+                f"{fixed[0]}x{fixed[1]} inputs; {fixed_size_advice(self.name)}"
+            )
         return height // self.patch_size, width // self.patch_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -321,20 +328,23 @@ class ViTBackbone(nn.Module):
                 output_fmt="NCHW",
             )
             return tokens
-        block_input = self._block_input(images)
-        facet = attention_facet(self.model.blocks[self.layer], block_input, self.facet)
+        block_input, rope = self._block_input(images)
+        facet = attention_facet(self.model.blocks[self.layer], block_input, self.facet, rope=rope)
         facet = facet[:, self.num_prefix_tokens :]
         return facet.transpose(1, 2).reshape(facet.shape[0], -1, grid_h, grid_w)
 
-    def _block_input(self, images: torch.Tensor) -> torch.Tensor:
-        """The tokens ``[B, N, C]`` entering block `layer`, prefix tokens included; later blocks are not run."""
-        captured: list[torch.Tensor] = []
+    def _block_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tokens ``[B, N, C]`` entering block `layer`, prefix tokens included, and the rotary embedding
+        the block is called with (``rope=``, Eva; ``None`` for other blocks); later blocks are not run."""
+        captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
-        def capture(module: nn.Module, args: tuple) -> None:
-            captured.append(args[0])
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            tokens = args[0] if args else kwargs["x"]
+            captured.append((tokens, kwargs.get("rope", args[1] if len(args) > 1 else None)))
             raise _StopForward
 
-        handle = self.model.blocks[self.layer].register_forward_pre_hook(capture)
+        block = self.model.blocks[self.layer]
+        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
         try:
             self.model.forward_intermediates(
                 images, indices=[self.layer], stop_early=True, intermediates_only=True
@@ -343,24 +353,10 @@ class ViTBackbone(nn.Module):
             pass
         finally:
             handle.remove()
-        return captured[0]
-
-
-def attention_facet(block: nn.Module, tokens: torch.Tensor, facet: str) -> torch.Tensor:
-    """Query, key or value of a timm ViT block for its input ``tokens [B, N, C]`` -> ``[B, N, heads*head_dim]``."""
-    attn = block.attn
-    batch, count, _ = tokens.shape
-    qkv = attn.qkv(block.norm1(tokens)).reshape(batch, count, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    query, key, value = qkv.unbind(0)
-    if facet == "query":
-        out = attn.q_norm(query)
-    elif facet == "key":
-        out = attn.k_norm(key)
-    elif facet == "value":
-        out = value
-    else:
-        raise BackboneError(f"facet {facet!r} is not an attention facet (query, key, value)")
-    return out.transpose(1, 2).reshape(batch, count, -1)
+        tokens, rope = captured[0]
+        if rope is None and uses_rotary_embedding(block) and getattr(self.model, "rope", None) is not None:
+            raise BackboneError(f"{self.name}: block {self.layer} was called without its rotary embedding")
+        return tokens, rope
 
 
 def _resolved_name(model: nn.Module, name: str) -> str:
