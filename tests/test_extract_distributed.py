@@ -269,6 +269,71 @@ def test_failed_then_killed_rank_and_a_rerun_writes_only_the_missing(tmp_path, w
     assert folder_bytes(out) == folder_bytes(reference)
 
 
+def test_one_rank_in_process_failure_manifest_and_rerun(tmp_path, weights, monkeypatch, capsys):
+    """torchrun's only rank (WORLD_SIZE=1, no process group), in this process: the same manifest logic, fast.
+    Sorted inputs: img 0's, img 3's, img 6's, broken, img 1's, img 4's, img 2's, img 5's; batches of 2."""
+    images = write_image_tree(tmp_path / "imgs")
+    out = tmp_path / "out"
+    real_save, saved = featlift.extract.save_safetensors_atomic, []
+
+    def save(tensors, path, metadata=None):
+        if fail_on and fail_on in str(path):
+            raise OutputWriteError(f"cannot write {path}: Input/output error (made to fail by the test)")
+        saved.append(Path(path).name)
+        return real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(featlift.extract, "save_safetensors_atomic", save)
+    fail_on = "img 1's"
+    assert run_in_process(extract_argv(images, out, weights), monkeypatch, world_size="1") == 2
+    assert "made to fail by the test" in capsys.readouterr().err
+    manifest = read_manifest(out)
+    status = {Path(r["output"]).name.split(".")[0]: r["status"] for r in manifest["images"]}
+    assert status == {
+        "img 0's": STATUS_OK,
+        "img 3's": STATUS_OK,
+        "img 6's": STATUS_OK,
+        "broken image": STATUS_UNREADABLE,
+        "img 1's": STATUS_FAILED,
+        "img 4's": STATUS_FAILED,
+        "img 2's": STATUS_FAILED,
+        "img 5's": STATUS_FAILED,
+    }
+    assert manifest["counts"] == {"ok": 3, "skipped-unreadable": 1, "failed": 4, "computed": 3}
+    assert sorted(saved) == ["img 0's.jpg.safetensors", "img 3's.jpg.safetensors", "img 6's.jpg.safetensors"]
+
+    fail_on, saved[:] = None, []
+    assert run_in_process(extract_argv(images, out, weights), monkeypatch, world_size="1") == 1
+    printed = capsys.readouterr().out
+    assert (
+        "featlift extract: 4 written, 3 already done, 1 failed" in printed and "broken image.jpg" in printed
+    )
+    assert sorted(saved) == sorted(
+        f"img {i}'s.{ext}.safetensors" for i, ext in ((1, "png"), (4, "png"), (2, "webp"), (5, "webp"))
+    )
+    manifest = read_manifest(out)
+    assert manifest["counts"] == {"ok": IMAGES, "skipped-unreadable": 1, "failed": 0, "computed": 4}
+    assert [r["computed"] for r in manifest["images"] if r["status"] == STATUS_OK] == [False] * 3 + [True] * 4
+
+
+def test_without_torchrun_extract_is_called_as_before(tmp_path, monkeypatch):
+    from featlift.extract_distributed import extract_on_every_rank
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    calls = []
+    result = extract_on_every_rank(
+        lambda *args, **kwargs: calls.append((args, kwargs)) or "report",
+        "pipe",
+        ["a"],
+        tmp_path,
+        device="cpu",
+        size=(1, 1),
+    )
+    assert result == "report" and calls == [
+        (("pipe", ["a"], tmp_path), {"device": "cpu", "progress": True, "size": (1, 1)})
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("count", "world"), [(8, 2), (7, 3), (2, 4), (0, 2), (10, 1)])
 def test_shards_are_strided_disjoint_and_balanced(count, world):
     shards = [list(shard_indices(count, rank, world)) for rank in range(world)]
