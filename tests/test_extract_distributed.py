@@ -334,6 +334,33 @@ def test_without_torchrun_extract_is_called_as_before(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_shard_overwriting_checks_the_outputs_of_every_rank(tmp_path, weights):
+    """--overwrite with new settings must rewrite every output of the folder; a rank's shard is only part of
+    the run's, so the check takes `folder_outputs`, the outputs of all ranks."""
+    from featlift import create_backbone
+    from featlift.extract import extract_to_folder, output_path
+    from featlift.images import collect_images
+    from featlift.pipeline import FeaturePipeline, resolve_upsampler
+
+    images = write_image_tree(tmp_path / "imgs")
+    items, out = collect_images([images]), tmp_path / "out"
+    backbone = create_backbone(TINY_NAME, weights=weights)
+    upsampler, _ = resolve_upsampler(backbone, "bilinear", None, {})
+    pipeline = FeaturePipeline(backbone, upsampler)
+    kwargs = {"size": (32, 48), "progress": False, "writer_threads": 0}
+    extract_to_folder(pipeline, items, out, **kwargs)
+    shard, every = items[0::2], [output_path(out, item) for item in items]
+    with pytest.raises(FeatliftError, match="are not inputs of this run"):
+        extract_to_folder(pipeline, shard, out, dtype=torch.float16, overwrite=True, **kwargs)
+    report = extract_to_folder(
+        pipeline, shard, out, dtype=torch.float16, overwrite=True, folder_outputs=every, **kwargs
+    )
+    assert (
+        len(report.written) == 4
+        and json.loads((out / SETTINGS_FILE).read_text())["settings"]["dtype"] == "float16"
+    )
+
+
 @pytest.mark.parametrize(("count", "world"), [(8, 2), (7, 3), (2, 4), (0, 2), (10, 1)])
 def test_shards_are_strided_disjoint_and_balanced(count, world):
     shards = [list(shard_indices(count, rank, world)) for rank in range(world)]
