@@ -391,3 +391,26 @@ def test_merge_refuses_an_image_reported_twice_or_never():
         merge_records([[(0, record)], [(0, record)]], 1)
     with pytest.raises(RuntimeError, match="1 images were reported by no rank"):
         merge_records([[(0, record)], []], 2)
+
+
+def test_ranks_that_found_other_images_are_refused(tmp_path, monkeypatch):
+    import featlift.extract_distributed as distributed
+    from featlift.extract_distributed import RankPlace, inputs_fingerprint
+    from featlift.images import ImageItem
+
+    items = [
+        ImageItem(path=tmp_path / "a.jpg", relative=Path("a.jpg")),
+        ImageItem(tmp_path / "b.jpg", Path("b.jpg")),
+    ]
+    place = RankPlace(rank=1, world_size=2, local_rank=1)
+    assert inputs_fingerprint(items) != inputs_fingerprint(items[:1])
+    assert inputs_fingerprint(items) != inputs_fingerprint(
+        [items[0], ImageItem(tmp_path / "c.jpg", Path("b.jpg"))]
+    )
+    same = [(2, inputs_fingerprint(items))] * 2
+    monkeypatch.setattr(distributed, "_from_every_rank", lambda value, place: same)
+    distributed._check_same_inputs(items, place)
+    other = [(2, inputs_fingerprint(items)), (1, inputs_fingerprint(items[:1]))]
+    monkeypatch.setattr(distributed, "_from_every_rank", lambda value, place: other)
+    with pytest.raises(FeatliftError, match="rank 0: 2 images, rank 1: 1, or other paths"):
+        distributed._check_same_inputs(items, place)

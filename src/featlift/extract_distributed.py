@@ -8,6 +8,7 @@ many:
   every image and need no communication; strided shards differ by at most one image and mix every
   folder into every shard, so a folder of large or slow images does not land on one rank as a contiguous
   block would. Output names do not depend on the rank: ``OUT/<relative path>.safetensors`` as always.
+  Every rank checks that all ranks found the same sorted list (`inputs_fingerprint`) before any work.
 - **Writing.** Each rank runs `featlift.extract.extract_to_folder` on its shard, on the GPU of its
   ``LOCAL_RANK`` for a CUDA device: atomic writes, skipping outputs that are done (a re-run, with any
   number of ranks, extracts only what is missing) and the folder's one set of settings, as in one process.
@@ -33,6 +34,7 @@ written: the folder is exactly as before.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -148,6 +150,27 @@ def _from_every_rank(value, place: RankPlace) -> list:
     gathered = [None] * place.world_size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def inputs_fingerprint(items: list[ImageItem]) -> str:
+    """A digest of the sorted input list (each image's path and relative path): equal on ranks that see the
+    same images."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(os.fsencode(item.path) + b"\0" + os.fsencode(item.relative) + b"\0")
+    return digest.hexdigest()
+
+
+def _check_same_inputs(items: list[ImageItem], place: RankPlace) -> None:
+    """Refuse, on every rank, a run whose ranks found different image lists (the shards would not fit)."""
+    seen = _from_every_rank((len(items), inputs_fingerprint(items)), place)
+    other = [rank for rank, found in enumerate(seen) if found != seen[0]]
+    if other:
+        raise FeatliftError(
+            f"the ranks found different input images (rank 0: {seen[0][0]} images, rank {other[0]}: "
+            f"{seen[other[0]][0]}, or other paths); every machine must see the same INPUT paths with the same "
+            "files, e.g. on a shared file system mounted at the same place"
+        )
 
 
 def _prepare_folder(out_dir: Path, outputs: list[Path]) -> None:
@@ -292,6 +315,7 @@ def extract_on_every_rank(
     try:
         out_dir = Path(out_dir)
         outputs = [output_path(out_dir, item) for item in items]
+        _check_same_inputs(items, place)
         problem = None
         if place.is_main:
             try:
