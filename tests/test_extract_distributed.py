@@ -337,6 +337,7 @@ def test_without_torchrun_extract_is_called_as_before(tmp_path, monkeypatch):
 def test_a_shard_overwriting_checks_the_outputs_of_every_rank(tmp_path, weights):
     """--overwrite with new settings must rewrite every output of the folder; a rank's shard is only part of
     the run's, so the check takes `folder_outputs`, the outputs of all ranks."""
+    import featlift.extract_distributed as distributed
     from featlift import create_backbone
     from featlift.extract import extract_to_folder, output_path
     from featlift.images import collect_images
@@ -359,6 +360,15 @@ def test_a_shard_overwriting_checks_the_outputs_of_every_rank(tmp_path, weights)
         len(report.written) == 4
         and json.loads((out / SETTINGS_FILE).read_text())["settings"]["dtype"] == "float16"
     )
+    # a killed writer's temp file (its process is gone): a rank leaves it (it may be another host's writer,
+    # alive), rank 0 removes it before any rank writes
+    stale = out / ".img 0's.jpg.safetensors.999999999.abc.featlift-tmp"
+    stale.write_bytes(b"half a file")
+    extract_to_folder(pipeline, shard, out, dtype=torch.float16, remove_stale_temps=False, **kwargs)
+    assert stale.exists()
+    (out / MANIFEST_FILE).write_text("{}")
+    distributed._prepare_folder(out, every)
+    assert not stale.exists() and not (out / MANIFEST_FILE).exists()
 
 
 @pytest.mark.parametrize(("count", "world"), [(8, 2), (7, 3), (2, 4), (0, 2), (10, 1)])

@@ -320,7 +320,7 @@ def extract_on_every_rank(
         if place.is_main:
             try:
                 _prepare_folder(out_dir, outputs)
-            except FeatliftError as exc:
+            except (FeatliftError, OSError) as exc:
                 problem = str(exc)
         problem = _from_main(problem, place)  # also the barrier: no rank writes before the folder is ready
         if problem is not None:
