@@ -241,6 +241,9 @@ def extract_to_folder(
     progress: bool = True,
     options: InferenceOptions | None = None,
     writer_threads: int = 1,
+    folder_outputs: list[Path] | None = None,
+    remove_stale_temps: bool = True,
+    report: ExtractionReport | None = None,
 ) -> ExtractionReport:
     """Extract features for `items` into `out_dir`; see the module docstring for the file format.
 
@@ -249,15 +252,20 @@ def extract_to_folder(
     With ``writer_threads >= 1`` files are written by background threads while the next batch is
     computed (and `workers` processes decode the next images), so decoding, compute and writing overlap.
     A failed write (e.g. a full disk) raises `OutputWriteError`; the files written before it are kept.
+
+    For one rank of a sharded run (`featlift.extract_distributed`): `folder_outputs` are the outputs of
+    every rank (checked by ``--overwrite``, default `items`' outputs), ``remove_stale_temps=False`` leaves
+    temp files alone (the caller removed them before any rank started writing), and `report`, when
+    given, is filled in place, so it holds what was done even when this raises.
     """
     pipeline.backbone.grid_size(*size)  # fail before any work if the size does not fit the patch
     out_dir = check_writable_dir(out_dir)
     options = options or InferenceOptions()
     settings = {**pipeline_metadata(pipeline, size, dtype), "amp": options.amp or "none"}
-    report = ExtractionReport()
+    report = report if report is not None else ExtractionReport()
     outputs = [output_path(out_dir, item) for item in items]
     check_inside(out_dir, outputs)
-    for folder in {path.parent for path in outputs}:
+    for folder in {path.parent for path in outputs} if remove_stale_temps else ():
         remove_stale_temp_files(folder)
     todo: list[tuple[ImageItem, Path, dict[str, str]]] = []
     outdated = 0
@@ -296,7 +304,12 @@ def extract_to_folder(
             stored_dtype=dtype,
             held_batches=min(2 * writer_threads, batches - 1) + converted,
         )
-    claim_folder(out_dir, {k: settings[k] for k in SETTINGS_KEYS}, outputs, overwrite)
+    claim_folder(
+        out_dir,
+        {k: settings[k] for k in SETTINGS_KEYS},
+        outputs if folder_outputs is None else folder_outputs,
+        overwrite,
+    )
     if not todo:
         return report
     pipeline = optimize_pipeline(pipeline.to(device).eval(), options).to(device).eval()

@@ -10,6 +10,7 @@ import torch
 from ..devices import resolve_device
 from ..errors import FeatliftError
 from ..extract import extract_to_folder
+from ..extract_distributed import extract_on_every_rank, is_main_rank
 from ..images import collect_images
 from ..pipeline import FeaturePipeline, resolve_upsampler
 from ..upsamplers import available_upsamplers, get_upsampler_class
@@ -160,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     pipeline = FeaturePipeline(backbone, upsampler, output_size=args.output_size, checkpoint=checkpoint)
     grid = pipeline.output_grid(*args.size)
     logger.info("%d images -> %s, features [%d, %d, %d]", len(items), args.out, backbone.channels, *grid)
-    report = extract_to_folder(
+    report = extract_on_every_rank(  # extract_to_folder; under torchrun, this rank's shard
+        extract_to_folder,
         pipeline,
         items,
         args.out,
@@ -174,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         writer_threads=max(0, args.write_threads),
         progress=not args.quiet,
     )
-    print(f"featlift extract: {report.summary()} -> {args.out}")
-    for _path, message in report.failed:
-        print(f"  failed: {message}")
+    if is_main_rank():  # under torchrun, rank 0 prints the whole run's summary
+        print(f"featlift extract: {report.summary()} -> {args.out}")
+        for _path, message in report.failed:
+            print(f"  failed: {message}")
     return 0 if report.ok else 1
