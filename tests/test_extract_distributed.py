@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -130,21 +129,14 @@ def write_image_tree(root: Path) -> Path:
     return write_tree(root, count=IMAGES, corrupt=True)
 
 
-def folder_bytes(folder: Path) -> dict[str, tuple]:
-    """Every file in `folder` but the manifest, by relative path: its bytes, a ``.safetensors`` file's as
-    (header, data bytes). The header is compared as JSON: safetensors writes its metadata keys in the order
-    of a Rust hash map, which differs from process to process (two single-process runs differ there too)."""
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.name == MANIFEST_FILE:
-            continue
-        data = path.read_bytes()
-        if path.suffix == ".safetensors":
-            length = struct.unpack("<Q", data[:8])[0]
-            files[str(path.relative_to(folder))] = (json.loads(data[8 : 8 + length]), data[8 + length :])
-        else:
-            files[str(path.relative_to(folder))] = (data,)
-    return files
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file in `folder` but the manifest, by relative path: its bytes (featlift writes safetensors headers
+    with sorted keys, so equal outputs are equal bytes whichever process wrote them)."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
 
 
 def recorded(record: Path, what: str = "") -> list[str]:

@@ -63,3 +63,30 @@ def test_atomic_path_names_its_temp_after_the_writer_and_removes_it_on_error(tmp
     except RuntimeError:
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+_WRITE_ONE = """
+import sys, torch
+from featlift.fileio import save_safetensors_atomic
+tensors = {f"t{i}": torch.arange(i + 3, dtype=torch.float32) for i in range(5)}
+print(save_safetensors_atomic(tensors, sys.argv[1], {f"key{i}": str(i) for i in range(12)}))
+"""
+
+
+def test_equal_tensors_and_metadata_give_equal_bytes_in_every_process(tmp_path):
+    # safetensors keeps metadata in a hash map: its order, so the bytes, changed with the process's hash seed
+    from safetensors.torch import load_file, safe_open
+
+    digests = set()
+    for seed in ("1", "2"):
+        path = tmp_path / f"seed{seed}.safetensors"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", _WRITE_ONE, str(path)], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        digests.add((path.read_bytes(), done.stdout.strip()))
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata() == {f"key{i}": str(i) for i in range(12)}
+        assert load_file(str(path))["t4"].tolist() == list(range(7))
+    assert len(digests) == 1

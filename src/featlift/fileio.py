@@ -155,13 +155,29 @@ def _write_bytes(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The safetensors file `data` with its JSON header's keys sorted and compact, so equal tensors and metadata
+    give equal bytes: safetensors keeps the metadata in a hash map, whose order changes from process to process.
+
+    The header is padded with spaces to a multiple of 8 bytes, as safetensors does; the tensor bytes and their
+    offsets (relative to the end of the header) are unchanged.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> str:
     """Write `tensors` to `path` atomically; return the SHA-256 (hex) of the bytes written."""
     # Serialised here and written by Python, so that a failed write is an OSError with its errno
     # (safetensors' own file writer reports it as a SafetensorError carrying only a message).
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    data = canonical_safetensors(
+        save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    )
     with atomic_path(path) as tmp:
         _write_bytes(tmp, data)
     return hashlib.sha256(data).hexdigest()
