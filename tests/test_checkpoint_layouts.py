@@ -298,3 +298,23 @@ def _write(path, obj, protocol: int = 4):
     pickle.dump(obj, buffer, protocol=protocol)
     path.write_bytes(buffer.getvalue())
     return path
+
+
+def test_protocol_2_bytes_are_decoded_with_latin1_only(tmp_path):
+    """Protocol 2 stores bytes as _codecs.encode(text, "latin1"): that codec is admitted, no other."""
+    path = tmp_path / "codec.pkl"
+    path.write_bytes(b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x06\x00\x00\x00latin1\x86R.")
+    assert load_array_pickle(path) == b"abc"
+    path.write_bytes(b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x05\x00\x00\x00utf-8\x86R.")
+    with pytest.raises(pickle.UnpicklingError, match="refused _codecs.encode with encoding 'utf-8'"):
+        load_array_pickle(path)
+
+
+def test_object_arrays_are_refused_even_if_their_dtype_got_through(tmp_path, monkeypatch):
+    """The second guard: an object array that the dtype check did not stop is refused after loading."""
+    import featlift.restricted_pickle as restricted
+
+    monkeypatch.setitem(restricted.ADMITTED_GLOBALS, ("numpy", "dtype"), np.dtype)
+    path = _write(tmp_path / "objects.pkl", {"a": [np.array([1, "x"], dtype=object)]})
+    with pytest.raises(pickle.UnpicklingError, match="refused numpy array of dtype object"):
+        load_array_pickle(path)
