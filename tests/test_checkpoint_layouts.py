@@ -318,3 +318,17 @@ def test_object_arrays_are_refused_even_if_their_dtype_got_through(tmp_path, mon
     path = _write(tmp_path / "objects.pkl", {"a": [np.array([1, "x"], dtype=object)]})
     with pytest.raises(pickle.UnpicklingError, match="refused numpy array of dtype object"):
         load_array_pickle(path)
+
+
+def test_a_safetensors_header_length_that_looks_like_a_pickle_is_still_safetensors(tmp_path):
+    """A header of 0x280 bytes starts the file with 80 02, the bytes of a protocol-2 pickle."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    for pad in range(0, 700):
+        save_file({"norm.weight": torch.ones(3)}, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert weights_file_format(path) == "safetensors"
+    assert torch.equal(load_weights_file(path)["norm.weight"], torch.ones(3))

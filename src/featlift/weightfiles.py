@@ -40,11 +40,18 @@ def weights_file_format(path: str | os.PathLike) -> str | None:
         head = handle.read(_HEAD_BYTES)
     if head.startswith(_ZIP_MAGIC):
         return TORCH
+    # an 8-byte little-endian header length (under 2**40: its top 3 bytes are 0), then the JSON header; checked
+    # before pickles, since a header length such as 0x280 starts with the bytes of a pickle protocol (80 02)
+    if (
+        len(head) > 8
+        and head[8:9] == b"{"
+        and head[5:8] == b"\0\0\0"
+        and struct.unpack("<Q", head[:8])[0] > 1
+    ):
+        return SAFETENSORS
     if head[:1] == _PICKLE_PROTOCOL and len(head) > 1 and 2 <= head[1] <= 5:
         framed = head[1] >= 4 and head[2:3] == b"\x95"
         return TORCH if head[11 if framed else 2 :].startswith(_TORCH_LEGACY_MAGIC) else PICKLE
-    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 1:
-        return SAFETENSORS  # an 8-byte little-endian header length, then the JSON header (maybe cut short)
     return None
 
 
