@@ -46,13 +46,23 @@ class _StopForward(Exception):
 
 
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a backbone state dict from .safetensors or .pth/.pt/.bin, unwrapping training containers.
+    """Read a backbone state dict from .safetensors, .pth/.pt/.bin or PaddlePaddle .pd/.pdparams.
 
     Accepts timm layout and the original DINO / DINOv2 layouts (timm converts those when loading),
     bare or inside ``{"state_dict"|"model"|"teacher": ...}``, with ``module.`` prefixes; when the tensors
     sit under ``backbone.`` (a DINO/DINOv2 training checkpoint), only those are kept and their heads dropped.
+    MAE-layout checkpoints lose their decoder and mask token (``fc_norm`` stands in for a missing ``norm``),
+    and a plain pickle (a PaddlePaddle checkpoint, told by its content) is read with the restricted
+    unpickler and converted from Paddle's layout (see `checkpoint_layouts`).
     """
-    state = read_weights_file(path, BackboneError)
+    from ..weightfiles import PICKLE, weights_file_format
+    from .checkpoint_layouts import mae_layout_to_timm, paddle_layout_to_timm
+
+    state = read_weights_file(path, BackboneError, pickles=True)
+    if weights_file_format(path) == PICKLE:
+        cleaned = paddle_layout_to_timm(state, f"weights file {path}")
+        refuse_non_finite(cleaned, f"weights file {path}", BackboneError)
+        return cleaned
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in _STATE_DICT_CONTAINERS if isinstance(state.get(k), Mapping)), None)
         if inner is None:
@@ -73,6 +83,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         cleaned = {
             k[len(_BACKBONE_PREFIX) :]: v for k, v in cleaned.items() if k.startswith(_BACKBONE_PREFIX)
         }
+    cleaned = mae_layout_to_timm(cleaned)
     refuse_non_finite(cleaned, f"weights file {path}", BackboneError)
     return cleaned
 
