@@ -369,13 +369,15 @@ class TrainFeatures:
         self.std = variance.sqrt().float().clamp_min(1e-6)[None, :, None, None]
         self.cache = None
         if self.cached:
-            self.cache = ((torch.cat(parts).float() - self.mean) / self.std).half()
+            self.cache = self.standardise(torch.cat(parts)).half()
 
     def _compute(self, index: Sequence[int]) -> torch.Tensor:
         return self.timer(*self.images(list(index))).to("cpu", torch.float32)
 
     def standardise(self, features: torch.Tensor) -> torch.Tensor:
-        return (features.float() - self.mean) / self.std
+        """Raw features -> standardised, rounded through float16 as the held features are (so that holding
+        them or not gives the same probe)."""
+        return ((features.half().float() - self.mean) / self.std).half().float()
 
     def batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(indices, standardised float32 features) for consecutive batches of `order`."""
