@@ -33,6 +33,15 @@ from featlift.evaluate.depth import (
 # ---------------------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The probe's many small ops run fastest on one thread when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def photos(count: int, size=(48, 64)):
     """Real photos from scikit-image, subsampled to `size` at different offsets."""
     from skimage import data
@@ -74,7 +83,9 @@ def write_nyu(root, train=4, test=2, npy_every=2, size=(48, 64), images=None):
             if npy_every and i % npy_every == 1:
                 np.save(root / "depth" / split / f"{i:04d}.npy", depth)
             else:
-                Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(root / "depth" / split / f"{i:04d}.png")
+                Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(
+                    root / "depth" / split / f"{i:04d}.png"
+                )
     return root
 
 
@@ -264,7 +275,7 @@ def test_probe_learns_a_content_depth_and_holding_features_changes_nothing(tmp_p
     root = write_nyu(tmp_path / "nyu", train=8, test=3, size=(64, 64))
     train = DepthSplit(LAYOUTS["nyu"].pairs(root, "train"), "center", 1000.0)
     test = DepthSplit(LAYOUTS["nyu"].pairs(root, "test"), "center", 1000.0)
-    recipe = DepthRecipe(epochs=60, lr=0.05, warmup_epochs=2, batch_size=4, train_label_side=32)
+    recipe = DepthRecipe(epochs=25, lr=0.05, warmup_epochs=1, batch_size=4, train_label_side=32)
     held = evaluate_variant(BrightnessFeatures(), train, test, (64, 64), recipe)
     from featlift.evaluate.depth import constant_baseline
 
@@ -282,7 +293,9 @@ def test_probe_learns_a_content_depth_and_holding_features_changes_nothing(tmp_p
 
 def test_cli_writes_results_for_each_variant(tmp_path, tiny_timm_weights, capsys):
     data = write_nyu(tmp_path / "nyu", train=3, test=2)
-    code = depth_cli(data, tiny_timm_weights, tmp_path / "out", "--variant", "none,bilinear:iters=2", "--cache-mib", "0")
+    code = depth_cli(
+        data, tiny_timm_weights, tmp_path / "out", "--variant", "none,bilinear:iters=2", "--cache-mib", "0"
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["task"] == "depth (nyu)"
@@ -290,7 +303,16 @@ def test_cli_writes_results_for_each_variant(tmp_path, tiny_timm_weights, capsys
     assert list(rows) == ["none", "bilinear:iters=2"]
     for row in rows.values():
         metrics = row["metrics"]
-        assert set(metrics) == {"RMSE", "delta1", "abs rel", "delta2", "delta3", "SI RMSE", "SI delta1", "SI abs rel"}
+        assert set(metrics) == {
+            "RMSE",
+            "delta1",
+            "abs rel",
+            "delta2",
+            "delta3",
+            "SI RMSE",
+            "SI delta1",
+            "SI abs rel",
+        }
         assert metrics["RMSE"] > 0 and 0 <= metrics["delta1"] <= metrics["delta2"] <= metrics["delta3"] <= 1
         assert row["ms_per_image"] > 0 and row["details"]["test_images_scored"] == 2
         assert row["details"]["probe_seconds_per_epoch"] > 0
@@ -298,7 +320,9 @@ def test_cli_writes_results_for_each_variant(tmp_path, tiny_timm_weights, capsys
     assert rows["none"]["details"]["feature_grid"] == [2, 2]
     assert rows["bilinear:iters=2"]["details"]["feature_grid"] == [8, 8]
     settings = result["settings"]
-    assert settings["train_images"] == 3 and settings["test_images"] == 2 and settings["recipe"]["epochs"] == 2
+    assert (
+        settings["train_images"] == 3 and settings["test_images"] == 2 and settings["recipe"]["epochs"] == 2
+    )
     assert settings["constant_baseline"]["depth_m"] > 1 and "Probe3D" in settings["protocol"]
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| variant | RMSE | delta1 | abs rel |" in markdown and "Constant predictor" in markdown
