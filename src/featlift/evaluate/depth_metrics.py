@@ -44,8 +44,7 @@ def image_depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tenso
     if gt.numel() == 0:
         return None
     error = pred - gt
-    ratio = torch.maximum(pred / gt, gt / pred.clamp_min(1e-12))
-    ratio = torch.where(pred > 0, ratio, torch.full_like(ratio, math.inf))
+    ratio = torch.maximum(pred / gt, gt / pred.clamp_min(1e-12))  # pred <= 0: gt / 1e-12, never within
     metrics = {
         "rmse": float(error.square().mean().sqrt()),
         "abs_rel": float((error.abs() / gt).mean()),
