@@ -152,6 +152,8 @@ def test_gradient_loss_known_answer():
     assert float(gradient_loss(pred, gt, valid, eps=0, strides=(1,))) == pytest.approx(2 * a / 5)
     valid[0, 4] = False
     assert float(gradient_loss(pred, gt, valid, eps=0, strides=(1,))) == pytest.approx(a / 4)
+    # the same map standing up (5x1): the pairs are vertical now
+    assert float(gradient_loss(pred.T, gt.T, valid.T, eps=0, strides=(1,))) == pytest.approx(a / 4)
     ramp = torch.arange(1, 37, dtype=torch.float32).reshape(6, 6)
     assert float(gradient_loss(3 * ramp, ramp, ramp > 0, eps=0)) == pytest.approx(0, abs=1e-5)
 
