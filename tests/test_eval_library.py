@@ -22,7 +22,9 @@ from featlift.evaluate.spair import SpairConfig
 from featlift.evaluate.warp import WarpConfig, evaluate_variant, evaluate_warp
 from featlift.variants import parse_variants
 
-TASK_MODULES = ["davis", "discovery", "probe", "report", "runner", "spair", "warp", "correspondence"]
+TASK_MODULES = [
+    "davis", "discovery", "probe", "report", "runner", "spair", "warp", "correspondence", "depth", "depth_metrics",
+]  # fmt: skip
 
 
 def test_the_evaluations_import_no_command_line_module():

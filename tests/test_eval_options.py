@@ -12,6 +12,7 @@ TASK_ARGS = {
     "warp": ["eval", "warp", "--data", "D"],
     "spair": ["eval", "spair", "--data", "D"],
     "discovery": ["eval", "discovery", "--data", "D", "--format", "voc07"],
+    "depth": ["eval", "depth", "--data", "D"],
     "bench": ["bench"],
     "viz": ["viz", "pca", "image.jpg"],
 }
@@ -88,6 +89,7 @@ OUTPUT_ARGS = {
     "warp": ["eval", "warp", "--data", "D", "--out", "O"],
     "spair": ["eval", "spair", "--data", "D", "--out", "O"],
     "discovery": ["eval", "discovery", "--data", "D", "--format", "voc07", "--out", "O"],
+    "depth": ["eval", "depth", "--data", "D", "--out", "O"],
     "bench": ["bench", "--out", "O"],
     "viz similarity": ["viz", "similarity", "D", "--point", "1,1", "--out", "O/figure.png"],
     "viz pca": ["viz", "pca", "D", "--out", "O/figure.png"],
@@ -115,7 +117,7 @@ def test_viz_refuses_a_folder_as_its_png(tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["davis", "probe", "warp", "spair", "discovery"])
+@pytest.mark.parametrize("task", ["davis", "probe", "warp", "spair", "discovery", "depth"])
 def test_missing_data_is_refused_before_any_backbone_is_built(task, tmp_path, capsys):
     """A mistyped --data fails at once: the backbone (here a name timm does not know) is never built."""
     extra = {"probe": ["--format", "camvid"], "discovery": ["--format", "voc07"]}.get(task, [])
