@@ -233,20 +233,28 @@ def _dumps(data) -> str:
     return json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
 
 
+def pca_views(features: Sequence[torch.Tensor], seed: int = 0) -> list[bytes]:
+    """PNGs of the first three principal components of the ``[C, h, w]`` maps as RGB, one basis for all."""
+    return [_png(rgb) for rgb in pca_rgb(features, joint=True, seed=seed)]
+
+
 def encode_variants(
     labels: Sequence[str],
     features: Sequence[torch.Tensor],
     components: int | None,
     max_cells: int | None,
     seed: int = 0,
+    pca_pngs: Sequence[bytes] | None = None,
 ) -> list[EmbeddedVariant]:
     """Embed each ``[C, h, w]`` map: pooled to at most `max_cells` cells (None: its own grid), projected onto
-    `components` principal directions when that is fewer than its channels (None: its channels), quantised."""
+    `components` principal directions when that is fewer than its channels (None: its channels), quantised.
+
+    `pca_pngs`: the joint PCA views of the pooled maps when already made (`pca_views`)."""
     pooled = [pool_to_cells(f.float(), max_cells) if max_cells else f.float() for f in features]
-    rgbs = pca_rgb(pooled, joint=True, seed=seed)
+    pngs = pca_pngs if pca_pngs is not None else pca_views(pooled, seed)
     out = []
     generator = np.random.default_rng(seed)
-    for label, original, feats, rgb in zip(labels, features, pooled, rgbs, strict=True):
+    for label, original, feats, png in zip(labels, features, pooled, pngs, strict=True):
         channels, height, width = feats.shape
         cells = feats.reshape(channels, -1).T.contiguous()  # [N, C], row-major cells
         projected = components is not None and components < channels
@@ -254,7 +262,7 @@ def encode_variants(
             basis = principal_basis(cells, components, seed)
             values = cells @ basis
             total = float(cells.double().pow(2).sum())
-            kept = float(values.double().pow(2).sum()) / total if total > 0 else 1.0
+            kept = min(1.0, float(values.double().pow(2).sum()) / total) if total > 0 else 1.0
         else:
             values, kept = cells, 1.0
         quantised = quantise(values)
@@ -274,7 +282,7 @@ def encode_variants(
                 quantised=quantised,
                 kept_energy=kept,
                 similarity_error=error,
-                pca_png=_png(rgb),
+                pca_png=png,
             )
         )
     return out
@@ -302,9 +310,14 @@ def choose_encoding(
     else:
         ladder = [None, *(k for k in COMPONENT_LADDER if k < channels)]
 
+    views: dict[int | None, list[bytes]] = {}  # the PCA views depend on the grids only
+
     def build(k, max_cells):
+        if max_cells not in views:
+            pooled = [pool_to_cells(f.float(), max_cells) if max_cells else f.float() for f in features]
+            views[max_cells] = pca_views(pooled)
         entry = EmbeddedImage(name, (image.width, image.height), photo, photo_size)
-        entry.variants = encode_variants(labels, features, k, max_cells)
+        entry.variants = encode_variants(labels, features, k, max_cells, pca_pngs=views[max_cells])
         return entry
 
     smallest = None
