@@ -215,3 +215,16 @@ def test_cli_errors(tmp_path, tiny_timm_weights, two_images, capsys):
     assert explore([tmp_path / "missing.jpg"], tiny_timm_weights, tmp_path / "x.html") == 2
     assert "missing.jpg" in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()
+
+
+def test_cli_images_of_one_name_in_two_folders(tmp_path, tiny_timm_weights, two_images):
+    """Like DAVIS frames 00000.jpg of two sequences: both shown, named by their paths; a repeated file once."""
+    first, second = tmp_path / "a" / "00000.jpg", tmp_path / "b" / "00000.jpg"
+    for path, source in ((first, two_images[0]), (second, two_images[1])):
+        path.parent.mkdir()
+        Image.open(source).convert("RGB").save(path)
+    out = tmp_path / "same.html"
+    assert explore([first, second, first], tiny_timm_weights, out, "--variant", "none") == 0
+    images = page_data(out.read_text())["images"]
+    assert [image["name"] for image in images] == [str(first), str(second)]
+    assert [image["size"] for image in images] == [[451, 300], [400, 400]]

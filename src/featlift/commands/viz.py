@@ -204,8 +204,17 @@ def run_explore(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise FeatliftError(f"--out {args.out}: is a folder; expected the path of an .html file")
     check_writable_dir(out.parent, f"--out {args.out}: its folder")
-    items = collect_images(args.image)
-    images = [(item.relative.as_posix(), load_image(item.path)) for item in items]
+    # each input on its own: two inputs may hold files of one name (DAVIS frames 00000.jpg of two sequences);
+    # on the page such names are shown as the paths given
+    items = {}
+    for raw in args.image:
+        for item in collect_images([raw]):
+            items.setdefault(Path(item.path).resolve(), item)
+    names = [item.relative.as_posix() for item in items.values()]
+    images = [
+        (name if names.count(name) == 1 else str(item.path), load_image(item.path))
+        for name, item in zip(names, items.values(), strict=True)
+    ]
     variants, device = _variants(args)
     if not variants:
         raise FeatliftError("no variants to show")
