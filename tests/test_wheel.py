@@ -51,6 +51,7 @@ def test_wheel_holds_every_module_the_checkpoints_and_py_typed(wheel):
     modules = {p.relative_to(source).as_posix() for p in (source / "featlift").rglob("*.py")}
     assert modules and modules <= names, sorted(modules - names)
     assert "featlift/py.typed" in names
+    assert "featlift/explorer_page.html" in names  # the explorer's page template
     checkpoints = shipped_checkpoints()
     assert checkpoints
     with zipfile.ZipFile(wheel) as archive:
