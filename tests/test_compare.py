@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -326,3 +327,30 @@ def test_budget_and_bad_settings_are_refused_naming_the_value(tmp_path, data_roo
     assert "nosuch" in capsys.readouterr().err
     assert compare(tmp_path / "nodata", tiny_timm_weights, out, "bilinear", "davis") == 2
     assert "--data-root" in capsys.readouterr().err and not out.exists()
+
+
+def test_depth_task_ranks_by_delta1(tmp_path, data_root, tiny_timm_weights, counted):
+    from test_depth_probe import write_nyu
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "imagenet-sample", root / "imagenet-sample")
+    write_nyu(root / "nyuv2", train=3, test=2)
+    out = tmp_path / "out"
+    assert (
+        compare(
+            root,
+            tiny_timm_weights,
+            out,
+            "none,bilinear",
+            "depth",
+            "--set",
+            "depth.epochs=1",
+            "--set",
+            "depth.warmup_epochs=0.5",
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(counted) == [("bilinear", "depth"), ("none", "depth")]
+    for cell in results["cells"]:
+        assert cell["task"] == "depth" and cell["quality"] == cell["metrics"]["delta1"]

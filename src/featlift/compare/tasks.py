@@ -4,7 +4,7 @@ function of `featlift.evaluate` scores a method on it, and which metric ranks th
 A task name is a row of `TASKS`. ``probe-voc`` and ``probe-camvid`` are the same probe task on two datasets;
 the probe is called through `run_probe`, the one place that knows the probe's library signature, so a probe
 with named protocols needs one change there and one row per protocol here (e.g. ``probe-voc@jafar``).
-A new task (e.g. ``depth`` on NYUv2) is one more row: its config class, its ``evaluate_*`` function, its dataset
+A new task (as ``depth``, NYUv2 under ``nyuv2/``, ranked by delta1) is one more row: its config class, its ``evaluate_*`` function, its dataset
 folder and the metric to rank on.
 
 Settings: each task builds its config dataclass (`featlift.evaluate.task_config.TaskConfig`) from the row's
@@ -26,6 +26,7 @@ import torch
 
 from ..errors import FeatliftError
 from ..evaluate.davis import DavisConfig, evaluate_davis
+from ..evaluate.depth import DepthConfig, evaluate_depth
 from ..evaluate.probe import ProbeConfig, evaluate_probe
 from ..evaluate.report import TaskResults
 from ..evaluate.task_config import TaskConfig
@@ -115,7 +116,7 @@ TASKS: dict[str, CompareTask] = {
         protocol=PROBE_PROTOCOL,
     ),
     "warp": CompareTask("warp", "imagenet-sample", WarpConfig, _task_function(evaluate_warp), "PCK@0.1"),
-    # "depth" (NYUv2) goes here: CompareTask("depth", "nyuv2", DepthConfig, _task_function(evaluate_depth), ...)
+    "depth": CompareTask("depth", "nyuv2", DepthConfig, _task_function(evaluate_depth), "delta1"),
 }
 
 
