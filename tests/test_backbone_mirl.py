@@ -104,7 +104,10 @@ def test_a_54_block_model_tapped_at_block_20_runs_21_blocks(facet):
     with torch.no_grad():
         touched, entered, qkv_calls = blocks_that_ran(backbone.model, lambda: backbone(x))
     assert touched == list(range(21))
-    assert qkv_calls == [1] * 21 + [0] * 33
+    # an attention facet projects block 20's input with that block's qkv weights (facets.attention_facet)
+    # rather than through the module's forward, so its hook may not see it
+    assert qkv_calls[:20] == [1] * 20 and qkv_calls[21:] == [0] * 33
+    assert qkv_calls[20] == 1 if facet == "token" else qkv_calls[20] in (0, 1)
     assert entered[:20] == [1] * 20 and entered[21:] == [0] * 33
     assert entered[20] == 1 if facet == "token" else entered[20] in (0, 1)
     with torch.no_grad():  # and it is block 20's facet: the token facet against the model run by hand
