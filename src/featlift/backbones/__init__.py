@@ -5,4 +5,12 @@ from .base import LAYERS_AS, Backbone
 from .cnn import CNNBackbone
 from .vit import FACETS, ViTBackbone, create_backbone, load_weights_file
 
-__all__ = ["FACETS", "LAYERS_AS", "Backbone", "CNNBackbone", "ViTBackbone", "create_backbone", "load_weights_file"]
+__all__ = [
+    "FACETS",
+    "LAYERS_AS",
+    "Backbone",
+    "CNNBackbone",
+    "ViTBackbone",
+    "create_backbone",
+    "load_weights_file",
+]

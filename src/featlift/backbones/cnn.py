@@ -44,7 +44,9 @@ def cnn_stages(name: str, timm_kwargs: dict | None = None) -> list[Stage]:
     check_model_name(name)
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            model = timm.create_model(name.split(".")[0], pretrained=False, num_classes=0, **(timm_kwargs or {}))
+            model = timm.create_model(
+                name.split(".")[0], pretrained=False, num_classes=0, **(timm_kwargs or {})
+            )
     except Exception as exc:
         raise BackboneError(f"cannot build {name}: {type(exc).__name__}: {exc}") from exc
     info = getattr(model, "feature_info", None)
@@ -54,7 +56,12 @@ def cnn_stages(name: str, timm_kwargs: dict | None = None) -> list[Stage]:
             "featlift cannot tap it"
         )
     return [
-        Stage(index=k, module=str(entry["module"]), stride=int(entry["reduction"]), channels=int(entry["num_chs"]))
+        Stage(
+            index=k,
+            module=str(entry["module"]),
+            stride=int(entry["reduction"]),
+            channels=int(entry["num_chs"]),
+        )
         for k, entry in enumerate(info)
     ]
 
@@ -139,7 +146,9 @@ def create_cnn_backbone(
         )
     for reserved in ("features_only", "out_indices"):
         if reserved in timm_kwargs:
-            raise BackboneError(f"{reserved}: set by featlift for a CNN backbone (pick the stage with layer=)")
+            raise BackboneError(
+                f"{reserved}: set by featlift for a CNN backbone (pick the stage with layer=)"
+            )
     stages = cnn_stages(name, timm_kwargs)
     stage = resolve_stage(layer, stages, name)
     kwargs = dict(features_only=True, out_indices=(stage.index,), **timm_kwargs)

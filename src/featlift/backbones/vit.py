@@ -315,7 +315,9 @@ class ViTBackbone(Backbone):
 
             return capture
 
-        handles = [self.model.blocks[layer].register_forward_pre_hook(capture_at(layer)) for layer in self.layers]
+        handles = [
+            self.model.blocks[layer].register_forward_pre_hook(capture_at(layer)) for layer in self.layers
+        ]
         try:
             self.model.forward_intermediates(
                 images, indices=[self.layer], stop_early=True, intermediates_only=True
@@ -385,7 +387,9 @@ def is_vision_transformer(name: str, timm_kwargs: dict | None = None) -> bool:
     check_model_name(name)
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            probe = timm.create_model(name.split(".")[0], pretrained=False, num_classes=0, **(timm_kwargs or {}))
+            probe = timm.create_model(
+                name.split(".")[0], pretrained=False, num_classes=0, **(timm_kwargs or {})
+            )
     except Exception:  # noqa: BLE001 - a probe only; the real build reports the problem
         return True
     return all(hasattr(probe, a) for a in ("blocks", "patch_embed", "forward_intermediates")) or not hasattr(
