@@ -151,6 +151,29 @@ def create_cnn_backbone(
             )
     stages = cnn_stages(name, timm_kwargs)
     stage = resolve_stage(layer, stages, name)
-    kwargs = dict(features_only=True, out_indices=(stage.index,), **timm_kwargs)
-    model = _build_timm_model(name, weights, pretrained, kwargs, vit=False)
-    return CNNBackbone(model, _resolved_name(model, name), stage, depth=len(stages))
+    full = _build_timm_model(name, weights, pretrained, timm_kwargs, vit=False)  # weights loaded and checked
+    with torch.random.fork_rng(devices=[]):
+        model = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=0,
+            features_only=True,
+            out_indices=(stage.index,),
+            **timm_kwargs,
+        )
+    model.load_state_dict(_feature_state(model, full.state_dict(), name), strict=True)
+    return CNNBackbone(model, _resolved_name(full, name), stage, depth=len(stages))
+
+
+def _feature_state(features: nn.Module, full: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The full model's tensors under the names of its ``features_only`` copy, which keeps the modules up to
+    the stage and, for some families (ConvNeXt), flattens a top-level sequential ``stages.0`` into ``stages_0``."""
+    state = {}
+    for key, target in features.state_dict().items():
+        head, _, rest = key.partition(".")
+        candidates = [key, head.replace("_", ".", 1) + "." + rest if rest else head.replace("_", ".", 1)]
+        found = next((c for c in candidates if c in full and full[c].shape == target.shape), None)
+        if found is None:
+            raise BackboneError(f"{name}: cannot find the weights of features_only tensor {key} in the model")
+        state[key] = full[found]
+    return state
