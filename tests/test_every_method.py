@@ -65,9 +65,7 @@ def run(module: Upsampler, batch: int, output_size: tuple[int, int]) -> torch.Te
 
 
 def test_the_builtin_methods_are_found():
-    assert {"bilinear", "lift", "jafar", "anyup", "featup-jbu", "uplift", "naf", "loftup"} <= set(
-        RUN_DIRECTLY
-    )
+    assert {"bilinear", "lift", "jafar", "anyup", "featup-jbu", "uplift", "naf", "loftup"} <= set(RUN_DIRECTLY)
     assert {"carafe", "sapa", "fade", "dysample", "featup-implicit"} <= set(METHODS)
 
 
