@@ -7,7 +7,9 @@
       "upsampler": {"name": "lift", "args": {"channels": 384, "patch_size": 14, "residual": true}},
       "backbone": {"name": "vit_small_patch14_dinov2.lvd142m", "fingerprint": "…", "layer": 11,
                    "facet": "token", "channels": 384, "patch_size": 14, "num_prefix_tokens": 1},
-    (or "backbone": {"name": "any"} for weights that serve every backbone, e.g. AnyUp's official ones)
+    (or "backbone": {"name": "any"} for weights that serve every backbone, e.g. AnyUp's official ones;
+    an upsampler trained on several layers concatenated also has "layers": [3, 6, 9, 11], with "layer"
+    the deepest of them and "channels" their sum; a checkpoint with one layer has no "layers")
       "normalization": {"mean": [...], "std": [...]},
       "weights_sha256": "…",
       "training": {...}
@@ -39,7 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
-from .backbones import ViTBackbone
+from .backbones import Backbone
 from .checkpoint_schema import ANY_BACKBONE, validate_checkpoint_json
 from .errors import CheckpointError, CheckpointMismatchError
 from .fileio import save_json_atomic, save_safetensors_atomic
@@ -53,7 +55,10 @@ CONFIG_FILE = "config.json"
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """The features an upsampler was trained on."""
+    """The features an upsampler was trained on.
+
+    `layers` is None for one layer (`layer`), else every tapped layer in order (`layer` is the deepest).
+    """
 
     name: str
     fingerprint: str
@@ -62,9 +67,16 @@ class BackboneSpec:
     channels: int
     patch_size: int
     num_prefix_tokens: int = 0
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            object.__setattr__(self, "layers", None if layers == (self.layer,) else layers)
 
     @classmethod
-    def of(cls, backbone: ViTBackbone) -> BackboneSpec:
+    def of(cls, backbone: Backbone) -> BackboneSpec:
+        layers = tuple(getattr(backbone, "layers", (backbone.layer,)))
         return cls(
             name=backbone.name,
             fingerprint=backbone.fingerprint(),
@@ -73,6 +85,7 @@ class BackboneSpec:
             channels=backbone.channels,
             patch_size=backbone.patch_size,
             num_prefix_tokens=backbone.num_prefix_tokens,
+            layers=layers if len(layers) > 1 else None,
         )
 
     @classmethod
@@ -84,13 +97,69 @@ class BackboneSpec:
     def is_any(self) -> bool:
         return self.name == ANY_BACKBONE
 
+    @property
+    def tapped_layers(self) -> tuple[int, ...]:
+        """Every layer the features come from: ``(layer,)`` for one."""
+        return self.layers if self.layers is not None else (self.layer,)
+
+    @property
+    def layer_label(self) -> str:
+        return ",".join(map(str, self.tapped_layers))
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": ANY_BACKBONE} if self.is_any else asdict(self)
+        if self.is_any:
+            return {"name": ANY_BACKBONE}
+        data = asdict(self)
+        if self.layers is None:
+            del data["layers"]  # one layer: the format written before several layers existed
+        else:
+            data["layers"] = list(self.layers)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str) -> BackboneSpec:
+        """From a schema-checked ``backbone`` object, its ``layers`` (if any) checked here."""
+        data = dict(data)
+        layers = data.pop("layers", None)
+        if layers is not None:
+            _check_layers(layers, data.get("layer"), source)
+            layers = tuple(layers)
+        return cls(**data, layers=layers)
 
     def describe(self) -> str:
         if self.is_any:
             return "backbone=any (feature-agnostic weights)"
-        return f"backbone={self.name} layer={self.layer} facet={self.facet} channels={self.channels} patch={self.patch_size}"
+        return (
+            f"backbone={self.name} layer={self.layer_label} facet={self.facet} channels={self.channels} "
+            f"patch={self.patch_size}"
+        )
+
+
+def _check_layers(layers: Any, layer: Any, source: str) -> None:
+    """``backbone.layers``: a list of at least 2 increasing integers >= 0 that ends with ``backbone.layer``."""
+    ok = (
+        isinstance(layers, list)
+        and len(layers) >= 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)
+        and all(b > a for a, b in zip(layers, layers[1:], strict=False))
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{source}: backbone.layers must be a list of at least 2 increasing integers >= 0, "
+            f"got {json.dumps(layers)[:60]}"
+        )
+    if layers[-1] != layer:
+        raise CheckpointError(
+            f"{source}: backbone.layers {json.dumps(layers)} must end with backbone.layer (the deepest), got {layer}"
+        )
+
+
+def _schema_view(data: Any) -> Any:
+    """`data` as `checkpoint_schema` knows it: ``backbone.layers`` (checked by `_check_layers`) left out."""
+    if isinstance(data, dict) and isinstance(data.get("backbone"), dict) and "layers" in data["backbone"]:
+        backbone = {k: v for k, v in data["backbone"].items() if k != "layers"}
+        return {**data, "backbone": backbone}
+    return data
 
 
 @dataclass
@@ -119,14 +188,14 @@ class CheckpointConfig:
     @classmethod
     def from_json(cls, data: Any, source: str) -> CheckpointConfig:
         """Build from parsed ``config.json`` after checking it against the schema (`CheckpointError` if not)."""
-        validate_checkpoint_json(data, source, FORMAT_VERSION)
+        validate_checkpoint_json(_schema_view(data), source, FORMAT_VERSION)
         return cls(
             upsampler=data["upsampler"]["name"],
             upsampler_args=dict(data["upsampler"].get("args", {})),
             backbone=(
                 BackboneSpec.any()
                 if data["backbone"]["name"] == ANY_BACKBONE
-                else BackboneSpec(**data["backbone"])
+                else BackboneSpec.from_json(data["backbone"], source)
             ),
             normalization=data["normalization"],
             training=data.get("training", {}),
@@ -193,7 +262,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> CheckpointConfig:
 
 
 def check_compatible(
-    trained: BackboneSpec, backbone: ViTBackbone, source: str = "checkpoint", any_backbone: bool = False
+    trained: BackboneSpec, backbone: Backbone, source: str = "checkpoint", any_backbone: bool = False
 ) -> None:
     """Raise if `backbone` gives other features than `trained`; warn if only its weights differ.
 
@@ -203,8 +272,8 @@ def check_compatible(
     if trained.is_any:
         return
     using = BackboneSpec.of(backbone)
-    fields = ("name", "layer", "facet", "channels", "patch_size")
-    differing = [f for f in fields if getattr(trained, f) != getattr(using, f)]
+    fields = ("name", "tapped_layers", "facet", "channels", "patch_size")
+    differing = [f.replace("tapped_", "") for f in fields if getattr(trained, f) != getattr(using, f)]
     if differing and any_backbone:
         warnings.warn(
             f"{source} was trained for {trained.describe()}; you are using {using.describe()}. The method is "
@@ -229,7 +298,7 @@ def check_compatible(
 def save_checkpoint(
     directory: str | os.PathLike,
     upsampler: Upsampler,
-    backbone: ViTBackbone | BackboneSpec,
+    backbone: Backbone | BackboneSpec,
     training: dict[str, Any] | None = None,
     normalization: dict[str, list[float]] | None = None,
 ) -> Path:
@@ -251,7 +320,7 @@ def save_checkpoint(
     )
     directory = Path(directory)
     source = f"cannot save checkpoint {directory}"
-    validate_checkpoint_json(config.to_json(), source, FORMAT_VERSION)
+    validate_checkpoint_json(_schema_view(config.to_json()), source, FORMAT_VERSION)
     check_buildable(config.upsampler, config.upsampler_args, source)  # what is saved must load
     state = {k: v for k, v in upsampler.state_dict().items()}
     refuse_non_finite(state, source, CheckpointError)
@@ -264,7 +333,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: str | os.PathLike,
-    backbone: ViTBackbone | None = None,
+    backbone: Backbone | None = None,
     map_location: str | torch.device = "cpu",
     options: dict[str, Any] | None = None,
 ) -> tuple[Upsampler, CheckpointConfig]:

@@ -2,7 +2,10 @@
 
 Each output ``OUT/<relative path>.safetensors`` holds ``features`` ``[C, H, W]`` and string metadata
 (backbone, fingerprint, layer, facet, upsampler and its weights' fingerprint, checkpoint, upsampler options, input and
-output size, source and its size and modification time). Files are written atomically. An output that
+output size, source and its size and modification time). A backbone tapped at several layers records them
+as ``layer`` ``"3,6,9,11"`` and ``layers_as``: with ``concat`` the file holds ``features`` with their
+channels concatenated in layer order; with ``separate`` it holds one tensor per layer, ``features_layer3``,
+``features_layer6``, ... (`load_layer_features`). Files are written atomically. An output that
 exists with the same settings and was made from the image as it is now (same size and modification
 time) is skipped, so a re-run resumes an interrupted one; an output of an image changed since is made
 again. A folder holds one set of settings (`featlift.folder_settings`). An upsampler guided by the image
@@ -54,6 +57,7 @@ SETTINGS_KEYS = (
     "output_size",
     "dtype",
     "amp",
+    "layers_as",  # only in the outputs of several layers
 )
 # Metadata keys that identify the image an output was made from: a changed image is extracted again.
 SOURCE_KEYS = ("source_size", "source_mtime_ns")
@@ -126,10 +130,44 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
+LAYER_TENSOR = "features_layer{}"
+"""The name of layer ``l``'s tensor in an output of several layers stored ``separate``."""
+
+
 def load_features(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:
     """Read one extracted file: ``features [C, H, W]`` and its metadata."""
     with safe_open(str(path), framework="pt") as handle:
+        if "features" not in handle.keys():
+            raise FeatliftError(
+                f"{path} holds no `features` tensor but {', '.join(sorted(handle.keys()))}: it was extracted with "
+                "--layers-as separate; read it with featlift.extract.load_layer_features"
+            )
         return handle.get_tensor("features"), dict(handle.metadata() or {})
+
+
+def load_layer_features(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor], dict[str, str]]:
+    """Read one extracted file as layer -> ``[C_l, H, W]`` and its metadata: the tensors of an output stored
+    ``separate``, or the ``features`` of one layer / of several concatenated, split by their channels."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        layers = [int(v) for v in metadata.get("layer", "").split(",") if v.strip().lstrip("-").isdigit()]
+        names = set(handle.keys())
+        if "features" not in names:
+            missing = [layer for layer in layers if LAYER_TENSOR.format(layer) not in names]
+            if not layers or missing:
+                raise FeatliftError(
+                    f"{path}: metadata layer {metadata.get('layer')!r} does not name its tensors "
+                    f"{', '.join(sorted(names))}"
+                )
+            return {layer: handle.get_tensor(LAYER_TENSOR.format(layer)) for layer in layers}, metadata
+        features = handle.get_tensor("features")
+    if len(layers) <= 1:
+        return {layers[0] if layers else 0: features}, metadata
+    if features.shape[0] % len(layers):
+        raise FeatliftError(
+            f"{path}: {features.shape[0]} channels do not split evenly into layers {metadata['layer']}"
+        )
+    return dict(zip(layers, features.chunk(len(layers)), strict=True)), metadata
 
 
 def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: torch.dtype) -> dict[str, str]:
@@ -138,7 +176,7 @@ def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: t
     return {
         "backbone": backbone.name,
         "fingerprint": backbone.fingerprint(),
-        "layer": str(backbone.layer),
+        "layer": backbone.layer_label,
         "facet": backbone.facet,
         "upsampler": upsampler.name if upsampler is not None else "none",
         "upsampler_fingerprint": state_dict_fingerprint(upsampler.state_dict(), upsampler.config())
@@ -150,6 +188,8 @@ def pipeline_metadata(pipeline: FeaturePipeline, size: tuple[int, int], dtype: t
         "output_size": "x".join(map(str, pipeline.output_size)) if pipeline.output_size else "none",
         "dtype": str(dtype).replace("torch.", ""),
         "featlift_version": __version__,
+        # several layers only, so outputs of one layer keep the metadata they had before
+        **({"layers_as": backbone.layers_as} if len(backbone.layers) > 1 else {}),
     }
 
 
@@ -204,13 +244,26 @@ def _is_done(path: Path, settings: dict[str, str], source: dict[str, str] | None
         existing = read_metadata(path)
     except (SafetensorError, OSError):
         return False  # unreadable leftover: extract again
-    different = {k: (existing.get(k), settings[k]) for k in SETTINGS_KEYS if existing.get(k) != settings[k]}
+    different = {
+        k: (existing.get(k), settings.get(k)) for k in SETTINGS_KEYS if existing.get(k) != settings.get(k)
+    }
     if different:
         details = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in different.items())
         raise FeatliftError(
             f"{path} exists with other settings ({details}); use another --out folder or --overwrite"
         )
     return source is not None and all(existing.get(k) == source[k] for k in SOURCE_KEYS)
+
+
+def output_tensors(pipeline: FeaturePipeline, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of one output file: ``features``, or one tensor per layer when several are stored separate."""
+    backbone = pipeline.backbone
+    if len(backbone.layers) > 1 and backbone.layers_as == "separate":
+        return {
+            LAYER_TENSOR.format(layer): part.clone()
+            for layer, part in backbone.split_layers(features).items()
+        }
+    return {"features": features}
 
 
 def non_finite_message(item: ImageItem, stored: torch.Tensor, computed: torch.Tensor) -> str:
@@ -306,7 +359,7 @@ def extract_to_folder(
         )
     claim_folder(
         out_dir,
-        {k: settings[k] for k in SETTINGS_KEYS},
+        {k: settings[k] for k in SETTINGS_KEYS if k in settings},
         outputs if folder_outputs is None else folder_outputs,
         overwrite,
     )
@@ -331,7 +384,9 @@ def extract_to_folder(
             item, path, source = todo[index]
             try:
                 save_safetensors_atomic(
-                    {"features": feature}, path, metadata={**settings, "source": str(item.path), **source}
+                    output_tensors(pipeline, feature),
+                    path,
+                    metadata={**settings, "source": str(item.path), **source},
                 )
             except BaseException:
                 write_failed.set()

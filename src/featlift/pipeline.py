@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import ViTBackbone, create_backbone
+from .backbones import Backbone, create_backbone
 from .checkpoint import load_checkpoint
 from .errors import FeatliftError, InputSizeError
 from .images import resize_images
@@ -47,6 +47,11 @@ class FeaturePipeline(nn.Module):
     `featlift.speedups`); the output is always float32. ``checkpoint`` records where the upsampler's
     weights came from.
 
+    A backbone tapped at several layers gives their maps concatenated along channels. With its
+    ``layers_as == "separate"`` the upsampler runs on each layer's channels on its own (same guide, same
+    output size) and the results are concatenated again in layer order; `Backbone.split_layers` splits the
+    output into one map per layer.
+
     Example:
         >>> pipe = FeaturePipeline(backbone, create_upsampler("lift", ..., iters=2))
         >>> pipe(images).shape  # images: [4, 3, 224, 224] with patch 14 -> [4, 384, 64, 64]
@@ -54,7 +59,7 @@ class FeaturePipeline(nn.Module):
 
     def __init__(
         self,
-        backbone: ViTBackbone,
+        backbone: Backbone,
         upsampler: Upsampler | None = None,
         output_size: tuple[int, int] | None = None,
         *,
@@ -91,6 +96,11 @@ class FeaturePipeline(nn.Module):
         if images.device.type != "meta":  # a shape-only run (`featlift.memory_estimate`) has no values
             check_values(images, where, uint8=False)
         return images.to(weight.dtype)
+
+    @property
+    def upsamples_layers_separately(self) -> bool:
+        """True when the backbone taps several layers and asks for them ``separate``: one upsampler call each."""
+        return len(self.backbone.layers) > 1 and self.backbone.layers_as == "separate"
 
     @property
     def wants_sources(self) -> bool:
@@ -159,6 +169,11 @@ class FeaturePipeline(nn.Module):
                 if guide is not None:
                     guide = guide.contiguous(memory_format=torch.channels_last)
             if self.upsampler.capabilities.fitting != "per-image":
+                if self.upsamples_layers_separately:
+                    parts = self.backbone.split_layers(features).values()
+                    return self._as_output(
+                        torch.cat([self.upsampler(part, guide, size) for part in parts], 1)
+                    )
                 return self._as_output(self.upsampler(features, guide, size))
         # a method optimised per image needs autograd: leave inference mode, with ordinary copies of its inputs
         features = features.clone()
@@ -189,7 +204,7 @@ class FeaturePipeline(nn.Module):
 
 
 def resolve_upsampler(
-    backbone: ViTBackbone,
+    backbone: Backbone,
     upsampler: str | None = "lift",
     checkpoint: str | None = None,
     options: dict[str, Any] | None = None,
@@ -216,22 +231,29 @@ def resolve_upsampler(
             f"upsampler {upsampler!r} takes no option(s) {', '.join(unknown)}; "
             f"its options: {', '.join(cls.options) or 'none'}"
         )
+    channels = backbone.channels
+    if len(backbone.layers) > 1 and backbone.layers_as == "separate":
+        channels = _separate_layer_channels(backbone, upsampler, cls)
     if not cls.trainable:
         if checkpoint is not None:
             raise FeatliftError(
                 f"upsampler {upsampler!r} has no trained weights, so --checkpoint does not apply"
             )
         try:
-            module = cls.from_features(backbone.channels, backbone.patch_size, **options)
+            module = cls.from_features(channels, backbone.patch_size, **options)
         except (TypeError, ValueError) as exc:
             raise FeatliftError(f"upsampler {upsampler!r} with {options}: {exc}") from exc
         return module, None
     if checkpoint is None:
-        shipped = find_shipped_checkpoint(backbone.name, backbone.layer, backbone.facet, upsampler)
+        shipped = (
+            find_shipped_checkpoint(backbone.name, backbone.layer, backbone.facet, upsampler)
+            if len(backbone.layers) == 1
+            else None
+        )
         if shipped is None:
             raise FeatliftError(
                 f"upsampler {upsampler!r} needs --checkpoint: featlift ships none for {backbone.name} layer "
-                f"{backbone.layer} facet {backbone.facet}; train one with `featlift train` or use --upsampler bilinear"
+                f"{backbone.layer_label} facet {backbone.facet}; train one with `featlift train` or use --upsampler bilinear"
             )
         checkpoint = str(shipped)
     module, config = load_checkpoint(checkpoint, backbone=backbone, options=options)
@@ -242,22 +264,53 @@ def resolve_upsampler(
     return module, str(checkpoint)
 
 
+def _separate_layer_channels(backbone: Backbone, upsampler: str, cls: type[Upsampler]) -> int:
+    """The channels of each layer, for an upsampler run on the layers one at a time (``layers_as="separate"``);
+    refused for trained and per-image methods, and for layers of different widths."""
+    layers = backbone.layer_label
+    if cls.trainable:
+        raise FeatliftError(
+            f"upsampler {upsampler!r} is trained, so it cannot upsample layers {layers} separately: its checkpoint "
+            "fits the features of the layers it was trained on, not each layer alone. Use layers_as='concat' "
+            "(--layers-as concat) with a checkpoint trained on these layers, or an untrained method such as bilinear"
+        )
+    if cls.capabilities.fitting == "per-image":
+        raise FeatliftError(
+            f"upsampler {upsampler!r} is fitted on each image against the backbone's features, so it cannot "
+            f"upsample layers {layers} separately; use layers_as='concat' (--layers-as concat)"
+        )
+    widths = set(backbone.layer_channels)
+    if len(widths) != 1:
+        raise FeatliftError(
+            f"layers {layers} of {backbone.name} have different channel counts {backbone.layer_channels}, so one "
+            f"{upsampler!r} module cannot serve each of them; use layers_as='concat'"
+        )
+    return widths.pop()
+
+
 def build_pipeline(
-    backbone: str | ViTBackbone,
+    backbone: str | Backbone,
     *,
     weights: str | None = None,
-    layer: int | None = None,
+    layer: int | Sequence[int] | None = None,
     facet: str = "token",
     upsampler: str | None = "lift",
     checkpoint: str | None = None,
     output_size: tuple[int, int] | None = None,
+    layers_as: str | None = None,
     **options: Any,
 ) -> FeaturePipeline:
     """One call from names to a ready `FeaturePipeline` (what ``featlift extract`` runs).
 
-    Keyword arguments beyond these are the upsampler's options, e.g. ``build_pipeline(..., iters=2)``.
+    `layer` may list several blocks (``[3, 6, 9, 11]``); `layers_as` (``concat``, the default, or
+    ``separate``) says how they are given (see `FeaturePipeline`). Keyword arguments beyond these are the
+    upsampler's options, e.g. ``build_pipeline(..., iters=2)``.
     """
     if isinstance(backbone, str):
-        backbone = create_backbone(backbone, weights=weights, layer=layer, facet=facet)
+        backbone = create_backbone(
+            backbone, weights=weights, layer=layer, facet=facet, layers_as=layers_as or "concat"
+        )
+    elif layers_as is not None:
+        backbone.set_layers_as(layers_as)
     module, used = resolve_upsampler(backbone, upsampler, checkpoint, options)
     return FeaturePipeline(backbone, module, output_size=output_size, checkpoint=used)

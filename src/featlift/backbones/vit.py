@@ -1,4 +1,5 @@
-"""A timm Vision Transformer tapped at one block and one facet, returning a patch-token map.
+"""A timm Vision Transformer tapped at one facet of one block, or of several blocks in one forward pass
+(their maps concatenated along channels in block order), returning a patch-token map.
 
 Facets of block `l` (0-based):
 - ``token``: the block's output tokens, passed through the model's final norm (as DINOv2's
@@ -18,16 +19,15 @@ import difflib
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 
 import timm
 import torch
 from torch import nn
 
 from ..errors import BackboneError, InputSizeError
-from ..fingerprint import state_dict_fingerprint
 from ..weightfiles import read_weights_file, refuse_non_finite, some_of
+from .base import LAYERS_AS, Backbone, FeatureShape  # noqa: F401  (FeatureShape: imported from here before)
 from .facets import attention_facet, facet_channels, uses_rotary_embedding
 from .families import fixed_input_size, fixed_size_advice, timm_build_kwargs
 
@@ -178,13 +178,24 @@ def check_patch_embedding(
     )
 
 
-def _build_timm_model(
-    name: str, weights: str | os.PathLike | None, pretrained: bool, timm_kwargs: dict | None = None
-) -> nn.Module:
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know, listing similar ones."""
     if not timm.is_model(name.split(".")[0]):
         close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=8, cutoff=0.6)
         raise BackboneError(f"unknown timm model {name!r}; similar names: {', '.join(close) or 'none'}")
-    kwargs = timm_build_kwargs(name, timm_kwargs)
+
+
+def _build_timm_model(
+    name: str,
+    weights: str | os.PathLike | None,
+    pretrained: bool,
+    timm_kwargs: dict | None = None,
+    vit: bool = True,
+) -> nn.Module:
+    """`vit`: a ViT, built with its family's size handling (`families.timm_build_kwargs`: ``dynamic_img_size``
+    where timm supports it); else a CNN (whose own kwargs, e.g. ``features_only``, come in `timm_kwargs`)."""
+    check_model_name(name)
+    kwargs = timm_build_kwargs(name, timm_kwargs) if vit else dict(num_classes=0, **(timm_kwargs or {}))
     try:
         if weights is not None:
             state = load_weights_file(weights)
@@ -228,15 +239,7 @@ def _build_timm_model(
         raise
 
 
-@dataclass(frozen=True)
-class FeatureShape:
-    """What a backbone gives: channels, and the stride (patch size) of its grid in input pixels."""
-
-    channels: int
-    stride: int
-
-
-class ViTBackbone(nn.Module):
+class ViTBackbone(Backbone):
     """A frozen timm ViT that maps normalised images ``[B, 3, H, W]`` to ``[B, C, H/p, W/p]`` features.
 
     ``H`` and ``W`` must be multiples of the patch size ``p``; anything else raises `InputSizeError`
@@ -248,7 +251,9 @@ class ViTBackbone(nn.Module):
         >>> feats = backbone(backbone.normalize(images))  # images in [0, 1]
     """
 
-    def __init__(self, model: nn.Module, name: str, layer: int | None = None, facet: str = "token"):
+    def __init__(
+        self, model: nn.Module, name: str, layer: int | Sequence[int] | None = None, facet: str = "token"
+    ):
         super().__init__()
         for attribute in ("blocks", "patch_embed", "forward_intermediates", "num_prefix_tokens"):
             if not hasattr(model, attribute) and not (
@@ -261,15 +266,10 @@ class ViTBackbone(nn.Module):
         if facet not in FACETS:
             raise BackboneError(f"facet {facet!r}: expected one of {', '.join(FACETS)}")
         depth = len(model.blocks)
-        if layer is None:
-            layer = depth - 1
-        if not -depth <= layer < depth:
-            raise BackboneError(
-                f"layer {layer}: {name} has {depth} blocks, so layer must be in 0..{depth - 1} (or -1 for the last)"
-            )
         self.model = model.eval().requires_grad_(False)
         self.name = name
-        self.layer = layer % depth
+        self.layers = resolve_layers(layer, depth, name)
+        self.layer = self.layers[-1]  # the deepest tapped block (the only one, for one layer)
         self.facet = facet
         self.depth = depth
         embedding = model.patch_embed if hasattr(model, "patch_embed") else model.embeds  # NaFlexVit: embeds
@@ -279,50 +279,28 @@ class ViTBackbone(nn.Module):
             raise BackboneError(f"{name}: non-square patches {patch} are not supported")
         self.patch_size = int(patch[0])
         self.num_prefix_tokens = int(model.num_prefix_tokens)
-        if facet == "token":
-            self.channels = int(model.embed_dim)
-        else:
-            where = f"{name} ({type(model).__name__}): block {self.layer}"
-            self.channels = facet_channels(model.blocks[self.layer], facet, where)
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
-        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
-        self._fingerprint: str | None = None
+        self.layer_channels = tuple(self._channels_of(block) for block in self.layers)
+        self.channels = sum(self.layer_channels)
+        self._set_normalization(model)
 
-    def output_shape(self) -> FeatureShape:
-        return FeatureShape(channels=self.channels, stride=self.patch_size)
-
-    @property
-    def normalization(self) -> dict[str, list[float]]:
-        return {"mean": list(self.mean), "std": list(self.std)}
-
-    def fingerprint(self) -> str:
-        """SHA-256 (first 16 hex digits) of the backbone weights: names, dtypes, shapes and values."""
-        if self._fingerprint is None:
-            self._fingerprint = state_dict_fingerprint(self.model.state_dict())
-        return self._fingerprint
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``[0, 1]`` RGB images -> the model's input normalisation."""
-        return (images - self._mean.to(images.dtype)) / self._std.to(images.dtype)
+    def _channels_of(self, layer: int) -> int:
+        """Channels of the facet at block `layer`; `BackboneError` when featlift cannot tap that block's attention."""
+        if self.facet == "token":
+            return int(self.model.embed_dim)
+        where = f"{self.name} ({type(self.model).__name__}): block {layer}"
+        return facet_channels(self.model.blocks[layer], self.facet, where)
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """The token grid for an input of ``height x width`` pixels; both must be multiples of the patch."""
-        if height % self.patch_size or width % self.patch_size:
-            p = self.patch_size
-            raise InputSizeError(
-                f"input size {height}x{width} is not a multiple of {self.name}'s patch size {p}; "
-                f"resize to e.g. {max(p, round(height / p) * p)}x{max(p, round(width / p) * p)}"
-            )
+        """The token grid for ``height x width`` pixels: multiples of the patch, and the one size a fixed-size
+        model (BEiT, the classic RADIO port) takes."""
+        grid = super().grid_size(height, width)
         fixed = fixed_input_size(self.model)
         if fixed is not None and (height, width) != fixed:
             raise InputSizeError(
                 f"input size {height}x{width}: {self.name} ({type(self.model).__name__}) takes only "
                 f"{fixed[0]}x{fixed[1]} inputs; {fixed_size_advice(self.name)}"
             )
-        return height // self.patch_size, width // self.patch_size
+        return grid
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images ``[B, 3, H, W]`` -> features ``[B, C, H/p, W/p]``."""
@@ -330,32 +308,41 @@ class ViTBackbone(nn.Module):
             raise InputSizeError(f"expected images of shape [B, 3, H, W], got {list(images.shape)}")
         grid_h, grid_w = self.grid_size(images.shape[-2], images.shape[-1])
         if self.facet == "token":
-            (tokens,) = self.model.forward_intermediates(
+            tapped = self.model.forward_intermediates(
                 images,
-                indices=[self.layer],
+                indices=list(self.layers),
                 norm=True,
                 stop_early=True,
                 intermediates_only=True,
                 output_fmt="NCHW",
             )
-            return tokens
-        block_input, rope = self._block_input(images)
-        facet = attention_facet(self.model.blocks[self.layer], block_input, self.facet, rope=rope)
-        facet = facet[:, self.num_prefix_tokens :]
-        return facet.transpose(1, 2).reshape(facet.shape[0], -1, grid_h, grid_w)
+            return tapped[0] if len(tapped) == 1 else torch.cat(tapped, dim=1)
+        facets = []
+        for layer, (block_input, rope) in zip(self.layers, self._block_inputs(images), strict=True):
+            facet = attention_facet(self.model.blocks[layer], block_input, self.facet, rope=rope)
+            facet = facet[:, self.num_prefix_tokens :]
+            facets.append(facet.transpose(1, 2).reshape(facet.shape[0], -1, grid_h, grid_w))
+        return facets[0] if len(facets) == 1 else torch.cat(facets, dim=1)
 
-    def _block_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The tokens ``[B, N, C]`` entering block `layer`, prefix tokens included, and the rotary embedding
-        the block is called with (``rope=``, Eva; ``None`` for other blocks); later blocks are not run."""
-        captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    def _block_inputs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """For each tapped block: the tokens ``[B, N, C]`` entering it, prefix tokens included, and the rotary
+        embedding it is called with (``rope=``, Eva; ``None`` for other blocks), from one forward pass that
+        stops at the deepest tapped block (later blocks are not run)."""
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            tokens = args[0] if args else kwargs["x"]
-            captured.append((tokens, kwargs.get("rope", args[1] if len(args) > 1 else None)))
-            raise _StopForward
+        def capture_at(layer: int):
+            def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                tokens = args[0] if args else kwargs["x"]
+                captured[layer] = (tokens, kwargs.get("rope", args[1] if len(args) > 1 else None))
+                if layer == self.layer:
+                    raise _StopForward
 
-        block = self.model.blocks[self.layer]
-        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+            return capture
+
+        handles = [
+            self.model.blocks[layer].register_forward_pre_hook(capture_at(layer), with_kwargs=True)
+            for layer in self.layers
+        ]
         try:
             self.model.forward_intermediates(
                 images, indices=[self.layer], stop_early=True, intermediates_only=True
@@ -363,11 +350,34 @@ class ViTBackbone(nn.Module):
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        tokens, rope = captured[0]
-        if rope is None and uses_rotary_embedding(block) and getattr(self.model, "rope", None) is not None:
-            raise BackboneError(f"{self.name}: block {self.layer} was called without its rotary embedding")
-        return tokens, rope
+            for handle in handles:
+                handle.remove()
+        for layer in self.layers:
+            block, rope = self.model.blocks[layer], captured[layer][1]
+            if rope is None and uses_rotary_embedding(block) and getattr(self.model, "rope", None) is not None:
+                raise BackboneError(f"{self.name}: block {layer} was called without its rotary embedding")
+        return [captured[layer] for layer in self.layers]
+
+
+def resolve_layers(layer: int | Sequence[int] | None, depth: int, name: str) -> tuple[int, ...]:
+    """Block indices (0-based; negative from the end; None: the last) as increasing non-negative ints."""
+    if layer is None:
+        return (depth - 1,)
+    asked = [layer] if isinstance(layer, int) else list(layer)
+    if not asked or not all(isinstance(v, int) and not isinstance(v, bool) for v in asked):
+        raise BackboneError(f"layer {layer!r}: expected a block index or a non-empty list of them")
+    for value in asked:
+        if not -depth <= value < depth:
+            raise BackboneError(
+                f"layer {value}: {name} has {depth} blocks, so layer must be in 0..{depth - 1} (or -1 for the last)"
+            )
+    layers = tuple(value % depth for value in asked)
+    if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
+        raise BackboneError(
+            f"layers {','.join(map(str, asked))}: each layer must be deeper than the one before "
+            f"(blocks {','.join(map(str, layers))}); list them in increasing order without repeats"
+        )
+    return layers
 
 
 def _resolved_name(model: nn.Module, name: str) -> str:
@@ -379,27 +389,65 @@ def _resolved_name(model: nn.Module, name: str) -> str:
     return name
 
 
+def is_vision_transformer(name: str, timm_kwargs: dict | None = None) -> bool:
+    """Whether timm model `name` is a ViT featlift taps by blocks (else a CNN tapped by stage).
+
+    Decided by the model's structure, built on the meta device (no memory, no weights): a ViT has
+    ``blocks``, ``patch_embed`` (NaFlexVit: ``embeds``) and ``forward_intermediates``. A model that cannot be built there is taken
+    for a ViT, which `ViTBackbone` then checks as before.
+    """
+    check_model_name(name)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            probe = timm.create_model(
+                name.split(".")[0], pretrained=False, num_classes=0, **(timm_kwargs or {})
+            )
+    except Exception:  # noqa: BLE001 - a probe only; the real build reports the problem
+        return True
+    has_embedding = hasattr(probe, "patch_embed") or hasattr(probe, "embeds")  # NaFlexVit: embeds
+    is_vit = has_embedding and all(hasattr(probe, a) for a in ("blocks", "forward_intermediates"))
+    return is_vit or not hasattr(probe, "feature_info")
+
+
 def create_backbone(
     name: str,
     *,
     weights: str | os.PathLike | None = None,
-    layer: int | None = None,
+    layer: int | Sequence[int] | None = None,
     facet: str = "token",
     pretrained: bool = True,
+    layers_as: str = "concat",
     **timm_kwargs,
-) -> ViTBackbone:
-    """Build a frozen, eval-mode `ViTBackbone` from a timm model name.
+) -> Backbone:
+    """Build a frozen, eval-mode backbone from a timm model name: a `ViTBackbone` for a Vision
+    Transformer, a `~featlift.backbones.cnn.CNNBackbone` for a CNN with timm ``features_only`` support
+    (ResNet, ConvNeXt, ...).
 
     Args:
         name: any timm ViT, e.g. ``vit_small_patch14_dinov2.lvd142m``, ``vit_base_patch8_224.dino``,
-            ``vit_base_patch16_clip_224.openai``.
+            ``vit_base_patch16_clip_224.openai``; or a CNN, e.g. ``resnet50``, ``convnext_tiny``.
         weights: a local .safetensors/.pth file (timm, DINO or DINOv2 layout). Without it, timm downloads
             the pretrained weights (needs internet) unless ``pretrained=False`` (random weights).
-        layer: block index, 0-based; negative counts from the end; default the last block.
-        facet: ``token``, ``query``, ``key`` or ``value``.
+        layer: ViT: block index, 0-based; negative counts from the end; default the last block. A list
+            (``[3, 6, 9, 11]``, increasing) taps several blocks in one forward pass; their channels are
+            concatenated in that order. CNN: the stage, timm's ``feature_info`` index (0-based), default the last.
+        facet: ``token``, ``query``, ``key`` or ``value`` (ViT only; a CNN has ``token`` only).
+        layers_as: with several layers, ``concat`` (one map) or ``separate`` (each layer upsampled and stored
+            on its own; see `featlift.backbones.base.LAYERS_AS`).
         timm_kwargs: passed on to ``timm.create_model`` (e.g. ``img_size``, or ``depth`` for a shallow copy).
     """
     if facet not in FACETS:
         raise BackboneError(f"facet {facet!r}: expected one of {', '.join(FACETS)}")
-    model = _build_timm_model(name, weights, pretrained, timm_kwargs)
-    return ViTBackbone(model, _resolved_name(model, name), layer=layer, facet=facet)
+    if layers_as not in LAYERS_AS:
+        raise BackboneError(f"layers_as {layers_as!r}: expected one of {', '.join(LAYERS_AS)}")
+    if not is_vision_transformer(name, timm_kwargs):
+        from .cnn import create_cnn_backbone  # cnn imports this module
+
+        backbone = create_cnn_backbone(
+            name, weights=weights, layer=layer, facet=facet, pretrained=pretrained, **timm_kwargs
+        )
+    else:
+        model = _build_timm_model(name, weights, pretrained, timm_kwargs)
+        backbone = ViTBackbone(model, _resolved_name(model, name), layer=layer, facet=facet)
+    backbone.set_layers_as(layers_as)
+    return backbone

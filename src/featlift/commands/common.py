@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..backbones import FACETS, ViTBackbone, create_backbone
+from ..backbones import FACETS, LAYERS_AS, Backbone, create_backbone
 from ..devices import device_problem
 from ..errors import FeatliftError
 from ..images import parse_size
@@ -18,7 +18,9 @@ WEIGHTS_ENV = "FEATLIFT_WEIGHTS"
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("backbone")
     group.add_argument(
-        "--backbone", default=DEFAULT_BACKBONE, help=f"timm ViT name (default {DEFAULT_BACKBONE})"
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        help=f"timm ViT name, or a timm CNN with features_only such as resnet50, convnext_tiny (default {DEFAULT_BACKBONE})",
     )
     group.add_argument(
         "--weights",
@@ -27,10 +29,41 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
         f"default ${WEIGHTS_ENV} if set",
     )
     group.add_argument(
-        "--layer", type=int, default=None, help="block index, 0-based, negative from the end (default: last)"
+        "--layer",
+        type=layer_arg,
+        default=None,
+        help="ViT: block index, 0-based, negative from the end (default: last), or several in increasing order, "
+        "e.g. 3,6,9,11 (one forward pass); CNN: the stage, timm's feature_info index, 0-based (default: last)",
     )
     group.add_argument(
-        "--facet", choices=FACETS, default="token", help="token (block output), query, key or value"
+        "--facet",
+        choices=FACETS,
+        default="token",
+        help="token (block output), query, key or value (ViTs only; a CNN stage has token only)",
+    )
+
+
+def layer_arg(text: str) -> int | tuple[int, ...]:
+    """argparse type of ``--layer``: ``11`` -> 11, ``3,6,9,11`` -> (3, 6, 9, 11)."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a layer index (e.g. 11, -1) or several separated by commas (e.g. 3,6,9,11)"
+        ) from None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def add_layers_as_arg(parser: argparse.ArgumentParser) -> None:
+    """``--layers-as concat|separate``: how the layers of ``--layer 3,6,9,11`` are given."""
+    parser.add_argument(
+        "--layers-as",
+        choices=LAYERS_AS,
+        default="concat",
+        help="with several --layer values: concat (default; one `features` tensor, the layers' channels in order) "
+        "or separate (each layer upsampled on its own and stored as features_layerN in the same file; "
+        "untrained methods only)",
     )
 
 
@@ -88,8 +121,14 @@ def weights_from_args(args: argparse.Namespace) -> str | None:
     return args.weights or os.environ.get(WEIGHTS_ENV) or None
 
 
-def backbone_from_args(args: argparse.Namespace) -> ViTBackbone:
-    return create_backbone(args.backbone, weights=weights_from_args(args), layer=args.layer, facet=args.facet)
+def backbone_from_args(args: argparse.Namespace) -> Backbone:
+    return create_backbone(
+        args.backbone,
+        weights=weights_from_args(args),
+        layer=args.layer,
+        facet=args.facet,
+        layers_as=getattr(args, "layers_as", "concat"),
+    )
 
 
 def size_arg(text: str) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from ..variants import implied_options, option_value
 from .common import (
     add_backbone_args,
     add_device_arg,
+    add_layers_as_arg,
     add_max_memory_arg,
     backbone_from_args,
     memory_defaults,
@@ -34,16 +35,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "extract",
-        help="extract (upsampled) ViT features for images, folders or globs",
+        help="extract (upsampled) ViT or CNN features for images, folders or globs",
         description="Write OUT/<relative path>.safetensors with `features` [C, H, W] for every input image. "
         "Existing outputs with the same settings, made from the image as it is now, are skipped; an output "
         "folder holds one set of settings. Unreadable images and non-finite features are reported and "
-        "skipped (exit code 1).",
+        "skipped (exit code 1). With several --layer values the file holds their channels concatenated "
+        "(--layers-as concat) or one tensor features_layerN per layer (--layers-as separate).",
     )
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns"
     )
     add_backbone_args(parser)
+    add_layers_as_arg(parser)
     parser.add_argument(
         "--upsampler",
         default="lift",

@@ -3,7 +3,7 @@
 Layout: ``CACHE/<key>/<digest[:2]>/<digest>.safetensors`` with one tensor per view of the objective
 (`featlift.train.views`), named as the view: the backbone's features ``[C, h/p, w/p]`` of the view's pixels
 (for LiFT's objective ``s1``, ``s2``, ``s4``: the image at full, half and quarter size). ``<key>`` names the
-backbone (name + weight fingerprint), layer, facet, image size, resize method, dtype, format version and the
+backbone (name + weight fingerprint), layer (every tapped layer: ``layer3,6,9,11``), facet, image size, resize method, dtype, format version and the
 views (`views_signature`), so objectives with other views never read each other's entries; ``<digest>`` is
 the SHA-256 of the image file's bytes, so renamed or moved files still hit and edited files miss.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..backbones import ViTBackbone
+from ..backbones import Backbone
 from ..fileio import save_safetensors_atomic
 from .views import RESIZE_METHOD, View, views_signature
 
@@ -37,11 +37,11 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.
 
 
 def cache_key(
-    backbone: ViTBackbone, image_size: int, views: tuple[View, ...], seed: int = 0, dtype: str = "float16"
+    backbone: Backbone, image_size: int, views: tuple[View, ...], seed: int = 0, dtype: str = "float16"
 ) -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", backbone.name)
     key = (
-        f"{name}-{backbone.fingerprint()}-layer{backbone.layer}-{backbone.facet}-{image_size}px-{RESIZE_METHOD}"
+        f"{name}-{backbone.fingerprint()}-layer{backbone.layer_label}-{backbone.facet}-{image_size}px-{RESIZE_METHOD}"
         f"-{dtype}-v{CACHE_FORMAT}"
     )
     signature = views_signature(views, seed)

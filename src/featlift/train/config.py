@@ -14,7 +14,7 @@ class TrainConfig:
     out: str
     backbone: str = "vit_small_patch14_dinov2.lvd142m"
     weights: str | None = None
-    layer: int | None = None
+    layer: int | tuple[int, ...] | None = None  # several: ViT blocks tapped at once, channels concatenated
     facet: str = "token"
     upsampler: str = "lift"
     objective: str | None = None  # default: the upsampler class's capabilities.objective
