@@ -1,145 +1,60 @@
 """The ``probe`` task (``featlift eval probe``): linear-probe semantic segmentation on frozen (upsampled) features, mIoU.
 
-Recipe (the same for every variant, recorded in results.json):
+The recipe is a named protocol (`featlift.evaluate.probe_protocols`, every setting documented there and recorded
+in results.json): ``jafar`` (the JAFAR / AnyUp / UPLiFT tables: 448 px crops, features upsampled to the 448²
+labels), ``jafar-original`` (the same with JAFAR's per-iteration schedule bug), ``cpu`` (224 px crops, features
+at 4x the token grid, logits upsampled to the 224² labels) and ``featlift`` (the recipe of featlift before the
+protocols: 224 px stretched, native features standardised, AdamW lr 1e-2, 40 epochs).
 
-- images resized to the base size times the variant's input scale (bicubic, aspect ratio ignored); labels kept
-  at their own resolution;
-- features of the train and val images computed once per variant and cached (float16), then standardised per
-  channel with the train-set mean and std;
-- a linear layer (a 1x1 conv, ``C -> classes``) trained with AdamW (lr 1e-2, weight decay 1e-4, cosine schedule,
-  40 epochs, batch 8, seed 0), cross-entropy on logits bilinearly upsampled to the label resolution, ignore label
-  excluded; for speed the training labels are first resized so that their long side is at most 160 px
-  (``--train-label-side``) with ``nearest-exact`` (each pixel takes the label at the centre of the block it
-  covers, aligned with the ``align_corners=False`` logits); the evaluation uses the full label resolution;
-- mIoU over the classes present in the val ground truth, from one confusion matrix over all val pixels: the
-  logits are bilinearly upsampled to the label resolution and argmaxed.
+Features of the training images are computed by the variant once and cached (float16) when they fit the
+memory budget ``cache_mib`` (both views when the protocol flips); otherwise they are recomputed batch by batch
+in every epoch ("stream"), so a 448² x 384 map per image (150 MB in float16) is never held for a whole
+training set. Raw tokens (``none``, ``input-2x``) and ``bilinear`` need neither: their features are a
+bilinear resize of the tokens, and a 1x1 conv commutes with a resize whose weights sum to one, so the tokens
+are cached and the head's logits are resized instead ("tokens", exact up to float rounding). Val features
+are always computed batch by batch and scored at once.
 
-Formats: ``camvid`` (``images/{train,val}/*.jpg`` + ``labels/{train,val}/*.png``, ids 0..10, 11 ignore),
-``voc`` (VOCdevkit ``JPEGImages``, ``SegmentationClass`` palette PNGs with 255 ignore,
-``ImageSets/Segmentation/{train,val}.txt``, 21 classes), ``ade20k`` (``images/{training,validation}/*.jpg`` +
-``annotations/{training,validation}/*.png``, 0 ignore, 1..150 -> classes 0..149).
+Formats: `featlift.evaluate.seg_formats` (camvid, voc, ade20k, cityscapes, cocostuff, cocostuff171).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..errors import FeatliftError
+from ..images import image_to_tensor, load_image, resize_images
+from ..upsamplers.base import resize_features
+from ..upsamplers.bilinear import Bilinear
 from ..variants import FeatureVariant
+from .probe_protocols import PROTOCOLS, ProbeProtocol, get_protocol
 from .report import TaskResults, VariantResult
-from .runner import FeatureTimer, check_sizes, eval_settings, evaluate_each, load_inputs
+from .runner import FeatureTimer, check_sizes, eval_settings, evaluate_each
+from .seg_formats import CAMVID_CLASSES, FORMATS, VOC_CLASSES, SegFormat
+from .segmentation_metrics import IGNORE, confusion_matrix, iou_from_confusion, mean_iou, pixel_accuracy
 from .task_config import TaskConfig
+
+__all__ = [
+    "CAMVID_CLASSES", "FORMATS", "IGNORE", "PROTOCOLS", "VOC_CLASSES", "ProbeConfig", "ProbeProtocol", "ProbeRecipe",
+    "SegFormat", "confusion_matrix", "evaluate_probe", "evaluate_variant", "iou_from_confusion", "shrink_label",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-IGNORE = 255
-
-CAMVID_CLASSES = [
-    "sky", "building", "pole", "road", "pavement", "tree", "sign/symbol", "fence", "car", "pedestrian", "bicyclist",
-]  # fmt: skip
-VOC_CLASSES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class SegFormat:
-    """How one dataset family is laid out on disk and how its label PNGs map to class ids."""
-
-    name: str
-    num_classes: int
-    splits: tuple[str, str]  # (train, val) folder or list names
-    layout: str
-    class_names: tuple[str, ...] = ()
-
-    def pairs(self, root: Path, split: str) -> list[tuple[Path, Path]]:
-        """(image, label) paths of one split, checked to exist."""
-        if self.name == "voc":
-            listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-            if not listing.is_file():
-                raise FeatliftError(f"{listing}: no such file; expected {self.name} layout: {self.layout}")
-            ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
-            pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
-        else:
-            image_dir, label_dir = (
-                (root / "images" / split, root / "labels" / split)
-                if self.name == "camvid"
-                else (root / "images" / split, root / "annotations" / split)
-            )
-            for folder in (image_dir, label_dir):
-                if not folder.is_dir():
-                    raise FeatliftError(
-                        f"{folder}: no such folder; expected {self.name} layout: {self.layout}"
-                    )
-            images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-            pairs = [(p, label_dir / f"{p.stem}.png") for p in images]
-        if not pairs:
-            raise FeatliftError(f"{root}: no {split} images; expected {self.name} layout: {self.layout}")
-        for image, label in pairs:
-            for path in (image, label):
-                if not path.is_file():
-                    raise FeatliftError(f"{path}: no such file; expected {self.name} layout: {self.layout}")
-        return pairs
-
-    def read_label(self, path: Path) -> np.ndarray:
-        """Label PNG -> ``[H, W]`` uint8 class ids in ``0..num_classes-1``, `IGNORE` (255) elsewhere."""
-        try:
-            with Image.open(path) as image:
-                array = np.array(image)
-        except OSError as exc:
-            raise FeatliftError(f"{path}: cannot read label PNG ({exc})") from exc
-        if array.ndim != 2:
-            raise FeatliftError(
-                f"{path}: expected a single-channel label PNG (class ids), got shape {array.shape}"
-            )
-        array = array.astype(np.int64)
-        if self.name == "ade20k":
-            array = array - 1  # 0 (other) -> -1 -> ignore
-        out = np.full(array.shape, IGNORE, np.uint8)
-        valid = (array >= 0) & (array < self.num_classes)
-        out[valid] = array[valid]
-        return out
-
-
-FORMATS = {
-    "camvid": SegFormat(
-        "camvid",
-        11,
-        ("train", "val"),
-        "ROOT/images/{train,val}/<name>.jpg + ROOT/labels/{train,val}/<name>.png (uint8 ids 0..10, 11 ignore)",
-        tuple(CAMVID_CLASSES),
-    ),
-    "voc": SegFormat(
-        "voc",
-        21,
-        ("train", "val"),
-        "ROOT/JPEGImages/<id>.jpg, ROOT/SegmentationClass/<id>.png (palette, 255 ignore), "
-        "ROOT/ImageSets/Segmentation/{train,val}.txt",
-        tuple(VOC_CLASSES),
-    ),
-    "ade20k": SegFormat(
-        "ade20k",
-        150,
-        ("training", "validation"),
-        "ROOT/images/{training,validation}/<name>.jpg + ROOT/annotations/{training,validation}/<name>.png "
-        "(0 ignore, 1..150 classes)",
-    ),
-}
+DEFAULT_CACHE_MIB = 2048
 
 
 @dataclass
 class ProbeRecipe:
-    """The training recipe of the linear probe; the same for every variant."""
+    """The recipe of featlift's probe before the protocols (the ``featlift`` protocol), kept for callers that
+    build it directly; `protocol` turns it into the `ProbeProtocol` it stands for."""
 
     epochs: int = 40
     lr: float = 1e-2
@@ -148,44 +63,11 @@ class ProbeRecipe:
     seed: int = 0
     train_label_side: int = 160
 
-    def describe(self) -> dict:
-        return {
-            "model": "linear layer (1x1 conv) on per-channel standardised features (train statistics)",
-            "optimizer": f"AdamW lr {self.lr} weight decay {self.weight_decay}, cosine schedule to 0",
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "loss": "cross-entropy on logits bilinearly upsampled to the label resolution, ignore label excluded; "
-            f"training labels resized (nearest-exact, block centres) to a long side of at most {self.train_label_side} px",
-            "evaluation": "logits bilinearly upsampled to the full label resolution, argmax",
-            "features": "computed once per variant, cached as float16",
-        }
-
-
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``[K, K]`` counts (rows: ground truth, columns: prediction) over pixels whose target is not ignored."""
-    keep = target != IGNORE
-    index = target[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class IoU ``TP / (TP + FP + FN)`` and a mask of the classes present in the ground truth."""
-    confusion = confusion.double()
-    tp = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.zeros_like(tp))
-    return iou, confusion.sum(1) > 0
-
-
-def _cache_features(
-    timer: FeatureTimer, images: list[Path], size: tuple[int, int], batch_size: int
-) -> torch.Tensor:
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = load_inputs(images[start : start + batch_size], size, timer.wants_sources)
-        chunks.append(timer(*batch).to("cpu", torch.float16))
-    return torch.cat(chunks)
+    def protocol(self) -> ProbeProtocol:
+        return PROTOCOLS["featlift"].with_overrides(
+            epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
+            seed=self.seed, train_label_side=self.train_label_side,
+        )  # fmt: skip
 
 
 def shrink_label(label: torch.Tensor, max_side: int) -> torch.Tensor:
@@ -199,56 +81,232 @@ def shrink_label(label: torch.Tensor, max_side: int) -> torch.Tensor:
     if scale >= 1:
         return label
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return resize_label(label, size)
+
+
+def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``nearest-exact`` resize of a ``[H, W]`` label map (each pixel takes the label at its block's centre)."""
+    if tuple(label.shape) == tuple(size):
+        return label
     return F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(label.dtype)
 
 
-def _upsampled_loss(logits: torch.Tensor, labels: list[torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over all non-ignored pixels of a batch whose labels may differ in size."""
+def centre_square(array: torch.Tensor) -> torch.Tensor:
+    """The centred square of side ``min(H, W)`` of a ``[..., H, W]`` tensor (torchvision's ``CenterCrop`` offsets)."""
+    h, w = array.shape[-2:]
+    side = min(h, w)
+    top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
+    return array[..., top : top + side, left : left + side]
+
+
+def protocol_label(fmt: SegFormat, path: Path, protocol: ProbeProtocol) -> torch.Tensor:
+    """A label map as the protocol scores it: cropped like the image, resized (nearest-exact) to the label size."""
+    label = torch.from_numpy(fmt.read_label(path))
+    if protocol.resize == "crop":
+        label = centre_square(label)
+    if protocol.label_size is not None:
+        label = resize_label(label, (protocol.label_size, protocol.label_size))
+    return label
+
+
+def protocol_inputs(
+    paths: Sequence[Path],
+    protocol: ProbeProtocol,
+    size: tuple[int, int],
+    with_sources: bool,
+    flip: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Images ``[B, 3, *size]`` in [0, 1] as the protocol feeds them (and the decoded sources, cropped alike)."""
+    decoded = [image_to_tensor(load_image(p)) for p in paths]
+    if protocol.resize == "crop":
+        decoded = [centre_square(image) for image in decoded]
+        images = torch.cat(
+            [
+                F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)
+                for image in decoded
+            ]
+        ).clamp(0, 1)
+    else:
+        images = torch.cat([resize_images(image[None], size) for image in decoded])
+    if flip:
+        images, decoded = images.flip(-1), [image.flip(-1) for image in decoded]
+    return images, (decoded if with_sources else None)
+
+
+def is_resized_tokens(variant: FeatureVariant) -> bool:
+    """Whether the variant's features are a bilinear resize of the backbone's tokens (no upsampler, or
+    `Bilinear`), so that a 1x1 head may be applied to the tokens and its logits resized instead."""
+    pipeline = getattr(variant, "pipeline", None)
+    if pipeline is None or not hasattr(pipeline, "output_size"):
+        return False
+    return pipeline.upsampler is None or isinstance(pipeline.upsampler, Bilinear)
+
+
+class ProbeFeatures:
+    """The features a probe trains and is scored on, for one variant under one protocol.
+
+    ``batch(indices, flipped)`` -> features ``[B, C, h, w]`` (float32) and ``grid``, the size the variant's
+    features have (the head's logits are resized to it when the mode is ``tokens``).
+    """
+
+    def __init__(
+        self, variant, timer: FeatureTimer, images: list[Path], protocol: ProbeProtocol, base: tuple[int, int],
+        cache_mib: float, batch_size: int,
+    ):  # fmt: skip
+        self.variant, self.timer, self.images, self.protocol = variant, timer, images, protocol
+        self.base = base
+        self.size = variant.input_size(base)
+        self.batch_size = batch_size
+        pipeline = getattr(variant, "pipeline", None)
+        self.pipeline = pipeline if pipeline is not None and hasattr(pipeline, "output_size") else None
+        self.grid = self._wanted_grid()
+        self.tokens = is_resized_tokens(variant)
+        self.mode = "tokens" if self.tokens else "stream"
+        self.cache: dict[bool, torch.Tensor] = {}
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+        views = (False, True) if protocol.flip else (False,)
+        first = self._compute([0], False)
+        bytes_all = first[0].numel() * 2 * len(images) * len(views)
+        self.cache_mib_needed = bytes_all / 2**20
+        if self.tokens or bytes_all <= cache_mib * 2**20:
+            self.mode = "tokens" if self.tokens else "cached"
+            for view in views:
+                self.cache[view] = torch.cat(
+                    [
+                        self._compute(list(range(s, min(s + batch_size, len(images)))), view).half()
+                        for s in range(0, len(images), batch_size)
+                    ]
+                )
+
+    def _wanted_grid(self) -> tuple[int, int]:
+        if self.protocol.feature_size == "label":
+            return (self.protocol.label_size, self.protocol.label_size)
+        if self.protocol.feature_size == "grid4x" and self.pipeline is not None:
+            h, w = self.pipeline.backbone.grid_size(*self.size)
+            return (4 * h, 4 * w)
+        return tuple(self.variant.output_grid(self.base))
+
+    def _compute(self, indices: list[int], flipped: bool) -> torch.Tensor:
+        paths = [self.images[i] for i in indices]
+        inputs = protocol_inputs(paths, self.protocol, self.size, self.timer.wants_sources, flipped)
+        if self.pipeline is None:
+            return self.timer(*inputs).float().cpu()
+        saved = self.pipeline.output_size
+        if self.tokens:
+            self.pipeline.output_size = tuple(self.pipeline.backbone.grid_size(*self.size))
+        elif self.protocol.feature_size != "native":
+            self.pipeline.output_size = self.grid
+        try:
+            return self.timer(*inputs).float().cpu()
+        finally:
+            self.pipeline.output_size = saved
+
+    def set_standardisation(self) -> None:
+        """Per-channel mean and std over the (unflipped) training features, for protocols that standardise."""
+        if self.cache:
+            data = self.cache[False].float()
+            self.mean, self.std = data.mean((0, 2, 3), keepdim=True), data.std((0, 2, 3), keepdim=True)
+        else:  # one streaming pass: sums in float64
+            total, squares, count = 0.0, 0.0, 0
+            for s in range(0, len(self.images), self.batch_size):
+                feats = self._compute(
+                    list(range(s, min(s + self.batch_size, len(self.images)))), False
+                ).double()
+                total = total + feats.sum((0, 2, 3), keepdim=True)
+                squares = squares + (feats**2).sum((0, 2, 3), keepdim=True)
+                count += feats.numel() // feats.shape[1]
+            mean = total / count
+            self.mean = mean.float()
+            self.std = ((squares - count * mean**2) / max(count - 1, 1)).clamp_min(0).sqrt().float()
+        self.std = self.std.clamp_min(1e-6)
+
+    def batch(self, indices: list[int], flipped: bool = False) -> torch.Tensor:
+        if self.cache:
+            feats = self.cache[flipped][indices].float()
+        else:
+            feats = self._compute(indices, flipped)
+        if self.mean is not None:
+            feats = (feats - self.mean) / self.std
+        return feats
+
+
+def head_logits(
+    head: torch.nn.Conv2d, features: torch.Tensor, grid: tuple[int, int], tokens: bool
+) -> torch.Tensor:
+    """The head's logits at the variant's feature grid (from the tokens, resized, when `tokens`)."""
+    logits = head(features)
+    return resize_features(logits, grid) if tokens else logits
+
+
+def batch_loss(logits: torch.Tensor, labels: list[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy, mean over all labelled pixels of a batch, with the logits bilinearly resized to each label."""
     total, count = logits.new_zeros(()), 0
     for logit, label in zip(logits, labels, strict=True):
-        up = F.interpolate(logit[None], size=label.shape, mode="bilinear", align_corners=False)
+        up = resize_features(logit[None], tuple(label.shape))
         total = total + F.cross_entropy(up, label[None].long(), ignore_index=IGNORE, reduction="sum")
         count += int((label != IGNORE).sum())
     return total / max(count, 1)
 
 
-def train_probe(
-    features: torch.Tensor, labels: list[torch.Tensor], num_classes: int, recipe: ProbeRecipe
-) -> torch.nn.Conv2d:
-    """Fit a 1x1 conv ``C -> num_classes`` on standardised features ``[N, C, h, w]`` against label maps."""
-    labels = [shrink_label(label, recipe.train_label_side) for label in labels]
-    generator = torch.Generator().manual_seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    head = torch.nn.Conv2d(features.shape[1], num_classes, 1)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(features) / recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch)
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(len(features), generator=generator)
+def make_schedule(optimizer, protocol: ProbeProtocol, steps_per_epoch: int):
+    """Cosine annealing to 0 and whether it steps every iteration (see `ProbeProtocol.schedule`)."""
+    t_max = protocol.epochs * steps_per_epoch if protocol.schedule == "per-iteration" else protocol.epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
+    return scheduler, protocol.schedule != "per-epoch"
+
+
+def train_head(
+    features: ProbeFeatures, labels: list[torch.Tensor], num_classes: int, protocol: ProbeProtocol
+) -> tuple[torch.nn.Conv2d, list[float]]:
+    """Fit the 1x1 conv; returns it and the seconds each epoch took (feature recomputation included)."""
+    if protocol.train_label_side is not None:
+        labels = [shrink_label(label, protocol.train_label_side) for label in labels]
+    generator = torch.Generator().manual_seed(protocol.seed)
+    torch.manual_seed(protocol.seed)
+    channels = features.batch([0]).shape[1]
+    head = torch.nn.Conv2d(channels, num_classes, 1)
+    optimizer = torch.optim.AdamW(
+        head.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay, betas=(0.9, 0.999)
+    )
+    steps_per_epoch = math.ceil(len(labels) / protocol.batch_size)
+    scheduler, per_iteration = make_schedule(optimizer, protocol, steps_per_epoch)
+    epoch_seconds = []
+    for epoch in range(protocol.epochs):
+        start_time = time.perf_counter()
+        order = torch.randperm(len(labels), generator=generator).tolist()
         total = 0.0
-        for start in range(0, len(order), recipe.batch_size):
-            index = order[start : start + recipe.batch_size]
-            loss = _upsampled_loss(head(features[index].float()), [labels[i] for i in index])
+        for start in range(0, len(order), protocol.batch_size):
+            index = order[start : start + protocol.batch_size]
+            flipped = protocol.flip and bool(torch.rand((), generator=generator) < 0.5)
+            batch_labels = [labels[i].flip(-1) if flipped else labels[i] for i in index]
+            logits = head_logits(head, features.batch(index, flipped), features.grid, features.tokens)
+            loss = batch_loss(logits, batch_labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            if per_iteration:
+                scheduler.step()
             total += float(loss.detach()) * len(index)
-        logger.debug("epoch %d: loss %.4f", epoch, total / len(features))
-    return head.eval()
+        if not per_iteration:
+            scheduler.step()
+        epoch_seconds.append(time.perf_counter() - start_time)
+        logger.debug("epoch %d: loss %.4f (%.1f s)", epoch, total / len(labels), epoch_seconds[-1])
+    return head.eval(), epoch_seconds
 
 
 @torch.no_grad()
-def score_probe(
-    head: torch.nn.Conv2d, features: torch.Tensor, labels: list[torch.Tensor], num_classes: int
+def score_head(
+    head: torch.nn.Conv2d, features: ProbeFeatures, labels: list[torch.Tensor], num_classes: int
 ) -> torch.Tensor:
     """The confusion matrix of the probe's predictions at label resolution over a set of images."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for feature, label in zip(features, labels, strict=True):
-        logits = F.interpolate(
-            head(feature[None].float()), size=label.shape, mode="bilinear", align_corners=False
-        )
-        confusion += confusion_matrix(logits[0].argmax(0), label, num_classes)
+    for start in range(0, len(labels), features.batch_size):
+        index = list(range(start, min(start + features.batch_size, len(labels))))
+        logits = head_logits(head, features.batch(index), features.grid, features.tokens)
+        for logit, i in zip(logits, index, strict=True):
+            up = resize_features(logit[None], tuple(labels[i].shape))
+            confusion += confusion_matrix(up[0].argmax(0), labels[i], num_classes)
     return confusion
 
 
@@ -258,73 +316,100 @@ def evaluate_variant(
     train: list[tuple[Path, Path]],
     val: list[tuple[Path, Path]],
     base: tuple[int, int],
-    recipe: ProbeRecipe,
+    recipe: ProbeRecipe | ProbeProtocol,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     train_labels: list[torch.Tensor] | None = None,
     val_labels: list[torch.Tensor] | None = None,
+    cache_mib: float = DEFAULT_CACHE_MIB,
 ) -> VariantResult:
-    """Cache features, train the probe, and score it on `val`: mIoU and pixel accuracy (x100), per-class IoU."""
+    """Train the probe on `train` and score it on `val` under a protocol (or the old `ProbeRecipe`): mIoU and
+    pixel accuracy (x100), per-class IoU, and the seconds per training epoch."""
+    protocol = recipe.protocol() if isinstance(recipe, ProbeRecipe) else recipe
     timer = FeatureTimer(variant, device)
+    train_labels = train_labels or [protocol_label(fmt, label, protocol) for _, label in train]
+    val_labels = val_labels or [protocol_label(fmt, label, protocol) for _, label in val]
     size = variant.input_size(base)
-    train_labels = train_labels or [torch.from_numpy(fmt.read_label(label)) for _, label in train]
-    val_labels = val_labels or [torch.from_numpy(fmt.read_label(label)) for _, label in val]
-    timer.warmup(
-        *load_inputs([train[0][0]], size, timer.wants_sources)
-    )  # one-off costs stay out of the timing
-    train_features = _cache_features(timer, [image for image, _ in train], size, batch_size)
-    val_features = _cache_features(timer, [image for image, _ in val], size, batch_size)
-    mean = train_features.float().mean((0, 2, 3), keepdim=True)
-    std = train_features.float().std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    train_features = ((train_features.float() - mean) / std).half()
-    val_features = ((val_features.float() - mean) / std).half()
-    head = train_probe(train_features, train_labels, fmt.num_classes, recipe)
-    confusion = score_probe(head, val_features, val_labels, fmt.num_classes)
+    timer.warmup(*protocol_inputs([train[0][0]], protocol, size, timer.wants_sources))
+    train_features = ProbeFeatures(
+        variant, timer, [i for i, _ in train], protocol, base, cache_mib, batch_size
+    )
+    if protocol.standardise:
+        train_features.set_standardisation()
+    head, epoch_seconds = train_head(train_features, train_labels, fmt.num_classes, protocol)
+    val_features = ProbeFeatures(
+        variant, timer, [i for i, _ in val], replace(protocol, flip=False), base, 0, batch_size
+    )
+    val_features.mean, val_features.std = train_features.mean, train_features.std
+    confusion = score_head(head, val_features, val_labels, fmt.num_classes)
     iou, present = iou_from_confusion(confusion)
-    miou = 100 * float(iou[present].mean()) if present.any() else float("nan")
-    accuracy = 100 * float(confusion.diag().sum() / confusion.sum().clamp_min(1))
     names = fmt.class_names or tuple(str(i) for i in range(fmt.num_classes))
     details = {
-        "feature_grid": list(variant.output_grid(base)),
+        "protocol": protocol.name,
+        "feature_grid": list(train_features.grid),
+        "features": train_features.mode,
+        "train_feature_mib": round(train_features.cache_mib_needed, 1),
+        "seconds_per_epoch": [round(s, 2) for s in epoch_seconds],
         "per_class_iou": {names[i]: 100 * float(iou[i]) for i in range(fmt.num_classes) if present[i]},
         "classes_present": int(present.sum()),
     }
-    return timer.result({"mIoU": miou, "pixel acc": accuracy}, details)
+    return timer.result({"mIoU": mean_iou(confusion), "pixel acc": pixel_accuracy(confusion)}, details)
 
 
 @dataclass(kw_only=True)
 class ProbeConfig(TaskConfig):
     """Settings of the probe task: ``data`` the dataset root in layout ``format`` (a key of `FORMATS`);
-    ``limit_train`` / ``limit_val`` only the first N images of a split (None: all); ``batch_size`` images
-    per feature and training batch; the rest is the `ProbeRecipe`."""
+    ``protocol`` a key of `PROTOCOLS`; ``limit_train`` / ``limit_val`` only the first N images of a split
+    (None: all); ``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``seed``, ``train_label_side``:
+    None keeps the protocol's value, anything else overrides it (and is named in the protocol's name);
+    ``feature_batch`` images per feature call; ``cache_mib`` the budget for caching training features.
+    ``size`` is the input size of the ``featlift`` protocol only; the others fix theirs."""
 
     data: str | Path
     format: str
+    protocol: str = "featlift"
     limit_train: int | None = None
     limit_val: int | None = None
-    epochs: int = ProbeRecipe.epochs
-    lr: float = ProbeRecipe.lr
-    weight_decay: float = ProbeRecipe.weight_decay
-    batch_size: int = ProbeRecipe.batch_size
-    seed: int = ProbeRecipe.seed
-    train_label_side: int = ProbeRecipe.train_label_side
+    epochs: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+    train_label_side: int | None = None
+    feature_batch: int = 8
+    cache_mib: float = DEFAULT_CACHE_MIB
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("format", sorted(FORMATS))
+        self.check_choice("protocol", list(PROTOCOLS))
         self.check_int("limit_train", 1, optional=True)
         self.check_int("limit_val", 1, optional=True)
-        self.check_int("epochs", 1)
-        self.check_float("lr", 0, low_open=True)
-        self.check_float("weight_decay", 0)
-        self.check_int("batch_size", 1)
-        self.check_int("seed")
-        self.check_int("train_label_side", 1)
+        self.check_int("epochs", 1, optional=True)
+        if self.lr is not None:
+            self.check_float("lr", 0, low_open=True)
+        if self.weight_decay is not None:
+            self.check_float("weight_decay", 0)
+        self.check_int("batch_size", 1, optional=True)
+        self.check_int("seed", optional=True)
+        self.check_int("train_label_side", 1, optional=True)
+        self.check_int("feature_batch", 1)
+        self.check_float("cache_mib", 0)
 
-    def recipe(self) -> ProbeRecipe:
-        return ProbeRecipe(
-            self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed, self.train_label_side
-        )
+    def resolved_protocol(self) -> ProbeProtocol:
+        protocol = get_protocol(self.protocol)
+        if self.protocol == "featlift" and tuple(self.size) != (protocol.input_size,) * 2:
+            protocol = replace(protocol, input_size=self.size[0])
+        return protocol.with_overrides(
+            epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
+            seed=self.seed, train_label_side=self.train_label_side,
+        )  # fmt: skip
+
+    def base_size(self) -> tuple[int, int]:
+        if self.protocol == "featlift":
+            return tuple(self.size)
+        side = get_protocol(self.protocol).input_size
+        return (side, side)
 
 
 def evaluate_probe(
@@ -334,28 +419,39 @@ def evaluate_probe(
     weights: str | None = None,
     on_result: Callable[[VariantResult], None] | None = None,
 ) -> TaskResults:
-    """mIoU and pixel accuracy of a linear probe on every variant; `on_result` sees each row as it is done;
-    `weights` (the backbone's weights file) is recorded in the settings."""
+    """mIoU and pixel accuracy of a linear probe on every variant under ``config.protocol``; `on_result` sees
+    each row as it is done; `weights` (the backbone's weights file) is recorded in the settings."""
     fmt = FORMATS[config.format]
     root = Path(config.data)
     if not root.is_dir():
         raise FeatliftError(f"{root}: no such folder; expected {fmt.name} layout: {fmt.layout}")
+    protocol = config.resolved_protocol()
+    base = config.base_size()
     train = fmt.pairs(root, fmt.splits[0])[: config.limit_train]
     val = fmt.pairs(root, fmt.splits[1])[: config.limit_val]
-    train_labels = [torch.from_numpy(fmt.read_label(label)) for _, label in train]
-    val_labels = [torch.from_numpy(fmt.read_label(label)) for _, label in val]
-    check_sizes(variants, config.size)
-    recipe = config.recipe()
+    train_labels = [protocol_label(fmt, label, protocol) for _, label in train]
+    val_labels = [protocol_label(fmt, label, protocol) for _, label in val]
+    check_sizes(variants, base)
     rows = evaluate_each(
         variants,
         lambda v: evaluate_variant(
-            v, fmt, train, val, config.size, recipe, device, config.batch_size, train_labels, val_labels
-        ),
+            v,
+            fmt,
+            train,
+            val,
+            base,
+            protocol,
+            device,
+            config.feature_batch,
+            train_labels,
+            val_labels,
+            config.cache_mib,
+        ),  # fmt: skip
         on_result,
     )
     settings = eval_settings(
         variants,
-        config.size,
+        base,
         device,
         weights,
         data=str(root),
@@ -363,8 +459,8 @@ def evaluate_probe(
         num_classes=fmt.num_classes,
         train_images=len(train),
         val_images=len(val),
-        input_resize="bicubic to the base size (times the input scale), aspect ratio ignored",
-        recipe=recipe.describe(),
-        metric="mIoU over the classes present in the val ground truth (one confusion matrix over all val pixels)",
+        protocol=protocol.name,
+        recipe=protocol.describe(),
+        cache_mib=config.cache_mib,
     )
-    return TaskResults(f"probe ({fmt.name})", rows, settings, ["mIoU", "pixel acc"])
+    return TaskResults(f"probe ({fmt.name}, protocol {protocol.name})", rows, settings, ["mIoU", "pixel acc"])
