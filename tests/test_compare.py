@@ -354,3 +354,13 @@ def test_depth_task_ranks_by_delta1(tmp_path, data_root, tiny_timm_weights, coun
     assert sorted(counted) == [("bilinear", "depth"), ("none", "depth")]
     for cell in results["cells"]:
         assert cell["task"] == "depth" and cell["quality"] == cell["metrics"]["delta1"]
+
+
+def test_probe_under_a_named_protocol(tmp_path, data_root, tiny_timm_weights, counted):
+    out = tmp_path / "out"
+    argv_extra = ["--set", "probe-camvid@cpu.epochs=1"]
+    assert compare(data_root, tiny_timm_weights, out, "bilinear", "probe-camvid@cpu", *argv_extra) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert counted == [("bilinear", "probe-camvid@cpu")]
+    settings = json.dumps(results["settings"])
+    assert '"protocol": "cpu' in settings and '"protocol": "featlift' not in settings

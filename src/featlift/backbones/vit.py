@@ -354,7 +354,11 @@ class ViTBackbone(Backbone):
                 handle.remove()
         for layer in self.layers:
             block, rope = self.model.blocks[layer], captured[layer][1]
-            if rope is None and uses_rotary_embedding(block) and getattr(self.model, "rope", None) is not None:
+            if (
+                rope is None
+                and uses_rotary_embedding(block)
+                and getattr(self.model, "rope", None) is not None
+            ):
                 raise BackboneError(f"{self.name}: block {layer} was called without its rotary embedding")
         return [captured[layer] for layer in self.layers]
 

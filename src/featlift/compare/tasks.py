@@ -2,8 +2,9 @@
 function of `featlift.evaluate` scores a method on it, and which metric ranks the methods.
 
 A task name is a row of `TASKS`. ``probe-voc`` and ``probe-camvid`` are the same probe task on two datasets;
-the probe is called through `run_probe`, the one place that knows the probe's library signature, so a probe
-with named protocols needs one change there and one row per protocol here (e.g. ``probe-voc@jafar``).
+the probe is called through `run_probe`, the one place that knows the probe's library signature; each probe row
+runs under a named protocol: ``probe-voc`` is featlift's recipe, ``probe-voc@cpu`` and ``probe-voc@jafar``
+the CPU-sized and the papers' 448 px protocols (`featlift.evaluate.probe_protocols`).
 A new task (as ``depth``, NYUv2 under ``nyuv2/``, ranked by delta1) is one more row: its config class, its ``evaluate_*`` function, its dataset
 folder and the metric to rank on.
 
@@ -28,6 +29,7 @@ from ..errors import FeatliftError
 from ..evaluate.davis import DavisConfig, evaluate_davis
 from ..evaluate.depth import DepthConfig, evaluate_depth
 from ..evaluate.probe import ProbeConfig, evaluate_probe
+from ..evaluate.probe_protocols import PROTOCOLS
 from ..evaluate.report import TaskResults
 from ..evaluate.task_config import TaskConfig
 from ..evaluate.warp import WarpConfig, evaluate_warp
@@ -37,16 +39,17 @@ from ..variants import FeatureVariant
 # (config, variants, device, weights) -> TaskResults, one row per variant
 TaskFunction = Callable[[Any, Sequence[FeatureVariant], torch.device | str, str | None], TaskResults]
 
-PROBE_PROTOCOL = "featlift"  # the probe recipe of `featlift.evaluate.probe.ProbeRecipe`, today the only one
+PROBE_PROTOCOL = "featlift"  # the default probe recipe (`featlift.evaluate.probe_protocols`)
 
 
 def run_probe(protocol: str) -> TaskFunction:
-    """The probe task under `protocol`. Today's `evaluate_probe` has one recipe (`PROBE_PROTOCOL`); when the
-    probe takes a protocol name, pass it on here."""
-    if protocol != PROBE_PROTOCOL:
-        raise FeatliftError(f"probe protocol {protocol!r}: this featlift has only {PROBE_PROTOCOL!r}")
+    """The probe task under the named `protocol` (a key of `featlift.evaluate.probe_protocols.PROTOCOLS`)."""
+    if protocol not in PROTOCOLS:
+        raise FeatliftError(f"probe protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
 
     def evaluate(config, variants, device, weights):
+        if config.protocol != protocol:  # the row's fixed settings give it
+            raise FeatliftError(f"probe task under {protocol!r} got a config for {config.protocol!r}")
         return evaluate_probe(config, variants, device=device, weights=weights)
 
     return evaluate
@@ -96,25 +99,23 @@ class CompareTask:
 
 TASKS: dict[str, CompareTask] = {
     "davis": CompareTask("davis", "davis2016", DavisConfig, _task_function(evaluate_davis), "J&F"),
-    "probe-voc": CompareTask(
-        "probe-voc",
-        "voc2012",
-        ProbeConfig,
-        run_probe(PROBE_PROTOCOL),
-        "mIoU",
-        fixed={"format": "voc"},
-        layouts=("VOCdevkit/VOC2012", "VOC2012", "."),
-        protocol=PROBE_PROTOCOL,
-    ),
-    "probe-camvid": CompareTask(
-        "probe-camvid",
-        "camvid",
-        ProbeConfig,
-        run_probe(PROBE_PROTOCOL),
-        "mIoU",
-        fixed={"format": "camvid"},
-        protocol=PROBE_PROTOCOL,
-    ),
+    **{
+        f"probe-{dataset}{'' if protocol == PROBE_PROTOCOL else '@' + protocol}": CompareTask(
+            f"probe-{dataset}{'' if protocol == PROBE_PROTOCOL else '@' + protocol}",
+            folder,
+            ProbeConfig,
+            run_probe(protocol),
+            "mIoU",
+            fixed={"format": dataset, "protocol": protocol},
+            layouts=layouts,
+            protocol=protocol,
+        )
+        for dataset, folder, layouts in (
+            ("voc", "voc2012", ("VOCdevkit/VOC2012", "VOC2012", ".")),
+            ("camvid", "camvid", (".",)),
+        )
+        for protocol in (PROBE_PROTOCOL, "cpu", "jafar")
+    },
     "warp": CompareTask("warp", "imagenet-sample", WarpConfig, _task_function(evaluate_warp), "PCK@0.1"),
     "depth": CompareTask("depth", "nyuv2", DepthConfig, _task_function(evaluate_depth), "delta1"),
 }
