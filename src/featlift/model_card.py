@@ -196,14 +196,18 @@ def model_card(
         "",
         "```bash",
         f"featlift extract IMAGES --backbone {spec.name if not spec.is_any else 'BACKBONE'}"
-        + (f" --layer {spec.layer} --facet {spec.facet}" if not spec.is_any else "")
+        + (f" --layer {spec.layer_label} --facet {spec.facet}" if not spec.is_any else "")
         + f" --upsampler {config.upsampler} --checkpoint {reference} --out features",
         "```",
         "",
         "```python",
         "import featlift",
         f'backbone = featlift.create_backbone("{spec.name if not spec.is_any else "BACKBONE"}"'
-        + (f", layer={spec.layer}, facet={json.dumps(spec.facet)})" if not spec.is_any else ")"),
+        + (
+            f", layer={spec.layer if spec.layers is None else list(spec.layers)}, facet={json.dumps(spec.facet)})"
+            if not spec.is_any
+            else ")"
+        ),
         f'upsampler, config = featlift.load_checkpoint("{reference}", backbone=backbone)',
         "```",
         "",

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backbones import ViTBackbone, create_backbone
+from .backbones import Backbone, create_backbone
 from .checkpoint import BackboneSpec, CheckpointConfig, read_checkpoint_config, save_checkpoint
 from .errors import CheckpointError, CheckpointMismatchError, FeatliftError
 from .upsamplers import Upsampler, get_upsampler_class
@@ -81,7 +81,7 @@ def read_official(method: str, path: str | os.PathLike) -> Upsampler:
 
 
 def import_peer(
-    method: str, path: str | os.PathLike, directory: str | os.PathLike, backbone: ViTBackbone | None = None
+    method: str, path: str | os.PathLike, directory: str | os.PathLike, backbone: Backbone | None = None
 ) -> tuple[Upsampler, CheckpointConfig]:
     """Convert `method`'s official checkpoint at `path` into a featlift checkpoint folder `directory`.
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .backbones import ViTBackbone
+from .backbones import Backbone
 from .errors import FeatliftError
 from .images import parse_size
 from .pipeline import FeaturePipeline, SourceImages, resolve_upsampler
@@ -97,7 +97,7 @@ def split_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
     return name, checkpoint, text_options
 
 
-def parse_variant(spec: str, backbone: ViTBackbone, defaults: dict[str, Any] | None = None) -> FeatureVariant:
+def parse_variant(spec: str, backbone: Backbone, defaults: dict[str, Any] | None = None) -> FeatureVariant:
     """Build the variant `spec` describes, for `backbone` (see the module docstring for the grammar).
 
     `defaults` are options for every method that takes them (e.g. a memory budget), under the spec's own.
@@ -188,7 +188,7 @@ def typed_argument(cls: type, key: str, text: str, where: str) -> Any:
 
 
 def parse_variants(
-    specs: list[str], backbone: ViTBackbone, defaults: dict[str, Any] | None = None
+    specs: list[str], backbone: Backbone, defaults: dict[str, Any] | None = None
 ) -> list[FeatureVariant]:
     specs = [s for item in specs for s in item.split(",") if s]
     if len(set(specs)) != len(specs):

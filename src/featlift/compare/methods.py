@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backbones import ViTBackbone
+from ..backbones import Backbone
 from ..checkpoint import WEIGHTS_FILE, read_checkpoint_config, resolve_checkpoint_dir
 from ..errors import FeatliftError
 from ..pretrained import find_shipped_checkpoint
@@ -75,7 +75,7 @@ class Method:
         return self.source in ("given", "shipped", "trained", "missing")
 
 
-def resolve_method(spec: str, backbone: ViTBackbone) -> Method:
+def resolve_method(spec: str, backbone: Backbone) -> Method:
     """Find `spec`'s checkpoint without building anything; an unknown name raises `FeatliftError`."""
     name, checkpoint, _ = split_spec(spec)
     if name == "none" or re.fullmatch(r"input-\d+x", name):
@@ -130,7 +130,7 @@ def training_cost(checkpoint: str | None) -> dict[str, Any]:
     }
 
 
-def training_folder(out_dir: Path, method: str, backbone: ViTBackbone, images: str, budget: dict) -> Path:
+def training_folder(out_dir: Path, method: str, backbone: Backbone, images: str, budget: dict) -> Path:
     """``DIR/trained/<method>-<hash>``: one folder per (method, backbone features, training images, budget)."""
     payload = {
         "method": method,
@@ -144,7 +144,7 @@ def training_folder(out_dir: Path, method: str, backbone: ViTBackbone, images: s
 
 def train_method(
     method: str,
-    backbone: ViTBackbone,
+    backbone: Backbone,
     images: str,
     budget: dict[str, Any],
     out_dir: Path,

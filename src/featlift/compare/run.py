@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..backbones import ViTBackbone
+from ..backbones import Backbone
 from ..devices import resolve_device
 from ..errors import FeatliftError
 from ..evaluate.report import VariantResult
@@ -130,9 +130,7 @@ def _prepare_tasks(options: CompareOptions) -> tuple[list[_ReadyTask], dict[str,
     return ready, skipped
 
 
-def _train_missing(
-    methods: list[Method], backbone: ViTBackbone, options: CompareOptions, out_dir: Path
-) -> None:
+def _train_missing(methods: list[Method], backbone: Backbone, options: CompareOptions, out_dir: Path) -> None:
     missing = [m for m in methods if m.source == "missing"]
     if not missing or not options.train_missing:
         return
@@ -166,7 +164,7 @@ def _train_missing(
         method.run_spec = with_checkpoint(method.spec, outcome)
 
 
-def run_compare(options: CompareOptions, backbone: ViTBackbone) -> CompareOutcome:
+def run_compare(options: CompareOptions, backbone: Backbone) -> CompareOutcome:
     """Run the comparison `options` describe on `backbone` (see the module docstring)."""
     if not options.methods:
         raise FeatliftError("--methods: no method given")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..backbones import ViTBackbone
+from ..backbones import Backbone
 from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image, resize_images
 from ..meters import peak_memory_mib, timed_call
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 BASE_VARIANTS = ("none", "bilinear", "input-2x")
 
 
-def default_variant_specs(backbone: ViTBackbone) -> list[str]:
+def default_variant_specs(backbone: Backbone) -> list[str]:
     """none, bilinear, input-2x, and lift when a shipped checkpoint fits the backbone."""
     specs = list(BASE_VARIANTS)
     if find_shipped_checkpoint(backbone.name, backbone.layer, backbone.facet, "lift") is not None:
@@ -49,7 +49,7 @@ def default_variant_specs(backbone: ViTBackbone) -> list[str]:
 
 def prepare_variants(
     specs: Sequence[str] | None,
-    backbone: ViTBackbone,
+    backbone: Backbone,
     device: torch.device | str = "cpu",
     defaults: dict[str, Any] | None = None,
 ) -> list[FeatureVariant]:
@@ -188,7 +188,7 @@ def eval_settings(
     settings: dict[str, Any] = {
         "backbone": backbone.name,
         "weights": str(weights) if weights is not None else None,
-        "layer": backbone.layer,
+        "layer": backbone.layer if len(backbone.layers) == 1 else list(backbone.layers),
         "facet": backbone.facet,
         "base_size": list(base) if base else None,
         "device": str(device),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..backbones import ViTBackbone
+from ..backbones import Backbone
 from ..errors import FeatliftError
 from .augment import color_jitter
 from .cache import DTYPES, FeatureCache
@@ -102,7 +102,7 @@ class ImageBatches:
 
     def __init__(
         self,
-        backbone: ViTBackbone,
+        backbone: Backbone,
         images: list[TrainImage],
         views: tuple[View, ...],
         image_size: int,

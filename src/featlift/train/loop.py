@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..backbones import ViTBackbone, create_backbone
+from ..backbones import Backbone, create_backbone
 from ..checkpoint import save_checkpoint
 from ..devices import resolve_device
 from ..errors import FeatliftError
@@ -96,7 +96,7 @@ class _LossModule(nn.Module):
         return self.objective.loss(self.upsampler, batch)
 
 
-def _build_upsampler(config: TrainConfig, backbone: ViTBackbone) -> Upsampler:
+def _build_upsampler(config: TrainConfig, backbone: Backbone) -> Upsampler:
     cls = get_upsampler_class(config.upsampler)
     if not cls.capabilities.trainable:
         raise FeatliftError(
@@ -177,7 +177,7 @@ class _Log:
             self.handle.close()
 
 
-def train(config: TrainConfig, backbone: ViTBackbone | None = None) -> TrainResult:
+def train(config: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
     """Train an upsampler as `config` says; returns what it did. Under torchrun, runs DDP."""
     device = resolve_device(config.device)
     info = setup_distributed(device)
@@ -194,7 +194,7 @@ def train(config: TrainConfig, backbone: ViTBackbone | None = None) -> TrainResu
 
 
 def _train(
-    config: TrainConfig, device: torch.device, info: DistInfo, backbone: ViTBackbone | None
+    config: TrainConfig, device: torch.device, info: DistInfo, backbone: Backbone | None
 ) -> TrainResult:
     _check_config(config, info.world_size)
     objective = _build_objective(config)
@@ -246,7 +246,7 @@ def _train(
     settings = {
         "backbone": backbone.name,
         "fingerprint": backbone.fingerprint(),
-        "layer": backbone.layer,
+        "layer": backbone.layer if len(backbone.layers) == 1 else list(backbone.layers),
         "facet": backbone.facet,
         "upsampler": config.upsampler,
         "objective": objective.name,

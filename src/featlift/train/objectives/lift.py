@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...backbones import ViTBackbone
+from ...backbones import Backbone
 from ...upsamplers import Upsampler
 from ..batches import Batch, ImageBatches
 from ..cache import FeatureCache
@@ -132,7 +132,7 @@ class LiftObjective(Objective):
 
 
 def checkpoint_batches(
-    backbone: ViTBackbone,
+    backbone: Backbone,
     images: list[TrainImage],
     image_size: int,
     cache: FeatureCache | None = None,
