@@ -251,3 +251,23 @@ def test_separate_runs_the_method_on_each_layer(tiny_vit_layers):
     expected = torch.cat([part / part.abs().mean() for part in raw.chunk(4, dim=1)], dim=1)
     torch.testing.assert_close(separate, expected)
     assert not torch.allclose(pipe(images), expected)
+
+
+def test_train_on_several_layers_records_them_and_extract_uses_the_checkpoint(tmp_path):
+    from train_helpers import one_thread, save_tiny_weights, train_args, write_image_tree
+
+    weights = save_tiny_weights(tmp_path / "tiny.safetensors")
+    images = write_image_tree(tmp_path / "images", count=3, corrupt=False)
+    run = tmp_path / "run"
+    with one_thread():
+        assert main([*train_args(images, run, weights, "--layer", "10,11", "--epochs", "1")]) == 0
+        config = json.loads((run / "config.json").read_text())
+        assert config["backbone"]["layers"] == [10, 11] and config["backbone"]["layer"] == 11
+        assert config["backbone"]["channels"] == 2 * 192
+        out = tmp_path / "features"
+        extract = ["extract", str(images), "--backbone", "vit_tiny_patch16_224", "--weights", str(weights)]
+        assert main([*extract, "--layer", "10,11", "--checkpoint", str(run), "--out", str(out)]) == 0
+        assert main([*extract, "--layer", "11", "--checkpoint", str(run), "--out", str(tmp_path / "x")]) == 2
+    first = sorted(out.rglob("*.safetensors"))[0]
+    features, _ = load_features(first)
+    assert features.shape[0] == 2 * 192
