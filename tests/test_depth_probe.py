@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DINOV2_NAME, DINOV2_WEIGHTS, IMAGENET_SAMPLE, TINY_TIMM_NAME
 from PIL import Image
+from test_eval_probe import photos
 
 from featlift.cli import main
 from featlift.errors import FeatliftError
@@ -42,31 +45,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def photos(count: int, size=(48, 64)):
-    """Real photos from scikit-image, subsampled to `size` at different offsets."""
-    from skimage import data
-
-    sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    out = []
-    for i in range(count):
-        photo = sources[i % len(sources)]
-        y, x = 20 * (i // len(sources)), 30 * (i // len(sources))
-        out.append(np.ascontiguousarray(photo[y : y + 4 * size[0] : 4, x : x + 4 * size[1] : 4]))
-    return out
-
-
 def content_depth(photo: np.ndarray) -> np.ndarray:
-    """A depth a probe can learn from the pixels (metres): 1 + 4 x the locally averaged brightness + 2 x the
-    row's height fraction (a ground plane), in [1, 7] m; the 2 leftmost columns have no depth (0, as NYUv2's
-    border) and the top-right 4x4 block is beyond the 10 m range (invalid)."""
-    grey = torch.from_numpy(photo.mean(2) / 255.0).float()[None, None]
-    k = max(3, photo.shape[0] // 8) | 1
-    smooth = F.avg_pool2d(grey, k, stride=1, padding=k // 2, count_include_pad=False)[0, 0].numpy()
-    rows = np.linspace(0, 1, photo.shape[0], dtype=np.float32)[:, None]
-    depth = (1 + 4 * smooth + 2 * rows).astype(np.float32)
-    depth[:, :2] = 0
-    depth[:4, -4:] = 15.0
-    return depth
+    """The fixture's depth: benchmarks/make_depth_fixture.py's (1 + 4 x smoothed brightness + 2 x row, with holes)."""
+    return _fixture_script().content_depth(photo)
+
+
+def _fixture_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_depth_fixture.py"
+    spec = importlib.util.spec_from_file_location("make_depth_fixture", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_nyu(root, train=4, test=2, npy_every=2, size=(48, 64), images=None):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helpers import run_torchrun
 
 import featlift.extract
 from featlift.cli import main
@@ -74,27 +73,7 @@ if __name__ == "__main__":
 
 def torchrun(argv: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     """This file as the worker of ``torchrun --standalone --nproc-per-node 2``; a hang fails after `timeout`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen([*command, __file__, *argv], env=env, text=True, stdout=stdout, stderr=stderr)
-        try:
-            proc.wait(timeout=timeout)
-            hung = False
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)  # torchrun stops its workers on SIGTERM
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            hung = True
-        stdout.seek(0)
-        stderr.seek(0)
-        out, err = stdout.read(), stderr.read()
-    if hung:
-        pytest.fail(f"torchrun did not finish in {timeout} s (ranks waiting on each other?): {err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_torchrun(__file__, argv, timeout, **env)
 
 
 def extract_argv(images: Path, out: Path, weights: Path, *extra: str) -> list[str]:

@@ -10,17 +10,14 @@ agree to 1e-15, so any difference in float32 is rounding noise. Tolerances: 1e-5
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torchrun_helpers import run_torchrun
 from train_helpers import one_thread, save_tiny_weights, train_args, write_image_tree
 
 from featlift.cli import main
@@ -31,32 +28,8 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def torchrun(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """`featlift` under ``torchrun --nproc-per-node 2`` (gloo) through `ddp_worker`. A run that hangs (e.g.
-    ranks waiting on each other) fails after `timeout` seconds; torchrun is sent SIGTERM, on which it stops
-    its workers (they run in sessions of their own, so killing torchrun's process group would not)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(
-            [*command, str(WORKER), *args], env=env, text=True, stdout=stdout, stderr=stderr
-        )
-        try:
-            proc.wait(timeout=timeout)
-            hung = False
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            hung = True
-        stdout.seek(0)
-        stderr.seek(0)
-        out, err = stdout.read(), stderr.read()
-    if hung:
-        pytest.fail(f"torchrun did not finish in {timeout} s (deadlock?): {err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    """`featlift` under ``torchrun --nproc-per-node 2`` (gloo) through `ddp_worker`."""
+    return run_torchrun(WORKER, args, timeout, **env)
 
 
 def read_log(run: Path) -> list[dict]:
