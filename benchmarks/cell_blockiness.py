@@ -51,8 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True)
     parser.add_argument("--limit", type=int, default=20)
-    parser.add_argument("--variant", required=True, help="comma-separated variant specs; `nearest` is built in")
-    parser.add_argument("--size", type=int, default=224, help="input size (default 224: 16x16 tokens -> 32x32)")
+    parser.add_argument(
+        "--variant", required=True, help="comma-separated variant specs; `nearest` is built in"
+    )
+    parser.add_argument(
+        "--size", type=int, default=224, help="input size (default 224: 16x16 tokens -> 32x32)"
+    )
     parser.add_argument("--backbone", default="vit_small_patch14_dinov2.lvd142m")
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
     args = parser.parse_args()
@@ -64,7 +68,9 @@ def main() -> None:
     built = iter(parse_variants([s for s in sized if s != "nearest"], backbone))
     variants = [_Nearest(backbone) if s == "nearest" else next(built) for s in sized]
     paths = [item.path for item in collect_images([args.images])][: args.limit]
-    print(f"{len(paths)} images from {Path(args.images)}, {args.size} px, {grid}x{grid} tokens -> {2 * grid}x{2 * grid}")
+    print(
+        f"{len(paths)} images from {Path(args.images)}, {args.size} px, {grid}x{grid} tokens -> {2 * grid}x{2 * grid}"
+    )
     print("| variant | adjacent cosine inside a cell | across cells | inside - across |")
     print("|---|---|---|---|")
     for variant in variants:

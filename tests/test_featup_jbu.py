@@ -108,6 +108,27 @@ def test_pixel_kernels_tap_by_tap_equal_the_unfold_in_float64():
         )
 
 
+def test_pixel_kernel_gradients_pass_gradcheck_and_equal_the_unfolds():
+    """The tap-by-tap backward (`PixelKernels`) is the true gradient, for each input alone and for both."""
+    torch.manual_seed(0)
+    for radius in (1, 2):
+        padded = torch.randn(2, 3, 4 + 2 * radius, 5 + 2 * radius, dtype=torch.float64, requires_grad=True)
+        kernels = torch.randn(2, (2 * radius + 1) ** 2, 4, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(apply_pixel_kernels, (padded, kernels))
+        weights = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+        ours = torch.autograd.grad((apply_pixel_kernels(padded, kernels) * weights).sum(), (padded, kernels))
+        reference = torch.autograd.grad(
+            (unfold_pixel_kernels(padded, kernels) * weights).sum(), (padded, kernels)
+        )
+        for got, expected in zip(ours, reference, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        only_kernels = torch.autograd.grad(apply_pixel_kernels(padded.detach(), kernels).sum(), kernels)[0]
+        torch.testing.assert_close(
+            only_kernels,
+            torch.autograd.grad(unfold_pixel_kernels(padded.detach(), kernels).sum(), kernels)[0],
+        )
+
+
 def test_pixel_kernel_taps_are_row_major_offsets():
     padded = torch.arange(5 * 6, dtype=torch.float64).reshape(1, 1, 5, 6)
     kernels = torch.zeros(1, 9, 3, 4, dtype=torch.float64)

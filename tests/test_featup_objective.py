@@ -235,3 +235,77 @@ def test_the_featup_objective_refuses_another_loss_naming_it():
 
     with pytest.raises(FeatliftError, match="--loss l1: objective featup"):
         get_objective("featup")(loss="l1")
+
+
+def loss_and_gradients(checkpointed: bool, track: bool = False):
+    """The featup loss of one seeded batch, its gradients, and (with `track`) the tracked peak MiB of loss + backward."""
+    from featlift.meters import TensorMemoryTracker
+    from featlift.train.batches import Batch
+
+    torch.manual_seed(0)
+    upsampler = FeatUpJBU(channels=16).train()
+    objective = FeatUpObjective()
+    objective.checkpoint_jitters = checkpointed
+    objective.prepare(upsampler, 16)
+    pixels = {v.name: torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8) for v in objective.views}
+    features = {v.name: torch.randn(2, 16, 4, 4) for v in objective.views}
+    batch = Batch(pixels, features, [0, 1], lambda x: x, torch.device("cpu"))
+    torch.manual_seed(1)
+    tracker = TensorMemoryTracker()
+    if track:
+        tracker.__enter__()
+    try:
+        loss = objective.loss(upsampler, batch)
+        loss.backward()
+    finally:
+        if track:
+            tracker.__exit__(None, None, None)
+    modules = (upsampler, *objective.modules().values())
+    grads = [p.grad.clone() for module in modules for p in module.parameters()]
+    return loss.detach(), grads, tracker.peak / 2**20
+
+
+def test_checkpointed_jitters_give_the_same_loss_and_gradients_in_less_memory(monkeypatch):
+    """Each jitter's graph is recomputed in backward: the dropout draws replay, so nothing changes but the memory,
+    which no longer grows with the number of jitters per step (the plain graph holds every jitter's copies)."""
+    import featlift.train.objectives.featup as featup_objective
+
+    loss, grads, peak = loss_and_gradients(checkpointed=True, track=True)
+    plain_loss, plain_grads, plain_peak = loss_and_gradients(checkpointed=False, track=True)
+    assert torch.equal(loss, plain_loss)
+    assert len(grads) == len(plain_grads)
+    for grad, plain in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(grad, plain, rtol=1e-6, atol=1e-9)
+    monkeypatch.setattr(featup_objective, "JITTERS_PER_STEP", 1)
+    one_jitter_peak = loss_and_gradients(checkpointed=True, track=True)[2]
+    assert peak - one_jitter_peak < 0.1 * (plain_peak - one_jitter_peak), (one_jitter_peak, peak, plain_peak)
+
+
+def test_attention_downsampler_tiled_path_equals_the_unfolded_one():
+    """Patches that tile the map (every FeatUp jitter of a 16x map) skip the unfold: same output and gradients."""
+    torch.manual_seed(0)
+    down = AttentionDownsampler(6, 4).eval()
+    blurred = torch.randn(2, 6, 12, 8, dtype=torch.float64, requires_grad=True)
+    down = down.double()
+    tiled = down.tiled(blurred, (3, 2))
+    unfolded = down.unfolded(blurred, (3, 2), (4, 4))
+    torch.testing.assert_close(tiled, unfolded, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(tiled)
+    grads = torch.autograd.grad((tiled * weights).sum(), (blurred, *down.parameters()))
+    reference = torch.autograd.grad((unfolded * weights).sum(), (blurred, *down.parameters()))
+    for got, expected in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # forward() takes the tiled path exactly when the patches tile the map
+    features = torch.randn(1, 6, 12, 8, dtype=torch.float64)
+    torch.testing.assert_close(down(features, (3, 2)), down.unfolded(gaussian_blur(features), (3, 2), (4, 4)))
+
+
+def test_attention_downsampler_drops_out_only_what_enters_the_logits():
+    """In training the feature dropout feeds the logits only: the averaged values are the undropped features."""
+    torch.manual_seed(0)
+    down = AttentionDownsampler(4, 2).train()
+    features = torch.ones(64, 4, 4, 4)
+    out = down(features, (2, 2))
+    assert out.shape == (64, 4, 2, 2)
+    # the values are blurred features averaged by a softmax: constant features give the constant back
+    torch.testing.assert_close(out, torch.ones_like(out))

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...upsamplers import Upsampler
 from ...upsamplers.featup_jbu import channel_norm
@@ -97,6 +98,11 @@ class FeatUpObjective(Objective):
 
     own_loss = "uncertainty-weighted squared error of random projections"
 
+    checkpoint_jitters = True
+    """Recompute each jitter's graph in backward (`torch.utils.checkpoint`): training memory holds one jitter's
+    graph instead of all of them, at the cost of a second forward of the cheap downsampling path; the loss and the
+    gradients are unchanged. The README's training section has the measured memory."""
+
     def __init__(self, loss: str = "cosine"):
         super().__init__(loss)
         self.downsampler: AttentionDownsampler | None = None
@@ -131,11 +137,25 @@ class FeatUpObjective(Objective):
         for index in chosen:
             view = JITTERS[index]
             target = target_features(upsampler, batch.features[view.name])
-            down = self.downsampler(jitter_features(upsampled, view), tuple(target.shape[-2:]))
             projection = random_projection(target.shape[0], target.shape[1], PROJECTION_DIMS, target)
-            error = (project(down, projection) - project(target, projection)).square()
-            total = total + weighted_error(error, self.uncertainty(target)) / len(chosen)
+            if self.checkpoint_jitters and torch.is_grad_enabled():
+                # Each jitter's graph (jittered, blurred and unfolded copies of the 16x map: ~1 GB per 224 px image
+                # at C=384) is recomputed in backward instead of kept, so only one jitter's is alive at a time.
+                # The dropout draws inside are replayed from the saved RNG state: loss and gradients are unchanged.
+                term = checkpoint(self.jitter_loss, upsampled, target, projection, view, use_reentrant=False)
+            else:
+                term = self.jitter_loss(upsampled, target, projection, view)
+            total = total + term / len(chosen)
         return total
+
+    def jitter_loss(
+        self, upsampled: torch.Tensor, target: torch.Tensor, projection: torch.Tensor, view: View
+    ) -> torch.Tensor:
+        """The uncertainty-weighted projected error of one jitter (see the module docstring)."""
+        assert self.downsampler is not None and self.uncertainty is not None
+        down = self.downsampler(jitter_features(upsampled, view), tuple(target.shape[-2:]))
+        error = (project(down, projection) - project(target, projection)).square()
+        return weighted_error(error, self.uncertainty(target))
 
     def validation_sums(self, upsampler: Upsampler, batch: Batch) -> torch.Tensor:
         self.check_prepared(upsampler, batch)

@@ -64,14 +64,49 @@ class AttentionDownsampler(nn.Module):
                 f"{k}x{k} patches"
             )
         blurred = gaussian_blur(features)
-        patches = F.unfold(blurred, k, stride=tuple(strides))  # [B, C * k², h * w]
+        if strides == [k, k] and (height, width) == (grid[0] * k, grid[1] * k):
+            return self.tiled(blurred, grid)
+        return self.unfolded(blurred, grid, (strides[0], strides[1]))
+
+    def unfolded(
+        self, blurred: torch.Tensor, grid: tuple[int, int], strides: tuple[int, int]
+    ) -> torch.Tensor:
+        """FeatUp's computation on the unfolded patches ``[B, h, w, k², C]`` (any stride, overlapping or not)."""
+        batch, channels = blurred.shape[:2]
+        k = self.kernel
+        patches = F.unfold(blurred, k, stride=strides)  # [B, C * k², h * w]
         patches = patches.reshape(batch, channels, k * k, grid[0], grid[1]).permute(0, 3, 4, 2, 1)
         inputs = F.dropout(patches, FEATURE_DROPOUT, self.training)
         logits = self.logits(inputs).squeeze(-1)  # [B, h, w, k²]
+        attention = self.attention(logits, batch, grid)
+        return torch.einsum("bhwpc,bhwp->bchw", patches, attention)
+
+    def attention(self, logits: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Softmax attention ``[B, h, w, k²]`` over each patch from its logits (with FeatUp's logit mask in training)."""
         if self.training:
             logits = logits * (torch.rand(batch, grid[0], grid[1], 1, device=logits.device) < LOGIT_KEEP)
-        attention = torch.softmax(logits * self.logit_weight.flatten() + self.logit_bias.flatten(), dim=-1)
-        return torch.einsum("bhwpc,bhwp->bchw", patches, attention)
+        return torch.softmax(logits * self.logit_weight.flatten() + self.logit_bias.flatten(), dim=-1)
+
+    def tiled(self, blurred: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The same when the patches tile the map exactly (stride = k, ``H = h k``), without unfolding it.
+
+        Every pixel is then in exactly one patch, so the linear layer is a 1x1 convolution of the whole map, the
+        feature dropout can be drawn per pixel (the same distribution as per patch element), and the weighted
+        sum is a sum over each ``k x k`` block of the map times its attention laid out as the map. No
+        ``[B, h, w, k², C]`` copy is made; this is what every FeatUp jitter of a JBU's 16x map takes.
+        """
+        batch, channels, height, width = blurred.shape
+        k, (rows, cols) = self.kernel, grid
+        inputs = F.dropout(blurred, FEATURE_DROPOUT, self.training)
+        logit_map = F.conv2d(inputs, self.logits.weight.view(1, channels, 1, 1), self.logits.bias)
+        logits = (
+            logit_map.view(batch, rows, k, cols, k).permute(0, 1, 3, 2, 4).reshape(batch, rows, cols, k * k)
+        )
+        attention = self.attention(logits, batch, grid)
+        weights = (
+            attention.view(batch, rows, cols, k, k).permute(0, 1, 3, 2, 4).reshape(batch, 1, height, width)
+        )
+        return (blurred * weights).view(batch, channels, rows, k, cols, k).sum(dim=(3, 5))
 
 
 class UncertaintyScale(nn.Module):
