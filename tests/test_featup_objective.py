@@ -237,8 +237,8 @@ def test_the_featup_objective_refuses_another_loss_naming_it():
         get_objective("featup")(loss="l1")
 
 
-def loss_and_gradients(checkpointed: bool, track: bool = False):
-    """The featup loss of one seeded batch, its gradients, and (with `track`) the tracked peak MiB of loss + backward."""
+def loss_and_gradients(checkpointed: bool):
+    """The featup loss of one seeded batch, its gradients, and the tracked peak MiB of loss + backward."""
     from featlift.meters import TensorMemoryTracker
     from featlift.train.batches import Batch
 
@@ -251,15 +251,9 @@ def loss_and_gradients(checkpointed: bool, track: bool = False):
     features = {v.name: torch.randn(2, 16, 4, 4) for v in objective.views}
     batch = Batch(pixels, features, [0, 1], lambda x: x, torch.device("cpu"))
     torch.manual_seed(1)
-    tracker = TensorMemoryTracker()
-    if track:
-        tracker.__enter__()
-    try:
+    with TensorMemoryTracker() as tracker:
         loss = objective.loss(upsampler, batch)
         loss.backward()
-    finally:
-        if track:
-            tracker.__exit__(None, None, None)
     modules = (upsampler, *objective.modules().values())
     grads = [p.grad.clone() for module in modules for p in module.parameters()]
     return loss.detach(), grads, tracker.peak / 2**20
@@ -270,14 +264,14 @@ def test_checkpointed_jitters_give_the_same_loss_and_gradients_in_less_memory(mo
     which no longer grows with the number of jitters per step (the plain graph holds every jitter's copies)."""
     import featlift.train.objectives.featup as featup_objective
 
-    loss, grads, peak = loss_and_gradients(checkpointed=True, track=True)
-    plain_loss, plain_grads, plain_peak = loss_and_gradients(checkpointed=False, track=True)
+    loss, grads, peak = loss_and_gradients(checkpointed=True)
+    plain_loss, plain_grads, plain_peak = loss_and_gradients(checkpointed=False)
     assert torch.equal(loss, plain_loss)
     assert len(grads) == len(plain_grads)
     for grad, plain in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(grad, plain, rtol=1e-6, atol=1e-9)
     monkeypatch.setattr(featup_objective, "JITTERS_PER_STEP", 1)
-    one_jitter_peak = loss_and_gradients(checkpointed=True, track=True)[2]
+    one_jitter_peak = loss_and_gradients(checkpointed=True)[2]
     assert peak - one_jitter_peak < 0.1 * (plain_peak - one_jitter_peak), (one_jitter_peak, peak, plain_peak)
 
 

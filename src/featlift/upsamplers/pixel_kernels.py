@@ -55,7 +55,6 @@ def check_kernel_shapes(padded: torch.Tensor, kernels: torch.Tensor) -> int:
 
 def apply_pixel_kernels(padded: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]``: each output pixel's kernel applied to its neighbourhood of `padded`, tap by tap."""
-    check_kernel_shapes(padded, kernels)
     return PixelKernels.apply(padded, kernels)
 
 
@@ -87,7 +86,7 @@ class PixelKernels(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         padded, kernels = ctx.saved_tensors
-        radius = (int(round(kernels.shape[1] ** 0.5)) - 1) // 2
+        radius = check_kernel_shapes(padded, kernels)
         height, width = kernels.shape[-2:]
         wants_padded, wants_kernels = ctx.needs_input_grad[:2]
         grad_padded = torch.zeros_like(padded) if wants_padded else None
