@@ -107,7 +107,10 @@ BAD_BATCHES = [
         normalised(torch.rand(2, 3, 32, 32)),
         r"got values from -2.* normalised pixels\? pass them unnormalised",
     ),
-    (torch.rand(2, 3, 32, 32) * 1.01, r"got values from .* to 1.01.*: clamp them with .clamp\(0, 1\)"),
+    (
+        torch.linspace(0, 1.01, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32),
+        r"got values from 0 to 1.01 .*: clamp them with .clamp\(0, 1\)",
+    ),
     (with_nan(torch.rand(2, 3, 32, 32)), r"images: 1 of 6144 pixels are NaN or infinite"),
     (torch.ones(2, 3, 32, 32, dtype=torch.int32), r"expected float pixels in \[0, 1\], got torch.int32"),
 ]
