@@ -23,12 +23,10 @@ from featlift.evaluate.depth import (
     DepthConfig,
     DepthRecipe,
     DepthSplit,
-    central_square,
     evaluate_variant,
     gradient_loss,
     linear_resize_matrix,
     read_depth,
-    shrink_depth,
     sig_loss,
     warmup_cosine_factor,
 )
@@ -156,23 +154,6 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine_factor(60, 110, 10) == pytest.approx(0.01 + 0.99 * math.cos(math.pi / 4))
     assert warmup_cosine_factor(110, 110, 10) == pytest.approx(0.01)
     assert warmup_cosine_factor(0, 10, 0) == pytest.approx(1.0)
-
-
-def test_shrink_depth_keeps_holes_and_values():
-    depth = torch.arange(1, 121, dtype=torch.float32).reshape(10, 12)
-    depth[:, 0] = 0
-    small = shrink_depth(depth, 6)
-    assert small.shape == (5, 6)
-    assert set(small.flatten().tolist()) <= set(depth.flatten().tolist())  # no blended values
-    assert shrink_depth(depth, 100) is depth
-
-
-def test_central_square():
-    """Probe3D's NYUv2 crop: 480x640 -> columns 80..559."""
-    depth = torch.arange(640.0).repeat(480, 1)
-    square = central_square(depth)
-    assert square.shape == (480, 480) and square[0, 0] == 80 and square[0, -1] == 559
-    assert central_square(torch.zeros(3, 7, 4)).shape == (3, 4, 4)
 
 
 # ---------------------------------------------------------------------------------------- layouts

@@ -11,7 +11,7 @@ from conftest import CAMVID, DINOV2_NAME, DINOV2_WEIGHTS, TINY_TIMM_NAME
 from PIL import Image
 
 from featlift.cli import main
-from featlift.evaluate.probe import FORMATS, IGNORE, confusion_matrix, iou_from_confusion, shrink_label
+from featlift.evaluate.probe import FORMATS, IGNORE, confusion_matrix, iou_from_confusion
 
 VOC_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0, 0, 0] * 251 + [224, 224, 192]
 
@@ -98,23 +98,6 @@ def test_confusion_and_iou_known_answers():
     assert iou[:3].tolist() == pytest.approx([1 / 2, 2 / 3, 1.0])
     perfect, _ = iou_from_confusion(confusion_matrix(target.clamp(max=3), target, 4))
     assert perfect[:3].tolist() == [1.0, 1.0, 1.0]
-
-
-def test_shrink_label_keeps_ids():
-    label = (
-        torch.arange(12, dtype=torch.uint8).repeat_interleave(40).reshape(12, 40).repeat(10, 1)
-    )  # [120, 40]
-    small = shrink_label(label, 60)
-    assert small.shape == (60, 20) and small.dtype == torch.uint8
-    assert set(small.unique().tolist()) <= set(range(12))
-    assert shrink_label(label, 500) is label
-
-
-def test_shrink_label_takes_the_label_at_the_centre_of_each_block():
-    """6x6 -> 2x2: each small pixel covers a 3x3 block, whose centre pixel is (1, 1) within it, as the logits
-    upsampled with align_corners=False see it; legacy 'nearest' took the top-left pixel (0, 0) instead."""
-    label = torch.arange(36, dtype=torch.uint8).reshape(6, 6)
-    assert shrink_label(label, 2).tolist() == [[7, 10], [25, 28]]
 
 
 def test_label_mapping_of_each_format(tmp_path):

@@ -15,11 +15,11 @@ from test_eval_probe import QUADRANT_COLOURS, write_quadrants, write_voc
 
 from featlift.cli import main
 from featlift.errors import FeatliftError
+from featlift.evaluate.dense_maps import centre_square
 from featlift.evaluate.probe import (
     FORMATS,
     PROTOCOLS,
     ProbeConfig,
-    centre_square,
     evaluate_variant,
     head_logits,
     make_schedule,

@@ -75,6 +75,8 @@ from ..errors import FeatliftError
 from ..images import image_to_tensor, load_image, resize_images
 from ..upsamplers.chunking import chunk_length, chunk_slices
 from ..variants import FeatureVariant
+from .channel_statistics import ChannelMoments
+from .dense_maps import centre_square, shrink_nearest
 from .depth_metrics import DepthMetricMeans, valid_depth_mask
 from .report import TaskResults, VariantResult, markdown_table
 from .runner import FeatureTimer, check_sizes, eval_settings, evaluate_each
@@ -178,26 +180,6 @@ def read_depth(path: str | Path, png_units_per_metre: float = 1000.0) -> np.ndar
     depth = array.astype(np.float32) / float(png_units_per_metre)
     depth[depth < 0] = 0
     return depth
-
-
-def central_square(array: torch.Tensor) -> torch.Tensor:
-    """The central ``S x S`` of a ``[..., H, W]`` tensor, ``S = min(H, W)`` (Probe3D's NYUv2 centre crop:
-    640x480 -> columns 80..559)."""
-    h, w = array.shape[-2:]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return array[..., top : top + side, left : left + side]
-
-
-def shrink_depth(depth: torch.Tensor, max_side: int) -> torch.Tensor:
-    """``[H, W]`` depth resized (``nearest-exact``: no blending across holes or edges) to a long side of at
-    most `max_side`; returned as is when it is smaller."""
-    h, w = depth.shape
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return depth
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return F.interpolate(depth[None, None], size=size, mode="nearest-exact")[0, 0]
 
 
 # ---------------------------------------------------------------------------------------- the probe
@@ -354,19 +336,14 @@ class TrainFeatures:
         first = self._compute(range(min(batch_size, count)))
         self.bytes = count * first[0].numel() * 2
         self.cached = self.bytes <= cache_mib * 2**20
-        total = torch.zeros(first.shape[1], dtype=torch.float64)
-        squares = torch.zeros_like(total)
+        moments = ChannelMoments()
         parts = []
         for start in range(0, count, batch_size):
             batch = first if start == 0 else self._compute(range(start, min(count, start + batch_size)))
-            total += batch.double().sum((0, 2, 3))
-            squares += batch.double().square().sum((0, 2, 3))
+            moments.add(batch)
             if self.cached:
                 parts.append(batch.to(torch.float16))
-        pixels = count * first.shape[2] * first.shape[3]
-        self.mean = (total / pixels).float()[None, :, None, None]
-        variance = (squares / pixels - (total / pixels).square()).clamp_min(0) * pixels / max(1, pixels - 1)
-        self.std = variance.sqrt().float().clamp_min(1e-6)[None, :, None, None]
+        self.mean, self.std = moments.mean_std()
         self.cache = None
         if self.cached:
             self.cache = self.standardise(torch.cat(parts)).half()
@@ -538,14 +515,14 @@ class DepthSplit:
                 f"{depth}: depth map is {depth_map.shape[0]}x{depth_map.shape[1]} but its image {image} is "
                 f"{height}x{width} (HxW); expected the same size"
             )
-        return (central_square(depth_map) if self.crop == "center" else depth_map).contiguous()
+        return (centre_square(depth_map) if self.crop == "center" else depth_map).contiguous()
 
     def images(self, index: Sequence[int], size: tuple[int, int], with_sources: bool):
         """The cropped images of `index` resized to `size` (and the cropped images, `with_sources`)."""
         decoded = []
         for i in index:
             image = image_to_tensor(load_image(self.pairs[i][0]))
-            decoded.append((central_square(image) if self.crop == "center" else image).contiguous())
+            decoded.append((centre_square(image) if self.crop == "center" else image).contiguous())
         images = torch.cat([resize_images(image[None], size) for image in decoded])
         return images, (decoded if with_sources else None)
 
@@ -583,7 +560,7 @@ def evaluate_variant(
         recipe.batch_size,
         cache_mib,
     )
-    depths = [shrink_depth(depth, recipe.train_label_side) for depth in train.depths]
+    depths = [shrink_nearest(depth, recipe.train_label_side) for depth in train.depths]
     channels = features.mean.shape[1]
     probe, epoch_seconds = train_depth_probe(features, depths, channels, recipe)
     means = DepthMetricMeans()

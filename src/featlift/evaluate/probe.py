@@ -34,6 +34,8 @@ from ..images import image_to_tensor, load_image, resize_images
 from ..upsamplers.base import resize_features
 from ..upsamplers.bilinear import Bilinear
 from ..variants import FeatureVariant
+from .channel_statistics import ChannelMoments
+from .dense_maps import centre_square, resize_nearest, shrink_nearest
 from .probe_protocols import PROTOCOLS, ProbeProtocol, get_protocol
 from .report import TaskResults, VariantResult
 from .runner import FeatureTimer, check_sizes, eval_settings, evaluate_each
@@ -43,7 +45,7 @@ from .task_config import TaskConfig
 
 __all__ = [
     "CAMVID_CLASSES", "FORMATS", "IGNORE", "PROTOCOLS", "VOC_CLASSES", "ProbeConfig", "ProbeProtocol", "ProbeRecipe",
-    "SegFormat", "confusion_matrix", "evaluate_probe", "evaluate_variant", "iou_from_confusion", "shrink_label",
+    "SegFormat", "confusion_matrix", "evaluate_probe", "evaluate_variant", "iou_from_confusion",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -70,42 +72,13 @@ class ProbeRecipe:
         )  # fmt: skip
 
 
-def shrink_label(label: torch.Tensor, max_side: int) -> torch.Tensor:
-    """Resize a ``[H, W]`` label map so that its long side is at most `max_side` (kept if smaller).
-
-    ``nearest-exact``: each output pixel takes the label at the centre of the block it covers, where the
-    logits upsampled with ``align_corners=False`` put it (legacy ``nearest`` took the block's top-left pixel).
-    """
-    h, w = label.shape
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return label
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return resize_label(label, size)
-
-
-def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``nearest-exact`` resize of a ``[H, W]`` label map (each pixel takes the label at its block's centre)."""
-    if tuple(label.shape) == tuple(size):
-        return label
-    return F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(label.dtype)
-
-
-def centre_square(array: torch.Tensor) -> torch.Tensor:
-    """The centred square of side ``min(H, W)`` of a ``[..., H, W]`` tensor (torchvision's ``CenterCrop`` offsets)."""
-    h, w = array.shape[-2:]
-    side = min(h, w)
-    top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
-    return array[..., top : top + side, left : left + side]
-
-
 def protocol_label(fmt: SegFormat, path: Path, protocol: ProbeProtocol) -> torch.Tensor:
     """A label map as the protocol scores it: cropped like the image, resized (nearest-exact) to the label size."""
     label = torch.from_numpy(fmt.read_label(path))
     if protocol.resize == "crop":
         label = centre_square(label)
     if protocol.label_size is not None:
-        label = resize_label(label, (protocol.label_size, protocol.label_size))
+        label = resize_nearest(label, (protocol.label_size, protocol.label_size))
     return label
 
 
@@ -204,22 +177,11 @@ class ProbeFeatures:
 
     def set_standardisation(self) -> None:
         """Per-channel mean and std over the (unflipped) training features, for protocols that standardise."""
-        if self.cache:
-            data = self.cache[False].float()
-            self.mean, self.std = data.mean((0, 2, 3), keepdim=True), data.std((0, 2, 3), keepdim=True)
-        else:  # one streaming pass: sums in float64
-            total, squares, count = 0.0, 0.0, 0
-            for s in range(0, len(self.images), self.batch_size):
-                feats = self._compute(
-                    list(range(s, min(s + self.batch_size, len(self.images)))), False
-                ).double()
-                total = total + feats.sum((0, 2, 3), keepdim=True)
-                squares = squares + (feats**2).sum((0, 2, 3), keepdim=True)
-                count += feats.numel() // feats.shape[1]
-            mean = total / count
-            self.mean = mean.float()
-            self.std = ((squares - count * mean**2) / max(count - 1, 1)).clamp_min(0).sqrt().float()
-        self.std = self.std.clamp_min(1e-6)
+        moments = ChannelMoments()
+        for s in range(0, len(self.images), self.batch_size):
+            indices = list(range(s, min(s + self.batch_size, len(self.images))))
+            moments.add(self.cache[False][indices] if self.cache else self._compute(indices, False))
+        self.mean, self.std = moments.mean_std()
 
     def batch(self, indices: list[int], flipped: bool = False) -> torch.Tensor:
         if self.cache:
@@ -261,7 +223,7 @@ def train_head(
 ) -> tuple[torch.nn.Conv2d, list[float]]:
     """Fit the 1x1 conv; returns it and the seconds each epoch took (feature recomputation included)."""
     if protocol.train_label_side is not None:
-        labels = [shrink_label(label, protocol.train_label_side) for label in labels]
+        labels = [shrink_nearest(label, protocol.train_label_side) for label in labels]
     generator = torch.Generator().manual_seed(protocol.seed)
     torch.manual_seed(protocol.seed)
     channels = features.batch([0]).shape[1]
