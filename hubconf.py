@@ -56,3 +56,23 @@ def lift_dinov2_vits14(pretrained=True, weights=None, iters=None, output_size=No
     return _shipped_pipeline(
         "vit_small_patch14_dinov2.lvd142m", "lift", pretrained, weights, output_size, device, options
     )
+
+
+def naf_dinov2_vits14(pretrained=True, weights=None, output_size=None, device=None, **options):
+    """DINOv2 ViT-S/14 (``vit_small_patch14_dinov2.lvd142m``, last block, token facet) + featlift's shipped NAF.
+
+    NAF (Chambon et al., CVPR 2026) as trained by featlift for this backbone: 1 epoch at 448 px on
+    ImageNet-sample images, the shipped LiFT's wall-time budget (the README's tables). Its guide reads only the
+    image: attention over the raw features in a 9x9 window of the token grid.
+
+    pretrained: the backbone weights from timm (downloaded by timm as usual); False gives a randomly
+        initialised backbone (the NAF then warns that it was trained for other weights).
+    weights: a local backbone weights file (safetensors or .pth; timm, DINO or DINOv2 layout) instead of timm's.
+    output_size: (h, w) of the output grid; by default NAF's own, the input image's size in pixels.
+    device: where to put the pipeline (default: the CPU).
+    Other keyword arguments are NAF's options (``featlift.upsamplers.naf.NAF.options``: ``chunk_size``,
+    ``max_memory_mib``, ``output_dtype``).
+    """
+    return _shipped_pipeline(
+        "vit_small_patch14_dinov2.lvd142m", "naf", pretrained, weights, output_size, device, options
+    )

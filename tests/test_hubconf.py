@@ -9,14 +9,16 @@ import torch
 from conftest import DINOV2_NAME, DINOV2_WEIGHTS, IMAGENET_SAMPLE, REPO, requires_shared
 
 import featlift
+from featlift.checkpoint import read_checkpoint_config
 from featlift.images import image_to_tensor, load_image
 from featlift.pretrained import shipped_checkpoints
 
 ENTRY = "lift_dinov2_vits14"
+NAF_ENTRY = "naf_dinov2_vits14"
 
 
-def hub_load(**kwargs):
-    return torch.hub.load(str(REPO), ENTRY, source="local", **kwargs)
+def hub_load(entry=ENTRY, **kwargs):
+    return torch.hub.load(str(REPO), entry, source="local", **kwargs)
 
 
 def hubconf_module():
@@ -33,8 +35,8 @@ def test_one_entry_per_shipped_checkpoint():
     # what torch.hub.list gives (it takes GitHub repositories only): the public callables of hubconf.py
     module = hubconf_module()
     entries = [name for name in dir(module) if callable(getattr(module, name)) and not name.startswith("_")]
-    assert entries == [ENTRY]
-    assert len(shipped_checkpoints()) == len(entries)
+    assert entries == [ENTRY, NAF_ENTRY]
+    assert [read_checkpoint_config(d).upsampler for d in shipped_checkpoints()] == ["lift", "naf"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random backbone: the LiFT warns about the weights' fingerprint
         pipeline = hub_load(pretrained=False)
@@ -80,3 +82,15 @@ def test_real_weights_give_the_same_features_as_build_pipeline():
     assert hub_features.shape == (1, 384, 32, 32)
     torch.testing.assert_close(hub_features, direct_features, rtol=0, atol=0)
     assert from_hub.backbone.fingerprint() == direct.backbone.fingerprint() == "4da5b7fc0899f8b1"
+
+
+def test_the_naf_entry_gives_the_shipped_naf():
+    with pytest.warns(UserWarning, match="fingerprint"):
+        pipeline = hub_load(NAF_ENTRY, pretrained=False, chunk_size=64)
+    assert pipeline.checkpoint == str(shipped_checkpoints()[1])
+    assert pipeline.upsampler.chunk_size == 64
+    assert "DINOv2 ViT-S/14" in getattr(hubconf_module(), NAF_ENTRY).__doc__
+    with torch.inference_mode():
+        assert pipeline(torch.rand(1, 3, 28, 28)).shape == (1, 384, 28, 28)  # NAF's own size: the image's
+        pipeline.output_size = (5, 7)
+        assert pipeline(torch.rand(1, 3, 28, 28)).shape == (1, 384, 5, 7)

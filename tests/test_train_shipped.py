@@ -1,4 +1,4 @@
-"""The shipped LiFT for the default backbone (real DINOv2 ViT-S/14 weights) loads and beats bilinear.
+"""The shipped LiFT and NAF for the default backbone (real DINOv2 ViT-S/14 weights) load and beat bilinear.
 
 Held-out images are the validation split of the shipped module's own training run (same folder, seed
 and fraction, recorded in its config), so the module never saw them. Metric: mean cosine similarity to
@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import IMAGENET_SAMPLE, requires_shared
 
-from featlift import load_checkpoint
+from featlift import build_pipeline, load_checkpoint
+from featlift.checkpoint import read_checkpoint_config
 from featlift.images import collect_images
 from featlift.pretrained import find_shipped_checkpoint
 from featlift.train.data import TrainImage, load_pyramid, split_images
@@ -51,3 +52,40 @@ def test_shipped_lift_beats_bilinear_on_held_out_images(dinov2_backbone):
             bilinear_scores.append(F.cosine_similarity(bilinear, target, dim=1).mean().item())
     assert sum(lift_scores) / 3 > sum(bilinear_scores) / 3, (lift_scores, bilinear_scores)
     assert sum(a > b for a, b in zip(lift_scores, bilinear_scores, strict=True)) >= 2
+
+
+@requires_shared
+def test_shipped_naf_beats_bilinear_on_held_out_images(dinov2_backbone):
+    """The shipped NAF, as `build_pipeline(..., upsampler="naf")` picks it: f(img/2) at 224 px upsampled to the
+    448 px grid is closer to f(img) than bilinear, on held-out images of its own training run."""
+    backbone = dinov2_backbone
+    shipped = find_shipped_checkpoint(backbone.name, backbone.layer, backbone.facet, "naf")
+    assert shipped is not None, "no shipped NAF checkpoint for the default backbone"
+    pipeline = build_pipeline(backbone, upsampler="naf")
+    assert pipeline.checkpoint == str(shipped)
+    config = read_checkpoint_config(shipped)
+    assert config.backbone.fingerprint == backbone.fingerprint()
+    final = config.training["final_val"]
+    assert final["val_cosine_upsampler"] > final["val_cosine_bilinear"]
+
+    if not IMAGENET_SAMPLE.is_dir():
+        return
+    args = config.training["args"]
+    images = [
+        TrainImage(item.path, item.relative.as_posix(), "") for item in collect_images([IMAGENET_SAMPLE])
+    ]
+    _, held_out = split_images(images, args["val_fraction"], args["seed"])
+    naf_scores, bilinear_scores = [], []
+    with torch.no_grad():
+        for image in held_out[:3]:
+            full, half, _ = (p.float().div(255).unsqueeze(0) for p in load_pyramid(image, args["image_size"]))
+            target = backbone(backbone.normalize(full))
+            pipeline.output_size = tuple(target.shape[-2:])
+            upsampled = pipeline(half)
+            bilinear = F.interpolate(
+                backbone(backbone.normalize(half)), size=target.shape[-2:], mode="bilinear"
+            )
+            naf_scores.append(F.cosine_similarity(upsampled, target, dim=1).mean().item())
+            bilinear_scores.append(F.cosine_similarity(bilinear, target, dim=1).mean().item())
+    assert sum(naf_scores) > sum(bilinear_scores), (naf_scores, bilinear_scores)
+    assert sum(a > b for a, b in zip(naf_scores, bilinear_scores, strict=True)) >= 2
