@@ -25,11 +25,15 @@ DEFAULT_METHODS+=",jafar:$PEERS/jafar:size=64x64,anyup:$PEERS/anyup:size=64x64,f
 METHODS=${METHODS:-$DEFAULT_METHODS}
 TASKS=${TASKS:-davis,warp,probe-camvid,probe-voc,probe-voc@cpu}
 export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}
+SETTINGS=(davis.max_frames=6 warp.limit=20 warp.stereo=true
+    probe-voc.limit_train=120 probe-voc.limit_val=60 probe-voc.epochs=20
+    probe-voc@cpu.limit_train=120 probe-voc@cpu.limit_val=60 probe-voc@cpu.epochs=20
+    probe-camvid.limit_train=60 probe-camvid.limit_val=30 probe-camvid.epochs=20)
+SETS=()
+for setting in "${SETTINGS[@]}"; do  # only the selected tasks' (compare refuses settings of other tasks)
+    [[ ",$TASKS," == *",${setting%%.*},"* ]] && SETS+=(--set "$setting")
+done
 start=$SECONDS
 "$PYTHON" -m featlift compare --weights "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.safetensors" \
-    --device cpu --methods "$METHODS" --tasks "$TASKS" --data-root "$SHARED/data" --out "$OUT" \
-    --set davis.max_frames=6 --set warp.limit=20 --set warp.stereo=true \
-    --set probe-voc.limit_train=120 --set probe-voc.limit_val=60 --set probe-voc.epochs=20 \
-    --set probe-voc@cpu.limit_train=120 --set probe-voc@cpu.limit_val=60 --set probe-voc@cpu.epochs=20 \
-    --set probe-camvid.limit_train=60 --set probe-camvid.limit_val=30 --set probe-camvid.epochs=20
+    --device cpu --methods "$METHODS" --tasks "$TASKS" --data-root "$SHARED/data" --out "$OUT" "${SETS[@]}"
 echo "compare_dinov2.sh: $((SECONDS - start)) s"
