@@ -364,3 +364,71 @@ def test_probe_under_a_named_protocol(tmp_path, data_root, tiny_timm_weights, co
     assert counted == [("bilinear", "probe-camvid@cpu")]
     settings = json.dumps(results["settings"])
     assert '"protocol": "cpu' in settings and '"protocol": "featlift' not in settings
+
+
+def test_include_joins_another_runs_cells_without_recomputing_them(
+    tmp_path, data_root, tiny_timm_weights, counted, capsys
+):
+    elsewhere = tmp_path / "elsewhere"  # the other run's data lies at another path, as on another machine
+    shutil.copytree(data_root, elsewhere)
+    other = tmp_path / "other"
+    assert compare(elsewhere, tiny_timm_weights, other, "none,bilinear", "davis,warp") == 0
+    theirs = {
+        (c["method"], c["task"]): c["quality"]
+        for c in json.loads((other / "results.json").read_text())["cells"]
+    }
+    counted.clear()
+    out = tmp_path / "out"
+    assert (
+        compare(data_root, tiny_timm_weights, out, "bilinear:size=4x4", "warp", "--include", str(other)) == 0
+    )
+    assert counted == [("bilinear:size=4x4", "warp")]  # the included cells are not recomputed
+    assert "1 cells computed, 0 from the cache, 2 included" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    cells = {(c["method"], c["task"]): c for c in results["cells"]}
+    assert sorted(cells) == [
+        ("bilinear", "warp"),
+        ("bilinear:size=4x4", "warp"),
+        ("none", "warp"),
+    ]  # its warp only
+    assert cells[("none", "warp")]["quality"] == theirs[("none", "warp")]
+    assert cells[("bilinear", "warp")]["cell"] in {
+        p.stem.rsplit("-", 1)[1] for p in (other / "cells").rglob("*.json")
+    }
+    included = results["settings"]["included"]
+    assert included[0]["methods"] == ["none", "bilinear"] and str(elsewhere) in included[0]["data"]["warp"]
+    assert {m["method"] for m in results["methods"]} == {"bilinear:size=4x4", "none", "bilinear"}
+    assert "`none`" in (out / "leaderboard.md").read_text()
+
+    counted.clear()  # --include alone: a leaderboard of the other run's cells, nothing computed
+    code = main(["-q", "compare", "--backbone", TINY_TIMM_NAME, "--weights", str(tiny_timm_weights),
+                 "--tasks", "davis,warp", "--data-root", str(data_root), "--out", str(tmp_path / "joined"),
+                 "--size", "32x32", "--device", "cpu", "--set", SMALL["davis"], "--set", SMALL["warp"],
+                 "--include", str(other / "results.json")])  # fmt: skip
+    assert code == 0 and counted == []
+    joined = json.loads((tmp_path / "joined" / "results.json").read_text())
+    assert {(c["method"], c["task"]): c["quality"] for c in joined["cells"]} == theirs
+
+
+def test_include_refuses_cells_that_answer_another_question(tmp_path, data_root, tiny_timm_weights, capsys):
+    other = tmp_path / "other"
+    assert compare(data_root, tiny_timm_weights, other, "none", "warp") == 0
+    out = tmp_path / "out"
+    refused = [
+        (
+            ("bilinear", "warp", "--set", "warp.seed=1"),
+            "task warp ran with other settings there (seed: 1 here, 0 there)",
+        ),
+        (("none", "warp"), "method none is in this run's --methods too"),
+        (("bilinear", "warp", "--layer", "0"), "its backbone is"),
+    ]
+    for args, message in refused:
+        assert compare(data_root, tiny_timm_weights, out, *args, "--include", str(other)) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(other / "results.json") in err, err
+    assert compare(data_root, tiny_timm_weights, out, "bilinear", "warp", "--include", str(tmp_path)) == 2
+    assert f"--include {tmp_path}: no results.json there" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text('{"cells": []}')
+    assert compare(data_root, tiny_timm_weights, out, "bilinear", "warp", "--include", str(tmp_path)) == 2
+    assert "not a featlift compare results.json (missing settings, methods)" in capsys.readouterr().err
+    assert not out.exists()  # every refusal comes before any work

@@ -38,9 +38,18 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--methods",
         action="append",
-        required=True,
+        default=None,
         metavar="SPEC[,SPEC...]",
-        help=f"methods, comma-separated and/or repeated: {VARIANT_GRAMMAR}",
+        help=f"methods, comma-separated and/or repeated: {VARIANT_GRAMMAR} (required unless --include is given)",
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="join the cells of another compare run (its --out folder or results.json) to this leaderboard, "
+        "without recomputing them; refused unless its backbone, device and the settings of every shared task "
+        "equal this run's (the dataset path aside); repeatable",
     )
     parser.add_argument(
         "--tasks",
@@ -110,12 +119,14 @@ def run(args: argparse.Namespace) -> int:
         train_data=args.train_data,
         budget=parse_budget(args.budget),
         progress=not args.quiet,
+        include=args.include,
     )
     outcome = run_compare(options, backbone_from_args(args))
     print(outcome.board.markdown())
     plot = f", {outcome.plot}" if outcome.plot else ""
+    joined = f", {outcome.included} included" if outcome.included else ""
     print(
-        f"featlift compare: {outcome.computed} cells computed, {outcome.cached} from the cache -> "
+        f"featlift compare: {outcome.computed} cells computed, {outcome.cached} from the cache{joined} -> "
         f"{outcome.leaderboard}, {outcome.results}{plot}"
     )
     return 0 if outcome.complete else 1

@@ -30,6 +30,7 @@ from ..evaluate.task_config import TaskConfig
 from ..fileio import check_writable_dir
 from ..variants import FeatureVariant
 from .cells import CellCache, cell_key, key_hash
+from .include import IncludedRun, load_included
 from .leaderboard import Cell, Leaderboard, panels, write_leaderboard
 from .methods import (
     BUDGET_FIELDS,
@@ -68,6 +69,9 @@ class CompareOptions:
     train_data: str | None = None
     budget: dict[str, Any] = field(default_factory=lambda: dict(BUDGET_FIELDS))
     progress: bool = True
+    include: list[str] = field(
+        default_factory=list
+    )  # other comparisons' output folders (`include.load_included`)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class CompareOutcome:
     leaderboard: Path
     results: Path
     plot: Path | None
+    included: int = 0  # cells joined from --include runs
 
     @property
     def complete(self) -> bool:
@@ -166,8 +171,8 @@ def _train_missing(methods: list[Method], backbone: Backbone, options: CompareOp
 
 def run_compare(options: CompareOptions, backbone: Backbone) -> CompareOutcome:
     """Run the comparison `options` describe on `backbone` (see the module docstring)."""
-    if not options.methods:
-        raise FeatliftError("--methods: no method given")
+    if not options.methods and not options.include:
+        raise FeatliftError("--methods: no method given (and no --include)")
     if len(set(options.methods)) != len(options.methods):
         raise FeatliftError(f"--methods repeat: {options.methods}")
     if not Path(options.data_root).is_dir():
@@ -177,14 +182,19 @@ def run_compare(options: CompareOptions, backbone: Backbone) -> CompareOutcome:
     device = resolve_device(options.device)
     ready, skipped = _prepare_tasks(options)  # bad settings and unknown methods are refused before any work
     methods = [resolve_method(spec, backbone) for spec in options.methods]
-    out_dir = check_writable_dir(options.out, "output folder --out")
-    _train_missing(methods, backbone, options, out_dir)
     backbone_id = {
         "name": backbone.name,
         "fingerprint": backbone.fingerprint(),
         "layer": backbone.layer,
         "facet": backbone.facet,
     }
+    # the included runs are read and checked before any training or cell runs
+    included = [
+        load_included(folder, _settings(options, backbone_id, device, ready, methods), options.methods)
+        for folder in options.include
+    ]
+    out_dir = check_writable_dir(options.out, "output folder --out")
+    _train_missing(methods, backbone, options, out_dir)
     cache = CellCache(out_dir)
     cells: list[Cell] = []
     failed: list[dict[str, str]] = []
@@ -192,7 +202,7 @@ def run_compare(options: CompareOptions, backbone: Backbone) -> CompareOutcome:
     training: dict[str, dict[str, Any]] = {}
     computed = 0
     board = Leaderboard(
-        options.methods,
+        list(options.methods),
         [(r.task.name, r.task.metric) for r in ready],
         cells,
         parameters,
@@ -201,6 +211,7 @@ def run_compare(options: CompareOptions, backbone: Backbone) -> CompareOutcome:
         failed,
     )
     settings = _settings(options, backbone_id, device, ready, methods)
+    _join(included, settings, board)
 
     outer = tqdm(
         total=len(methods) * len(ready),
@@ -280,7 +291,27 @@ def run_compare(options: CompareOptions, backbone: Backbone) -> CompareOutcome:
         outer.close()
     leaderboard, results = write_leaderboard(out_dir, board, settings, str(device))
     plot = plot_fronts(panels(board), out_dir / PLOT_FILE)
-    return CompareOutcome(board, computed, len(cells) - computed, leaderboard, results, plot)
+    joined = sum(len(run.cells) for run in included)
+    return CompareOutcome(board, computed, len(cells) - computed - joined, leaderboard, results, plot, joined)
+
+
+def _join(included: list[IncludedRun], settings: dict[str, Any], board: Leaderboard) -> None:
+    """Add the cells of the `included` comparisons to `board`, after this run's methods, and record them in
+    `settings`. A method two included runs both have is refused."""
+    records = []
+    for run in included:
+        repeated = [m for m in run.methods if m in board.methods]
+        if repeated:
+            raise FeatliftError(
+                f"--include {run.source}: method {repeated[0]} is in another included run too; include it once"
+            )
+        board.methods.extend(run.methods)
+        board.cells.extend(run.cells)
+        board.parameters.update({m: run.parameters[m] for m in run.methods if m in run.parameters})
+        board.training.update({m: run.training[m] for m in run.methods if m in run.training})
+        records.append({"results": str(run.source), "methods": run.methods, "data": run.data})
+    if records:
+        settings["included"] = records
 
 
 def _compute(
