@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The leaderboard of the README: `featlift compare` for the real DINOv2 ViT-S/14 of ../shared over featlift's
-# references (the tokens, bilinear, two LiFT passes, the backbone on a 2x input), the shipped NAF and the official
-# JAFAR, AnyUp and FeatUp-JBU checkpoints, at the settings of eval_peers.sh (224 px, every upsampler at 64x64;
+# references (the tokens, bilinear, one and two passes of the shipped LiFT, the backbone on a 2x input), the shipped
+# NAF and the official JAFAR, AnyUp and FeatUp-JBU checkpoints, joined by the cells of UPLiFT trained 1 epoch
+# (benchmarks/compare_results/dinov2-uplift, whose checkpoint is not shipped: --include), at the settings of eval_peers.sh (224 px, every upsampler at 64x64;
 # DAVIS-2016 the first 6 frames of each sequence; warp 20 ImageNet images + the stereo pair; VOC probe 120 train /
 # 60 val, CamVid probe 60 / 30, 20 epochs; the VOC probe also under the CPU protocol), one thread.
 # The cells cache (OUT/cells) is resumable: a killed run, or a later session, computes only the missing cells.
 # Usage: benchmarks/compare_dinov2.sh [OUT_DIR]   (default benchmarks/compare_results/dinov2)
-# Knobs: SHARED (default ../shared), PYTHON, THREADS (default 1), METHODS (override the list), TASKS.
+# Knobs: SHARED (default ../shared), PYTHON, THREADS (default 1), METHODS (override the list), TASKS,
+# INCLUDE (comma-separated compare folders to join; default the UPLiFT run; INCLUDE= joins none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/compare_results/dinov2}
@@ -20,10 +22,16 @@ for peer in "jafar jafar_vit_small_patch14_dinov2.lvd142m.pth" "anyup anyup_pape
     [[ -f "$PEERS/$method/config.json" ]] ||
         "$PYTHON" -m featlift import-peer "$method" "$SHARED/weights/peers/$file" --out "$PEERS/$method"
 done
-DEFAULT_METHODS="none,bilinear:size=64x64,lift:iters=2,input-2x,naf:size=64x64"
+DEFAULT_METHODS="none,bilinear:size=64x64,lift,lift:iters=2,input-2x,naf:size=64x64"
 DEFAULT_METHODS+=",jafar:$PEERS/jafar:size=64x64,anyup:$PEERS/anyup:size=64x64,featup-jbu:$PEERS/featup:size=64x64"
 METHODS=${METHODS:-$DEFAULT_METHODS}
 TASKS=${TASKS:-davis,warp,probe-camvid,probe-voc,probe-voc@cpu}
+INCLUDE=${INCLUDE-benchmarks/compare_results/dinov2-uplift}
+INCLUDES=()
+IFS=, read -ra folders <<< "$INCLUDE"
+for folder in "${folders[@]}"; do  # never the output folder itself
+    [[ "$folder" -ef "$OUT" ]] || INCLUDES+=(--include "$folder")
+done
 export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}
 SETTINGS=(davis.max_frames=6 warp.limit=20 warp.stereo=true
     probe-voc.limit_train=120 probe-voc.limit_val=60 probe-voc.epochs=20
@@ -35,5 +43,5 @@ for setting in "${SETTINGS[@]}"; do  # only the selected tasks' (compare refuses
 done
 start=$SECONDS
 "$PYTHON" -m featlift compare --weights "$SHARED/weights/vit_small_patch14_dinov2.imgfocus.safetensors" \
-    --device cpu --methods "$METHODS" --tasks "$TASKS" --data-root "$SHARED/data" --out "$OUT" "${SETS[@]}"
+    --device cpu --methods "$METHODS" --tasks "$TASKS" --data-root "$SHARED/data" --out "$OUT" "${SETS[@]}" "${INCLUDES[@]}"
 echo "compare_dinov2.sh: $((SECONDS - start)) s"
