@@ -82,6 +82,7 @@ def test_toy_leaderboard_three_methods_two_tasks(
     for (_, task), cell in cells.items():
         assert cell["ms_per_image"] > 0 and cell["peak_memory_mib"] > 0 and not cell["from_cache"]
         assert cell["quality"] == cell["metrics"]["J&F" if task == "davis" else "PCK@0.1"]
+        assert cell["environment"]["threads"] >= 1 and cell["environment"]["device"] == "cpu"
     # the cost is measured at each method's output size: LiFT x2 twice makes 8x8 -> 32x32 maps of 2x2 tokens
     assert cells[(lift, "warp")]["details"]["feature_grid"] == [8, 8]
     assert cells[("none", "warp")]["details"]["feature_grid"] == [2, 2]
@@ -392,6 +393,7 @@ def test_include_joins_another_runs_cells_without_recomputing_them(
         ("none", "warp"),
     ]  # its warp only
     assert cells[("none", "warp")]["quality"] == theirs[("none", "warp")]
+    assert cells[("none", "warp")]["environment"]["date"]  # where and when it was measured travels with it
     assert cells[("bilinear", "warp")]["cell"] in {
         p.stem.rsplit("-", 1)[1] for p in (other / "cells").rglob("*.json")
     }

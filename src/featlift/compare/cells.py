@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..environment import environment
 from ..evaluate.report import VariantResult
 from ..fileio import remove_stale_temp_files, save_json_atomic
 
@@ -93,8 +94,9 @@ class CellCache:
         seconds: float,
         parameters: int,
     ) -> dict[str, Any]:
-        """Write a finished cell: its task's result row, the task's settings block, its wall seconds and the
-        method's parameter count."""
+        """Write a finished cell: its task's result row, the task's settings block, its wall seconds, the
+        method's parameter count and the machine's state when it finished (`environment`: threads, load average,
+        date; the context its ms per image were measured in)."""
         cell = {
             "key": key,
             "hash": key_hash(key),
@@ -102,6 +104,7 @@ class CellCache:
             "parameters": parameters,
             "task_settings": settings,
             "cell_seconds": round(seconds, 3),
+            "environment": environment(key["device"]),
         }
         save_json_atomic(json.loads(json.dumps(cell, default=str)), self.path(key))
         return cell

@@ -107,7 +107,16 @@ def load_included(folder: str | Path, settings: dict[str, Any], own_methods: lis
             "peak_memory_mib": row["peak_memory_mib"],
         }
         included.cells.append(
-            Cell(row["method"], row["task"], row["metric"], result, row["cell"], True, row["cell_seconds"])
+            Cell(
+                row["method"],
+                row["task"],
+                row["metric"],
+                result,
+                row["cell"],
+                True,
+                row["cell_seconds"],
+                row.get("environment", {}),
+            )
         )
         if row["method"] not in included.methods:
             included.methods.append(row["method"])

@@ -31,6 +31,7 @@ class Cell:
     hash: str
     cached: bool
     seconds: float
+    environment: dict[str, Any] = field(default_factory=dict)  # where and under what load it was measured
 
     @property
     def quality(self) -> float:
@@ -150,6 +151,7 @@ class Leaderboard:
                     "cell": c.hash,
                     "from_cache": c.cached,
                     "cell_seconds": c.seconds,
+                    "environment": c.environment,
                 }
                 for c in self.cells
             ],

@@ -278,6 +278,7 @@ def run_compare(options: CompareOptions, backbone: Backbone) -> CompareOutcome:
                         key_hash(key),
                         cached,
                         stored["cell_seconds"],
+                        stored.get("environment", {}),  # cells cached before featlift recorded it have none
                     )
                 )
                 write_leaderboard(
