@@ -15,7 +15,7 @@ from test_eval_probe import write_camvid
 
 import featlift.compare.run as compare_run
 from featlift.cli import main
-from featlift.compare.pareto import pareto_front
+from featlift.compare.pareto import pareto_front, plot_labels
 from featlift.compare.tasks import TASKS, parse_task_settings
 
 
@@ -229,6 +229,23 @@ def test_pareto_front():
     assert pareto_front(points) == ["d", "a", "b"]
     assert pareto_front([("x", 1.0, 5.0), ("y", 1.0, 5.0)]) == ["x", "y"]  # equal points dominate neither
     assert pareto_front([("x", 1.0, 5.0), ("y", 1.0, 4.0)]) == ["x"]
+
+
+def test_plot_labels_drop_checkpoint_paths_unless_two_specs_would_collide():
+    specs = [
+        "jafar:ckpts/jafar:size=64x64",
+        "lift:iters=2",
+        "none",
+        "carafe:/runs/a:iters=2",
+        "carafe:/runs/b:iters=2",
+    ]
+    assert plot_labels(specs) == {
+        "jafar:ckpts/jafar:size=64x64": "jafar:size=64x64",
+        "lift:iters=2": "lift:iters=2",
+        "none": "none",
+        "carafe:/runs/a:iters=2": "carafe:/runs/a:iters=2",  # both would read carafe:iters=2
+        "carafe:/runs/b:iters=2": "carafe:/runs/b:iters=2",
+    }
 
 
 def test_task_table_and_settings():

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def _drawn_digest(path: Path) -> str | None:
 
 
 DIGEST_KEY = "featlift-panels"
+PLOT_REVISION = 2  # in the digest: bumped when the drawing changes, so older PNGs are redrawn
+
+
+def plot_labels(specs: Sequence[str]) -> dict[str, str]:
+    """Short labels for the plot: each spec without its checkpoint path (``jafar:DIR:size=64x64`` ->
+    ``jafar:size=64x64``), unless two specs would then share a label, which keep their full spec."""
+    short = {}
+    for spec in specs:
+        name, *parts = spec.split(":")
+        short[spec] = ":".join([name, *(part for part in parts if "=" in part)])
+    counts = Counter(short.values())
+    return {spec: label if counts[label] == 1 else spec for spec, label in short.items()}
 
 
 def plot_fronts(
@@ -52,7 +65,7 @@ def plot_fronts(
     if not panels:
         return None
     path = Path(path)
-    digest = hashlib.sha256(json.dumps(panels, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([PLOT_REVISION, panels], default=str).encode()).hexdigest()[:16]
     if path.is_file() and _drawn_digest(path) == digest:
         return path
     import matplotlib
@@ -65,6 +78,7 @@ def plot_fronts(
     for axis, (task, metric, points) in zip(axes[0], panels, strict=True):
         front = pareto_front(points)
         by_label = {label: (c, q) for label, c, q in points if math.isfinite(c) and math.isfinite(q)}
+        labels = plot_labels(list(by_label))
         for label, (cost, quality) in by_label.items():
             on_front = label in front
             axis.scatter(
@@ -74,7 +88,9 @@ def plot_fronts(
                 color="tab:red" if on_front else "white",
                 edgecolors="tab:red" if on_front else "grey",
             )
-            axis.annotate(label, (cost, quality), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            axis.annotate(
+                labels[label], (cost, quality), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
         axis.plot([by_label[m][0] for m in front], [by_label[m][1] for m in front], color="tab:red", lw=1)
         logarithmic = all(cost > 0 for cost, _ in by_label.values())
         if logarithmic:
