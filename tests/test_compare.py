@@ -445,6 +445,9 @@ def test_include_refuses_cells_that_answer_another_question(tmp_path, data_root,
         assert compare(data_root, tiny_timm_weights, out, *args, "--include", str(other)) == 2
         err = capsys.readouterr().err
         assert message in err and str(other / "results.json") in err, err
+    twice = ("--include", str(other), "--include", str(other / "results.json"))
+    assert compare(data_root, tiny_timm_weights, out, "bilinear", "warp", *twice) == 2
+    assert f"method none is in --include {other / 'results.json'} too" in capsys.readouterr().err
     assert compare(data_root, tiny_timm_weights, out, "bilinear", "warp", "--include", str(tmp_path)) == 2
     assert f"--include {tmp_path}: no results.json there" in capsys.readouterr().err
     (tmp_path / "results.json").write_text('{"cells": []}')

@@ -67,20 +67,28 @@ def _differences(ours: dict[str, Any], theirs: dict[str, Any], ignore: tuple[str
     ]
 
 
-def load_included(folder: str | Path, settings: dict[str, Any], own_methods: list[str]) -> IncludedRun:
-    """The cells of the comparison in `folder` (its output folder or its results.json) that fit `settings`, this
-    run's settings block (`run._settings`). Raises `FeatliftError` naming the file and the mismatch."""
+def load_included(
+    folder: str | Path,
+    backbone: dict[str, Any],
+    device: str,
+    tasks: dict[str, dict[str, Any]],
+    taken: dict[str, str],
+) -> IncludedRun:
+    """The cells of the comparison in `folder` (its output folder or its results.json) that fit this run: its
+    `backbone` identity, `device` and `tasks` settings blocks (`run._task_settings`). `taken` maps each method
+    already on the board to where it came from; a method of `folder` among them is refused. Raises
+    `FeatliftError` naming the file and the mismatch."""
     path, results = _read_results(folder)
     theirs = results["settings"]
-    for name in ("backbone", "device"):
-        if theirs.get(name) != settings[name]:
+    for name, ours in (("backbone", backbone), ("device", device)):
+        if theirs.get(name) != ours:
             raise FeatliftError(
-                f"--include {path}: its {name} is {theirs.get(name)!r}, this run's is {settings[name]!r}; "
+                f"--include {path}: its {name} is {theirs.get(name)!r}, this run's is {ours!r}; "
                 "cells of another backbone or device do not belong on this leaderboard"
             )
-    shared_tasks = [t for t in settings["tasks"] if t in theirs.get("tasks", {})]
+    shared_tasks = [t for t in tasks if t in theirs.get("tasks", {})]
     for task in shared_tasks:
-        diff = _differences(settings["tasks"][task], theirs["tasks"][task], PATH_FIELDS)
+        diff = _differences(tasks[task], theirs["tasks"][task], PATH_FIELDS)
         if diff:
             raise FeatliftError(
                 f"--include {path}: task {task} ran with other settings there ({'; '.join(diff)}); "
@@ -89,9 +97,9 @@ def load_included(folder: str | Path, settings: dict[str, Any], own_methods: lis
     included = IncludedRun(source=path, methods=[], cells=[])
     for entry in results["methods"]:
         method = entry["method"]
-        if method in own_methods:
+        if method in taken:
             raise FeatliftError(
-                f"--include {path}: method {method} is in this run's --methods too; give it in one place only"
+                f"--include {path}: method {method} is in {taken[method]} too; give it in one place only"
             )
         if entry.get("parameters") is not None:
             included.parameters[method] = int(entry["parameters"])

@@ -69,9 +69,8 @@ class CompareOptions:
     train_data: str | None = None
     budget: dict[str, Any] = field(default_factory=lambda: dict(BUDGET_FIELDS))
     progress: bool = True
-    include: list[str] = field(
-        default_factory=list
-    )  # other comparisons' output folders (`include.load_included`)
+    # other comparisons' output folders, whose cells join the board (`include.load_included`)
+    include: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -188,11 +187,13 @@ def run_compare(options: CompareOptions, backbone: Backbone) -> CompareOutcome:
         "layer": backbone.layer,
         "facet": backbone.facet,
     }
-    # the included runs are read and checked before any training or cell runs
-    included = [
-        load_included(folder, _settings(options, backbone_id, device, ready, methods), options.methods)
-        for folder in options.include
-    ]
+    # the included runs are read and checked (settings, repeated methods) before any training or cell runs
+    taken = {method: "this run's --methods" for method in options.methods}
+    included: list[IncludedRun] = []
+    for folder in options.include:
+        run = load_included(folder, backbone_id, str(device), _task_settings(ready), taken)
+        taken.update({method: f"--include {run.source}" for method in run.methods})
+        included.append(run)
     out_dir = check_writable_dir(options.out, "output folder --out")
     _train_missing(methods, backbone, options, out_dir)
     cache = CellCache(out_dir)
@@ -298,21 +299,16 @@ def run_compare(options: CompareOptions, backbone: Backbone) -> CompareOutcome:
 
 def _join(included: list[IncludedRun], settings: dict[str, Any], board: Leaderboard) -> None:
     """Add the cells of the `included` comparisons to `board`, after this run's methods, and record them in
-    `settings`. A method two included runs both have is refused."""
-    records = []
+    `settings`."""
     for run in included:
-        repeated = [m for m in run.methods if m in board.methods]
-        if repeated:
-            raise FeatliftError(
-                f"--include {run.source}: method {repeated[0]} is in another included run too; include it once"
-            )
         board.methods.extend(run.methods)
         board.cells.extend(run.cells)
         board.parameters.update({m: run.parameters[m] for m in run.methods if m in run.parameters})
         board.training.update({m: run.training[m] for m in run.methods if m in run.training})
-        records.append({"results": str(run.source), "methods": run.methods, "data": run.data})
-    if records:
-        settings["included"] = records
+    if included:
+        settings["included"] = [
+            {"results": str(run.source), "methods": run.methods, "data": run.data} for run in included
+        ]
 
 
 def _compute(
@@ -356,14 +352,7 @@ def _settings(
         "weights": options.weights,
         "device": str(device),
         "data_root": str(options.data_root),
-        "tasks": {
-            r.task.name: {
-                "protocol": r.task.protocol,
-                "revision": r.task.revision,
-                **config_settings(r.config),
-            }
-            for r in ready
-        },
+        "tasks": _task_settings(ready),
         "methods": [
             {"spec": m.spec, "run_spec": m.run_spec, "checkpoint": m.checkpoint, "source": m.source}
             for m in methods
@@ -372,4 +361,12 @@ def _settings(
         "train_missing": options.train_missing,
         "train_data": options.train_data if options.train_missing else None,
         "budget": options.budget if options.train_missing else None,
+    }
+
+
+def _task_settings(ready: list[_ReadyTask]) -> dict[str, dict[str, Any]]:
+    """Each task's protocol, revision and config fields, as ``results.json`` records them."""
+    return {
+        r.task.name: {"protocol": r.task.protocol, "revision": r.task.revision, **config_settings(r.config)}
+        for r in ready
     }
